@@ -1,0 +1,35 @@
+"""sdjax: latent diffusion (Stable Diffusion) in JAX/Flax."""
+import setuptools
+
+setuptools.setup(
+    name="sdjax",
+    version="0.1.0",
+    description="Latent diffusion (Stable Diffusion) in JAX/Flax: sampling, training, checkpoints.",
+    packages=setuptools.find_packages(include=["sdjax", "sdjax.*"]),
+    package_data={"sdjax": ["assets/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7,<0.11",
+        "flax>=0.10,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "ml-collections>=1.0,<2",
+        "absl-py>=2.1,<3",
+        "safetensors>=0.4,<1",
+        "numpy>=1.26,<3",
+        "pillow>=10,<14",
+        "tqdm>=4.66,<5",
+        "regex>=2023.0",
+    ],
+    extras_require={
+        # References for parity tests; never needed at run time.
+        "test": [
+            "torch==2.13.0",
+            "diffusers>=0.40,<0.50",
+            "transformers>=5.0,<6",
+            "accelerate>=1.0",
+            "pytest>=8",
+            "chex>=0.1.88",
+        ],
+    },
+)
