@@ -45,3 +45,91 @@ def dot_product_attention(
     return jax.nn.dot_product_attention(
         query, key, value, mask=mask, is_causal=is_causal,
         implementation=None if implementation == "xla" else implementation)
+
+
+import math  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool = True,
+                       freq_shift: float = 0.0, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding of (possibly fractional) timesteps, (B,) -> (B, dim), as in DDPM."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """MLP on the sinusoidal embedding: linear_1 -> SiLU -> linear_2."""
+    features: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, emb: jax.Array) -> jax.Array:
+        emb = nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_1")(emb)
+        emb = nn.silu(emb)
+        return nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_2")(emb)
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, (+ projected time embedding), GroupNorm -> SiLU -> conv, plus a
+    1x1-conv shortcut when the width changes. `temb` None means no time conditioning (VAE)."""
+    out_channels: int
+    groups: int = 32
+    eps: float = 1e-5
+    dropout: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: Optional[jax.Array] = None, deterministic: bool = True) -> jax.Array:
+        conv = lambda feats, k, name: nn.Conv(feats, (k, k), padding=((k // 2, k // 2),) * 2,
+                                              dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        norm = lambda name: nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype,
+                                         param_dtype=self.param_dtype, name=name)
+        h = conv(self.out_channels, 3, "conv1")(nn.silu(norm("norm1")(x)))
+        if temb is not None:
+            t = nn.Dense(self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
+                         name="time_emb_proj")(nn.silu(temb))
+            h = h + t[:, None, None, :]
+        h = nn.silu(norm("norm2")(h))
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        h = conv(self.out_channels, 3, "conv2")(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, 1, "conv_shortcut")(x)
+        return x + h
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 conv halving H and W. `asymmetric_padding` pads only bottom/right, as the KL-VAE does."""
+    out_channels: int
+    asymmetric_padding: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        padding = ((0, 1), (0, 1)) if self.asymmetric_padding else ((1, 1), (1, 1))
+        return nn.Conv(self.out_channels, (3, 3), strides=(2, 2), padding=padding,
+                       dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+    out_channels: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)),
+                       dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)

@@ -1,0 +1,216 @@
+"""What every checkpoint reader shares: lazy tensor sources, the error type, and the one routine
+that turns a reference state dict into sdjax params by a renaming table, checked against the
+shapes the sdjax module expects."""
+from __future__ import annotations
+
+import os
+import re
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+
+class WeightsError(ValueError):
+    """A checkpoint cannot be read as asked; the message names the file and what is wrong."""
+
+
+class TensorSource(Mapping[str, np.ndarray]):
+    """A read-only mapping of tensor name -> numpy array, loaded one tensor at a time.
+
+    `name` (a path, usually) is what error messages cite.
+    """
+
+    name: str = "<tensors>"
+
+
+class DictSource(TensorSource):
+    """A TensorSource over tensors already in memory (tests, renamed views)."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], name: str = "<in-memory>"):
+        self._tensors = tensors
+        self.name = name
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return np.asarray(self._tensors[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+class RenamedSource(TensorSource):
+    """A lazy view of `source` under new names: `mapping` is new name -> (old name, transform)."""
+
+    def __init__(self, source: TensorSource,
+                 mapping: Mapping[str, tuple[str, Optional[Callable[[np.ndarray], np.ndarray]]]]):
+        self._source = source
+        self._mapping = dict(mapping)
+        self.name = source.name
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        old, transform = self._mapping[key]
+        value = self._source[old]
+        return value if transform is None else transform(value)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._mapping)
+
+    def __len__(self) -> int:
+        return len(self._mapping)
+
+
+class SafetensorsFile(TensorSource):
+    """One `.safetensors` file, read lazily with numpy (no torch)."""
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import SafetensorError, safe_open
+
+        self.name = os.fspath(path)
+        if not os.path.isfile(self.name):
+            raise WeightsError(f"{self.name}: no such file")
+        try:
+            self._handle = safe_open(self.name, framework="numpy")
+            self._keys = list(self._handle.keys())
+        except (SafetensorError, OSError, ValueError, Exception) as err:  # noqa: BLE001
+            raise WeightsError(
+                f"{self.name}: not a readable safetensors file ({err})") from None
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        try:
+            return self._handle.get_tensor(key)
+        except Exception as err:  # noqa: BLE001 - safetensors raises several types here
+            if key not in self._keys:
+                raise KeyError(key) from None
+            raise WeightsError(f"{self.name}: tensor {key!r} cannot be read ({err})") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def metadata(self) -> dict:
+        return dict(self._handle.metadata() or {})
+
+
+class MergedSource(TensorSource):
+    """Several sources seen as one (sharded checkpoints: `*-00001-of-00002.safetensors`)."""
+
+    def __init__(self, sources: Sequence[TensorSource], name: str):
+        self._where: dict[str, TensorSource] = {}
+        for source in sources:
+            for key in source:
+                if key in self._where:
+                    raise WeightsError(f"{name}: tensor {key!r} appears in both "
+                                       f"{self._where[key].name} and {source.name}")
+                self._where[key] = source
+        self.name = name
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._where[key][key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def to_sdjax_layout(reference: np.ndarray, expected_shape: tuple[int, ...], leaf: str) -> np.ndarray:
+    """PyTorch layouts -> sdjax layouts: conv OIHW -> HWIO, linear (out, in) -> (in, out).
+
+    A 1x1 conv stored where sdjax has a dense layer (or the reverse) is reshaped, since
+    checkpoints differ there (SD 2.x `proj_in`, the original VAE's attention).
+    """
+    array = reference
+    if leaf == "kernel":
+        if array.ndim == 4 and len(expected_shape) == 4:
+            array = array.transpose(2, 3, 1, 0)
+        elif array.ndim == 4 and len(expected_shape) == 2 and array.shape[2:] == (1, 1):
+            array = array[:, :, 0, 0].T
+        elif array.ndim == 2 and len(expected_shape) == 4 and expected_shape[:2] == (1, 1):
+            array = array.T[None, None]
+        elif array.ndim == 2:
+            array = array.T
+    return array
+
+
+def convert_state_dict(
+    source: TensorSource,
+    rename: Callable[[str], Optional[str]],
+    expected: Mapping,
+    *,
+    what: str,
+    dtype=None,
+    ignore: Iterable[str] = (),
+) -> dict:
+    """Build a params tree from a reference state dict.
+
+    `rename(key)` gives the sdjax path ("down_blocks_0/resnets_1/conv1/kernel") of a reference key,
+    or None for keys that carry no parameter (buffers such as `position_ids`). `expected` is the
+    sdjax params tree (or its `jax.eval_shape`) to fill: every expected leaf must be supplied exactly
+    once with the right shape. `ignore` are regexes of reference keys to skip silently. Tensors are
+    read, converted and cast one at a time, so peak memory stays near one copy of the params.
+    """
+    ignore_patterns = [re.compile(p) for p in ignore]
+    flat_expected = {"/".join(k): v for k, v in traverse_util.flatten_dict(
+        expected, keep_empty_nodes=False).items()}
+    out: dict[str, np.ndarray] = {}
+    unexpected = []
+    for key in source:
+        if any(p.fullmatch(key) for p in ignore_patterns):
+            continue
+        path = rename(key)
+        if path is None:
+            continue
+        if path not in flat_expected:
+            unexpected.append(f"{key} (-> {path})")
+            continue
+        if path in out:
+            raise WeightsError(f"{source.name}: {what}: two tensors map to {path} (second: {key})")
+        want = tuple(flat_expected[path].shape)
+        array = to_sdjax_layout(source[key], want, path.rsplit("/", 1)[-1])
+        if tuple(array.shape) != want:
+            raise WeightsError(
+                f"{source.name}: {what}: shape mismatch for {key}: expected "
+                f"{want} (as {path}), got {tuple(source[key].shape)}")
+        target = dtype or flat_expected[path].dtype
+        out[path] = np.ascontiguousarray(array, dtype=target)
+    missing = sorted(set(flat_expected) - set(out))
+    if unexpected:
+        raise WeightsError(f"{source.name}: {what}: unexpected keys: "
+                           + _short_list(sorted(unexpected)))
+    if missing:
+        raise WeightsError(f"{source.name}: {what}: missing keys for: " + _short_list(missing))
+    return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})
+
+
+def regex_renamer(rules: Sequence[tuple[str, str]]) -> Callable[[str], Optional[str]]:
+    """A `rename` from an ordered table of (regex, replacement) rules; first full match wins.
+    A replacement of "" means "carries no parameter". Keys that match no rule are returned
+    unchanged with dots as slashes, so they surface as unexpected keys if wrong."""
+    compiled = [(re.compile(p), r) for p, r in rules]
+
+    def rename(key: str) -> Optional[str]:
+        for pattern, replacement in compiled:
+            if pattern.fullmatch(key):
+                result = pattern.sub(replacement, key)
+                return result or None
+        return key.replace(".", "/")
+
+    return rename
+
+
+def abstract_params(module, *args, **kwargs):
+    """Shapes and dtypes of `module`'s params without allocating them."""
+    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
+    return variables["params"]
+
+
+def _short_list(items: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
