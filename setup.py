@@ -16,6 +16,7 @@ setuptools.setup(
         "ml-collections>=1.0,<2",
         "absl-py>=2.1,<3",
         "safetensors>=0.4,<1",
+        "ml-dtypes>=0.4",
         "numpy>=1.26,<3",
         "pillow>=10,<14",
         "tqdm>=4.66,<5",

@@ -3,11 +3,13 @@ that turns a reference state dict into sdjax params by a renaming table, checked
 shapes the sdjax module expects."""
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import jax
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
@@ -63,38 +65,75 @@ class RenamedSource(TensorSource):
         return len(self._mapping)
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+}
+
+
 class SafetensorsFile(TensorSource):
-    """One `.safetensors` file, read lazily with numpy (no torch)."""
+    """One `.safetensors` file, read lazily into numpy (no torch).
+
+    The header is parsed here and each tensor is read with a plain file read rather than through a
+    memory map: mapped pages stay resident while the file is open, which would hold a second copy of
+    the weights in memory during conversion.
+    """
 
     def __init__(self, path: str | os.PathLike):
-        from safetensors import SafetensorError, safe_open
-
         self.name = os.fspath(path)
         if not os.path.isfile(self.name):
             raise WeightsError(f"{self.name}: no such file")
-        try:
-            self._handle = safe_open(self.name, framework="numpy")
-            self._keys = list(self._handle.keys())
-        except (SafetensorError, OSError, ValueError, Exception) as err:  # noqa: BLE001
-            raise WeightsError(
-                f"{self.name}: not a readable safetensors file ({err})") from None
+        size = os.path.getsize(self.name)
+        with open(self.name, "rb") as f:
+            head = f.read(8)
+            header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= header_len <= min(size - 8, 100_000_000):
+                raise WeightsError(f"{self.name}: not a safetensors file (bad header length)")
+            try:
+                header = json.loads(f.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise WeightsError(f"{self.name}: not a safetensors file (header is not JSON)") from None
+        self._metadata = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + header_len
+        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        for key, info in header.items():
+            try:
+                dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise WeightsError(f"{self.name}: tensor {key!r} has an unreadable header entry "
+                                   f"{info!r}") from None
+            if end - begin != int(np.prod(shape)) * dtype.itemsize:
+                raise WeightsError(f"{self.name}: tensor {key!r}: {end - begin} bytes do not hold "
+                                   f"shape {shape} of {info['dtype']}")
+            if self._data_start + end > size:
+                raise WeightsError(f"{self.name}: truncated: tensor {key!r} ends at byte "
+                                   f"{self._data_start + end} but the file has {size}")
+            self._entries[key] = (dtype, shape, begin, end)
 
     def __getitem__(self, key: str) -> np.ndarray:
-        try:
-            return self._handle.get_tensor(key)
-        except Exception as err:  # noqa: BLE001 - safetensors raises several types here
-            if key not in self._keys:
-                raise KeyError(key) from None
-            raise WeightsError(f"{self.name}: tensor {key!r} cannot be read ({err})") from None
+        dtype, shape, begin, end = self._entries[key]
+        buffer = bytearray(end - begin)
+        with open(self.name, "rb") as f:
+            f.seek(self._data_start + begin)
+            if f.readinto(buffer) != len(buffer):
+                raise WeightsError(f"{self.name}: truncated while reading tensor {key!r}")
+        return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
+        return iter(self._entries)
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape without reading it."""
+        return self._entries[key][1]
 
     def metadata(self) -> dict:
-        return dict(self._handle.metadata() or {})
+        return dict(self._metadata)
 
 
 class MergedSource(TensorSource):
