@@ -1,0 +1,78 @@
+"""Architectures of the released Stable Diffusion models, as the `config.json` dicts their
+diffusers / transformers folders carry. For random-weight benchmarks and tests at full size, and to
+build a model from scratch with a known shape."""
+from __future__ import annotations
+
+import copy
+
+_SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                 "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+                 "steps_offset": 1, "timestep_spacing": "leading", "clip_sample": False,
+                 "set_alpha_to_one": False}
+
+_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4,
+        "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "act_fn": "silu", "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215}
+
+_OPENAI_CLIP_L_TEXT = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
+                       "num_hidden_layers": 12, "num_attention_heads": 12,
+                       "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+                       "layer_norm_eps": 1e-5, "projection_dim": 768,
+                       "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+
+PRESETS = {
+    "sd15": {
+        "unet": {"sample_size": 64, "in_channels": 4, "out_channels": 4,
+                 "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+                 "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                 "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+                 "attention_head_dim": 8, "cross_attention_dim": 768, "norm_num_groups": 32,
+                 "norm_eps": 1e-5, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu"},
+        "vae": _VAE,
+        "text_encoder": _OPENAI_CLIP_L_TEXT,
+        "scheduler": _SD_SCHEDULER,
+    },
+    "sd21": {
+        "unet": {"sample_size": 96, "in_channels": 4, "out_channels": 4,
+                 "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+                 "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                 "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+                 "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,
+                 "use_linear_projection": True, "upcast_attention": True, "norm_num_groups": 32,
+                 "norm_eps": 1e-5, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu"},
+        "vae": {**_VAE, "sample_size": 768},
+        "text_encoder": {"vocab_size": 49408, "hidden_size": 1024, "intermediate_size": 4096,
+                         "num_hidden_layers": 23, "num_attention_heads": 16,
+                         "max_position_embeddings": 77, "hidden_act": "gelu",
+                         "layer_norm_eps": 1e-5, "projection_dim": 512,
+                         "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1},
+        "scheduler": {**_SD_SCHEDULER, "prediction_type": "v_prediction"},
+    },
+    "sdxl": {
+        "unet": {"sample_size": 128, "in_channels": 4, "out_channels": 4,
+                 "block_out_channels": [320, 640, 1280], "layers_per_block": 2,
+                 "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                 "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                 "transformer_layers_per_block": [1, 2, 10], "attention_head_dim": [5, 10, 20],
+                 "cross_attention_dim": 2048, "use_linear_projection": True,
+                 "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+                 "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32,
+                 "norm_eps": 1e-5, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu"},
+        "vae": {**_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+        "text_encoder": _OPENAI_CLIP_L_TEXT,
+        "text_encoder_2": {"vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120,
+                           "num_hidden_layers": 32, "num_attention_heads": 20,
+                           "max_position_embeddings": 77, "hidden_act": "gelu",
+                           "layer_norm_eps": 1e-5, "projection_dim": 1280,
+                           "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1},
+        "scheduler": {**_SD_SCHEDULER, "timestep_spacing": "leading"},
+    },
+}
+
+
+def preset(name: str) -> dict:
+    """A deep copy of one preset's reference config dicts, by part name."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return copy.deepcopy(PRESETS[name])
