@@ -133,3 +133,23 @@ class Upsample(nn.Module):
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         return nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)),
                        dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+
+
+class GEGLUFeedForward(nn.Module):
+    """Transformer feed-forward with a GELU-gated linear unit (Shazeer 2020), as in the SD U-Net:
+    proj (dim -> 2 * inner), value * gelu(gate), out (inner -> dim). GELU is the exact (erf) form."""
+    inner_features: int
+    out_features: Optional[int] = None
+    dropout: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        h = nn.Dense(2 * self.inner_features, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="proj")(x)
+        value, gate = jnp.split(h, 2, axis=-1)
+        h = value * jax.nn.gelu(gate, approximate=False)
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        return nn.Dense(self.out_features or x.shape[-1], dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="out")(h)

@@ -1,0 +1,122 @@
+"""diffusers `UNet2DConditionModel` weights -> sdjax `UNet` params, and diffusers U-Net folders."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+from typing import Optional
+
+import jax.numpy as jnp
+
+from sdjax.models.unet import UNet, UNetConfig
+from sdjax.weights.common import (MergedSource, SafetensorsFile, TensorSource, WeightsError,
+                                  abstract_params, convert_state_dict, regex_renamer)
+
+# diffusers name -> sdjax path, first full match wins. The targets keep dots for module nesting;
+# `_rename` then turns list indices into `_i` suffixes and dots into slashes
+# (down_blocks.0.attentions.1.norm.weight -> down_blocks_0/attentions_1/norm/scale).
+_RULES = (
+    # diffusers wraps these in lists: to_out = [Linear, Dropout], ff.net = [GEGLU, Dropout, Linear].
+    (r"(.+)\.to_out\.0\.weight", r"\1.to_out.kernel"),
+    (r"(.+)\.to_out\.0\.bias", r"\1.to_out.bias"),
+    (r"(.+)\.ff\.net\.0\.proj\.weight", r"\1.ff.proj.kernel"),
+    (r"(.+)\.ff\.net\.0\.proj\.bias", r"\1.ff.proj.bias"),
+    (r"(.+)\.ff\.net\.2\.weight", r"\1.ff.out.kernel"),
+    (r"(.+)\.ff\.net\.2\.bias", r"\1.ff.out.bias"),
+    (r"(.+)\.downsamplers\.0\.conv\.weight", r"\1.downsample.conv.kernel"),
+    (r"(.+)\.downsamplers\.0\.conv\.bias", r"\1.downsample.conv.bias"),
+    (r"(.+)\.upsamplers\.0\.conv\.weight", r"\1.upsample.conv.kernel"),
+    (r"(.+)\.upsamplers\.0\.conv\.bias", r"\1.upsample.conv.bias"),
+    # GroupNorm / LayerNorm weights are flax `scale`s: norm, norm1..3, conv_norm_out.
+    (r"(.+\.norm\d?|conv_norm_out)\.weight", r"\1.scale"),
+    (r"(.+)\.weight", r"\1.kernel"),
+)
+_table = regex_renamer(_RULES)
+_INDEX = re.compile(r"[./](\d+)(?=[./]|$)")
+
+
+def _rename(key: str) -> Optional[str]:
+    path = _table(key)
+    return None if path is None else _INDEX.sub(r"_\1", path).replace(".", "/")
+
+
+def _example_inputs(config: UNetConfig, dtype=jnp.float32):
+    """The smallest inputs `UNet.init` accepts for `config` (params do not depend on sizes)."""
+    f = config.downsample_factor
+    inputs = (jnp.zeros((1, f, f, config.in_channels), dtype), jnp.zeros((1,), jnp.float32),
+              jnp.zeros((1, 1, config.cross_attention_dim), dtype))
+    if config.addition_embed_type == "text_time":
+        added = {"text_embeds": jnp.zeros((1, config.text_embeds_dim), dtype),
+                 "time_ids": jnp.zeros((1, 6), jnp.float32)}
+        return inputs + (added,)
+    return inputs
+
+
+def unet_params(source: TensorSource, config: UNetConfig, dtype=None) -> dict:
+    """Params for `UNet(config)` from a diffusers-named state dict. `dtype` None keeps float32."""
+    expected = abstract_params(UNet(config), *_example_inputs(config))
+    return convert_state_dict(source, _rename, expected, what="U-Net", dtype=dtype)
+
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+# diffusers' variant naming: the variant goes before the extension (of the index too).
+FP16_WEIGHTS_NAME = "diffusion_pytorch_model.fp16.safetensors"
+FP16_WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.fp16.json"
+
+
+def load_unet_folder(path: str | os.PathLike, dtype=None) -> tuple[UNetConfig, dict]:
+    """A diffusers `UNet2DConditionModel` folder (`config.json` + safetensors weights, single or
+    sharded, plain or the fp16 variant) -> (UNetConfig, params)."""
+    folder = pathlib.Path(path)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise WeightsError(f"{config_path}: no such file (expected a diffusers U-Net folder)")
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WeightsError(f"{config_path}: unreadable JSON ({err})") from None
+    if raw.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        raise WeightsError(f"{config_path}: _class_name is {raw['_class_name']!r}, "
+                           f"not 'UNet2DConditionModel'")
+    try:
+        config = UNetConfig.from_diffusers(raw)
+    except ValueError as err:
+        raise WeightsError(f"{config_path}: {err}") from None
+    return config, unet_params(_open_weights(folder), config, dtype=dtype)
+
+
+def _open_weights(folder: pathlib.Path) -> TensorSource:
+    for single, index in ((WEIGHTS_NAME, WEIGHTS_INDEX_NAME),
+                          (FP16_WEIGHTS_NAME, FP16_WEIGHTS_INDEX_NAME)):
+        if (folder / single).is_file():
+            return SafetensorsFile(folder / single)
+        if (folder / index).is_file():
+            return _open_sharded(folder / index)
+    pickled = sorted(p.name for p in folder.glob("diffusion_pytorch_model*.bin"))
+    if pickled:
+        raise WeightsError(f"{folder}: only pickled weights ({', '.join(pickled)}); sdjax reads "
+                           f"safetensors only (re-save the model with safe_serialization=True)")
+    raise WeightsError(f"{folder}: no U-Net weights (looked for {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME}, "
+                       f"{FP16_WEIGHTS_NAME}, {FP16_WEIGHTS_INDEX_NAME})")
+
+
+def _open_sharded(index_path: pathlib.Path) -> TensorSource:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+            AttributeError) as err:
+        raise WeightsError(f"{index_path}: not a safetensors index ({err!r})") from None
+    source = MergedSource([SafetensorsFile(index_path.parent / s) for s in shards],
+                          name=str(index_path))
+    absent = sorted(set(weight_map) - set(source))
+    if absent:
+        raise WeightsError(f"{index_path}: lists tensors its shards lack: {', '.join(absent[:8])}"
+                           + (f", ... ({len(absent)} in all)" if len(absent) > 8 else ""))
+    return source
+
+
+__all__ = ["unet_params", "load_unet_folder", "WEIGHTS_NAME", "WEIGHTS_INDEX_NAME",
+           "FP16_WEIGHTS_NAME", "FP16_WEIGHTS_INDEX_NAME"]
