@@ -1,0 +1,138 @@
+"""Prompt syntax as the WebUI reads it: emphasis and long prompts.
+
+- `(words)` multiplies the attention weight of its tokens by 1.1, `[words]` divides it by 1.1,
+  `(words:1.3)` sets the multiplier to 1.3; brackets nest and multiply; `\\(` is a literal bracket.
+- `BREAK` (upper case, as its own word) ends the current 75-token chunk.
+- A prompt longer than 75 tokens is cut into 75-token chunks; each becomes one CLIP window
+  ([BOS] + tokens + [EOS] + padding, 77 ids) and their embeddings are concatenated.
+
+The token ids go to the text encoder; the per-token weights scale its output (`apply_emphasis`).
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import numpy as np
+
+CHUNK_TOKENS = 75  # 77 minus BOS and EOS
+ROUND_BRACKET_MULTIPLIER = 1.1
+SQUARE_BRACKET_MULTIPLIER = 1 / 1.1
+
+_ATTENTION = re.compile(r"""
+\\\(|\\\)|\\\[|\\]|\\\\|\\|
+\(|\[|
+:\s*([+-]?[.\d]+)\s*\)|
+\)|]|
+[^\\()\[\]:]+|
+:
+""", re.X)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+BREAK = None  # marker in a parsed prompt
+
+
+def parse_emphasis(text: str) -> list[tuple[str | None, float]]:
+    """Split a prompt into (text, weight) runs; `(None, 0)` marks a BREAK.
+
+    >>> parse_emphasis("a (red:1.5) [cat]")
+    [('a ', 1.0), ('red', 1.5), (' ', 1.0), ('cat', 0.9090909090909091)]
+    """
+    runs: list[list] = []
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def multiply_from(start: int, multiplier: float) -> None:
+        for run in runs[start:]:
+            if run[0] is not BREAK:
+                run[1] *= multiplier
+
+    for match in _ATTENTION.finditer(text):
+        piece, weight = match.group(0), match.group(1)
+        if piece.startswith("\\"):
+            runs.append([piece[1:], 1.0])
+        elif piece == "(":
+            round_open.append(len(runs))
+        elif piece == "[":
+            square_open.append(len(runs))
+        elif weight is not None and round_open:
+            multiply_from(round_open.pop(), float(weight))
+        elif piece == ")" and round_open:
+            multiply_from(round_open.pop(), ROUND_BRACKET_MULTIPLIER)
+        elif piece == "]" and square_open:
+            multiply_from(square_open.pop(), SQUARE_BRACKET_MULTIPLIER)
+        else:
+            for i, part in enumerate(_BREAK.split(piece)):
+                if i:
+                    runs.append([BREAK, 0.0])
+                runs.append([part, 1.0])
+    # Unclosed brackets still apply, to the end of the prompt.
+    for start in round_open:
+        multiply_from(start, ROUND_BRACKET_MULTIPLIER)
+    for start in square_open:
+        multiply_from(start, SQUARE_BRACKET_MULTIPLIER)
+    merged: list[list] = []
+    for run in runs:
+        if (merged and run[0] is not BREAK and merged[-1][0] is not BREAK
+                and merged[-1][1] == run[1]):
+            merged[-1][0] += run[0]
+        else:
+            merged.append(run)
+    return [(t, w) for t, w in merged] or [("", 1.0)]
+
+
+def tokenize_weighted(tokenizer, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+    """A prompt -> (ids (chunks, 77) int32, weights (chunks, 77) float32).
+
+    A plain prompt of at most 75 tokens gives exactly the reference tokenizer's single row.
+    """
+    chunks: list[tuple[list[int], list[float]]] = []
+    ids: list[int] = []
+    weights: list[float] = []
+
+    def close_chunk() -> None:
+        nonlocal ids, weights
+        chunks.append((ids, weights))
+        ids, weights = [], []
+
+    for text, weight in parse_emphasis(prompt):
+        if text is BREAK:
+            close_chunk()
+            continue
+        for token in tokenizer.encode(text):
+            if len(ids) == CHUNK_TOKENS:
+                close_chunk()
+            ids.append(token)
+            weights.append(weight)
+    if ids or not chunks:
+        close_chunk()
+    width = CHUNK_TOKENS + 2
+    out_ids = np.full((len(chunks), width), tokenizer.pad_token_id, dtype=np.int32)
+    out_weights = np.ones((len(chunks), width), dtype=np.float32)
+    for row, (chunk_ids, chunk_weights) in enumerate(chunks):
+        n = len(chunk_ids)
+        out_ids[row, :n + 2] = [tokenizer.bos_token_id, *chunk_ids, tokenizer.eos_token_id]
+        out_weights[row, 1:n + 1] = chunk_weights
+    return out_ids, out_weights
+
+
+def tokenize_batch(tokenizer, prompts: Sequence[str], min_chunks: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Several prompts -> (ids (B, chunks, 77), weights (B, chunks, 77)), all padded to the same
+    number of chunks (at least `min_chunks`) with empty-prompt chunks, so a prompt and its negative
+    prompt line up."""
+    rows = [tokenize_weighted(tokenizer, p) for p in prompts]
+    n = max([min_chunks] + [ids.shape[0] for ids, _ in rows])
+    empty_ids, empty_weights = tokenize_weighted(tokenizer, "")
+    ids = np.stack([np.concatenate([i] + [empty_ids] * (n - len(i))) for i, _ in rows])
+    weights = np.stack([np.concatenate([w] + [empty_weights] * (n - len(w))) for _, w in rows])
+    return ids, weights
+
+
+def apply_emphasis(hidden: "jax.Array", weights: "jax.Array") -> "jax.Array":
+    """Scale token embeddings (B, L, D) by their weights (B, L), then restore each image's mean, as
+    the WebUI does (per image here, so an image never depends on the rest of its batch)."""
+    import jax.numpy as jnp
+
+    axes = tuple(range(1, hidden.ndim))
+    original_mean = jnp.mean(hidden, axis=axes, keepdims=True)
+    scaled = hidden * weights[..., None].astype(hidden.dtype)
+    return scaled * (original_mean / jnp.mean(scaled, axis=axes, keepdims=True))
