@@ -1,0 +1,368 @@
+"""Single-file checkpoints: tiny random diffusers/transformers pipelines written in the original
+layouts (validated against diffusers' own single-file loader), read back with `read_single_file`."""
+from __future__ import annotations
+
+import functools
+import struct
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from sdjax.weights import single_file as sf  # noqa: E402
+from sdjax.weights.common import SafetensorsFile, WeightsError  # noqa: E402
+from tests import single_file_writer as writer  # noqa: E402
+
+VAE = dict(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+           latent_channels=4, norm_num_groups=32, sample_size=32,
+           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+CLIP_L = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=1, max_position_embeddings=16, hidden_act="quick_gelu")
+FAMILIES = {
+    "sd1": dict(
+        unet=dict(block_out_channels=(32, 64, 64), layers_per_block=2, cross_attention_dim=64,
+                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                  attention_head_dim=8),
+        text=CLIP_L, scaling_factor=0.18215),
+    "sd1_inpaint": dict(  # 9 input channels; written with pre-transformers-4 CLIP names
+        unet=dict(in_channels=9, block_out_channels=(32, 64), layers_per_block=1,
+                  cross_attention_dim=64, attention_head_dim=8,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+        text=CLIP_L, scaling_factor=0.18215),
+    "sd2": dict(
+        unet=dict(block_out_channels=(64, 128, 128), layers_per_block=1, cross_attention_dim=64,
+                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                  attention_head_dim=[1, 2, 2], use_linear_projection=True),
+        # 23 layers: the file holds 24, of which SD 2.x uses 23.
+        text=dict(CLIP_L, num_hidden_layers=23, hidden_act="gelu"), scaling_factor=0.18215),
+    "sdxl": dict(
+        unet=dict(block_out_channels=(64, 128), layers_per_block=2, cross_attention_dim=64 + 128,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                  transformer_layers_per_block=[1, 2], attention_head_dim=[1, 2],
+                  use_linear_projection=True, addition_embed_type="text_time",
+                  addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8),
+        text=CLIP_L,
+        text_2=dict(CLIP_L, hidden_size=128, num_attention_heads=2, intermediate_size=256,
+                    hidden_act="gelu", projection_dim=32),
+        scaling_factor=0.13025),
+}
+UNET_FIELDS = ("in_channels", "out_channels", "down_block_types", "up_block_types",
+               "block_out_channels", "layers_per_block", "cross_attention_dim",
+               "use_linear_projection", "addition_embed_type", "addition_time_embed_dim",
+               "projection_class_embeddings_input_dim", "mid_block_type")
+VAE_FIELDS = ("in_channels", "out_channels", "down_block_types", "up_block_types",
+              "block_out_channels", "layers_per_block", "latent_channels", "scaling_factor")
+CLIP_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "max_position_embeddings", "hidden_act")
+
+
+@functools.lru_cache(maxsize=None)
+def pipeline(family: str) -> dict:
+    """Tiny random reference parts of `family`: torch models, keyed like `SingleFileCheckpoint.parts`."""
+    spec = FAMILIES[family]
+    torch.manual_seed(len(family))
+    parts = {
+        "unet": diffusers.UNet2DConditionModel(sample_size=8, norm_num_groups=32, **spec["unet"]),
+        "vae": diffusers.AutoencoderKL(scaling_factor=spec["scaling_factor"], **VAE),
+        "text_encoder": transformers.CLIPTextModel(transformers.CLIPTextConfig(**spec["text"])),
+    }
+    if "text_2" in spec:
+        parts["text_encoder_2"] = transformers.CLIPTextModelWithProjection(
+            transformers.CLIPTextConfig(**spec["text_2"]))
+    # diffusers zero-initialises some layers; random everywhere makes equality checks meaningful.
+    with torch.no_grad():
+        for model in parts.values():
+            for p in model.parameters():
+                p.normal_()
+    return {k: m.eval() for k, m in parts.items()}
+
+
+def reference_state(family: str, part: str) -> dict[str, np.ndarray]:
+    """A part's state dict in the names `read_single_file` promises (transformers 5 saves
+    CLIPTextModel without `text_model.`; real checkpoints and transformers 4 have it)."""
+    state = writer.to_numpy(pipeline(family)[part].state_dict())
+    if part.startswith("text_encoder"):
+        state = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v
+                 for k, v in state.items() if not k.endswith("position_ids")}
+    return state
+
+
+def original_state(family: str, *, buffers=True, ema=None) -> dict[str, np.ndarray]:
+    parts = {k: m.state_dict() for k, m in pipeline(family).items()}
+    return writer.build_single_file(
+        family=family.removesuffix("_inpaint"), layers_per_block=FAMILIES[family]["unet"]["layers_per_block"],
+        buffers=buffers, ema=ema, clip_with_text_model=family != "sd1_inpaint", **parts)
+
+
+@functools.lru_cache(maxsize=None)
+def written(family: str, dtype: str, tmp_root) -> str:
+    path = tmp_root / f"{family}-{dtype}.safetensors"
+    writer.write_single_file(path, original_state(family), dtype=np.dtype(dtype))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tmp_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("single_file")
+
+
+def _per_level(value, levels):
+    return list(value) if isinstance(value, (list, tuple)) else [value] * levels
+
+
+# ---- The writer, checked against diffusers' own single-file loader -------------------------------
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_writer_output_loads_in_diffusers_from_single_file(family, tmp_root):
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from safetensors.torch import load_file
+
+    path = written(family, "float32", tmp_root)
+    folder = tmp_root / f"{family}-diffusers"
+    models = pipeline(family)
+    for name, model in models.items():
+        model.save_pretrained(folder / name, safe_serialization=True)
+    loaded = {
+        "unet": diffusers.UNet2DConditionModel.from_single_file(
+            str(path), config=str(folder), subfolder="unet", local_files_only=True),
+        "vae": diffusers.AutoencoderKL.from_single_file(
+            str(path), config=str(folder), subfolder="vae", local_files_only=True),
+    }
+    checkpoint = load_file(str(path))
+    for name, cls in (("text_encoder", transformers.CLIPTextModel),
+                      ("text_encoder_2", transformers.CLIPTextModelWithProjection)):
+        if name in models:
+            loaded[name] = create_diffusers_clip_model_from_ldm(
+                cls, checkpoint, config=str(folder), subfolder=name, local_files_only=True)
+    assert loaded.keys() == models.keys()
+    for name, model in loaded.items():
+        want = models[name].state_dict()
+        got = model.state_dict()
+        assert got.keys() == want.keys(), name
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=f"{name}: {key}")
+
+
+# ---- read_single_file ------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("family", ["sd1", "sd1_inpaint", "sd2", "sdxl"])
+def test_read_single_file_reproduces_configs_and_tensors(family, dtype, tmp_root):
+    checkpoint = sf.read_single_file(written(family, dtype, tmp_root))
+    models = pipeline(family)
+    assert checkpoint.family == family.removesuffix("_inpaint")
+    assert checkpoint.inpainting == (family == "sd1_inpaint")
+    assert checkpoint.parts.keys() == models.keys()
+    assert any(k == "betas" for k in checkpoint.dropped) == (family != "sdxl")
+
+    unet_config, _ = checkpoint.parts["unet"]
+    want = dict(models["unet"].config)
+    levels = len(want["block_out_channels"])
+    for field in UNET_FIELDS:
+        assert _jsonable(unet_config[field]) == _jsonable(want[field]), field
+    for field in ("transformer_layers_per_block", "attention_head_dim"):
+        assert _per_level(unet_config[field], levels) == _per_level(want[field], levels), field
+    vae_config, _ = checkpoint.parts["vae"]
+    for field in VAE_FIELDS:
+        assert _jsonable(vae_config[field]) == _jsonable(models["vae"].config[field]), field
+    for name in [k for k in models if k.startswith("text_encoder")]:
+        config, _ = checkpoint.parts[name]
+        want = models[name].config
+        for field in CLIP_FIELDS + (("projection_dim",) if name == "text_encoder_2" else ()):
+            assert config[field] == getattr(want, field), (name, field)
+
+    for name in models:
+        _, source = checkpoint.parts[name]
+        want = reference_state(family, name)
+        assert set(source) == set(want), name
+        for key, value in want.items():
+            got = source[key]
+            assert got.dtype == np.dtype(dtype), (name, key)
+            np.testing.assert_array_equal(got, value.astype(dtype), err_msg=f"{name}: {key}")
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_inferred_configs_build_models_with_the_same_parameters(family, tmp_root):
+    checkpoint = sf.read_single_file(written(family, "float32", tmp_root))
+    builders = {"unet": diffusers.UNet2DConditionModel.from_config,
+                "vae": diffusers.AutoencoderKL.from_config,
+                "text_encoder": lambda c: transformers.CLIPTextModel(transformers.CLIPTextConfig(**c)),
+                "text_encoder_2": lambda c: transformers.CLIPTextModelWithProjection(
+                    transformers.CLIPTextConfig(**c))}
+    for name, (config, source) in checkpoint.parts.items():
+        model = builders[name](dict(config))
+        shapes = {k if k.startswith(("text_model.", "text_projection")) or name in ("unet", "vae")
+                  else "text_model." + k: tuple(v.shape) for k, v in model.state_dict().items()
+                  if not k.endswith("position_ids")}
+        assert shapes == {k: source[k].shape for k in source}, name
+
+
+def test_sd2_drops_the_unused_24th_open_clip_layer(tmp_root):
+    checkpoint = sf.read_single_file(written("sd2", "float16", tmp_root))
+    config, source = checkpoint.parts["text_encoder"]
+    assert config["num_hidden_layers"] == 23
+    assert not any(k.startswith("text_model.encoder.layers.23.") for k in source)
+    assert "text_projection.weight" not in source
+    assert "cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight" in checkpoint.dropped
+    assert "cond_stage_model.model.text_projection" in checkpoint.dropped
+
+
+def test_sdxl_text_projection_is_transposed_to_a_linear(tmp_root):
+    checkpoint = sf.read_single_file(written("sdxl", "float32", tmp_root))
+    _, source = checkpoint.parts["text_encoder_2"]
+    linear = pipeline("sdxl")["text_encoder_2"].text_projection.weight.detach().numpy()
+    assert linear.shape == (32, 128)
+    np.testing.assert_array_equal(source["text_projection.weight"], linear)
+    assert checkpoint.parts["unet"][0]["addition_time_embed_dim"] == 8
+    assert checkpoint.parts["vae"][0]["scaling_factor"] == 0.13025
+
+
+def test_extract_ema_reads_the_model_ema_copy(tmp_root):
+    unet = pipeline("sd1")["unet"].state_dict()
+    ema = {k: v * 0.5 + 0.25 for k, v in unet.items()}
+    path = tmp_root / "sd1-ema.safetensors"
+    writer.write_single_file(path, original_state("sd1", ema=ema), dtype=np.float16)
+    plain = sf.read_single_file(path)
+    assert "model_ema.decay" in plain.dropped
+    assert any(k.startswith("model_ema.diffusion_model") for k in plain.dropped)
+    with_ema = sf.read_single_file(path, extract_ema=True)
+    _, source = with_ema.parts["unet"]
+    _, plain_source = plain.parts["unet"]
+    assert set(source) == set(unet)
+    for key, value in unet.items():
+        np.testing.assert_array_equal(source[key], (value * 0.5 + 0.25).numpy().astype(np.float16))
+        np.testing.assert_array_equal(plain_source[key], value.numpy().astype(np.float16))
+    with pytest.raises(WeightsError, match="no EMA copy"):
+        sf.read_single_file(written("sd1", "float16", tmp_root), extract_ema=True)
+
+
+def test_scheduler_config_takes_prediction_type(tmp_root):
+    path = written("sd2", "float16", tmp_root)
+    assert sf.read_single_file(path).scheduler["prediction_type"] == "epsilon"
+    config = sf.read_single_file(path, prediction_type="v_prediction").scheduler
+    assert config["prediction_type"] == "v_prediction"
+    assert (config["num_train_timesteps"], config["beta_start"], config["beta_end"],
+            config["beta_schedule"]) == (1000, 0.00085, 0.012, "scaled_linear")
+
+
+def test_reading_loads_no_tensor_until_asked(tmp_root, monkeypatch):
+    path = written("sdxl", "float16", tmp_root)
+    reads = []
+    original = SafetensorsFile.__getitem__
+    monkeypatch.setattr(SafetensorsFile, "__getitem__",
+                        lambda self, key: reads.append(key) or original(self, key))
+    checkpoint = sf.read_single_file(path)
+    assert reads == []
+    _, source = checkpoint.parts["text_encoder_2"]
+    source["text_model.encoder.layers.1.self_attn.k_proj.weight"]
+    assert reads == ["conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"]
+
+
+# ---- Standalone VAE files --------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["original", "first_stage_model", "diffusers"])
+def test_read_vae_file(layout, tmp_root):
+    vae = pipeline("sd1")["vae"]
+    path = tmp_root / f"vae-{layout}.safetensors"
+    if layout == "diffusers":
+        vae.save_pretrained(tmp_root / "vae-diffusers", safe_serialization=True)
+        path = tmp_root / "vae-diffusers" / "diffusion_pytorch_model.safetensors"
+    else:
+        prefix = "first_stage_model." if layout == "first_stage_model" else ""
+        state = writer.vae_to_original(writer.to_numpy(vae.state_dict()))
+        writer.write_single_file(path, {prefix + k: v for k, v in state.items()})
+    config, source = sf.read_vae_file(path, scaling_factor=0.13025)
+    for field in VAE_FIELDS[:-1]:
+        assert _jsonable(config[field]) == _jsonable(vae.config[field]), field
+    assert config["scaling_factor"] == 0.13025
+    want = writer.to_numpy(vae.state_dict())
+    assert set(source) == set(want)
+    for key, value in want.items():
+        np.testing.assert_array_equal(source[key], value, err_msg=key)
+
+
+def test_read_vae_file_refuses_other_models(tmp_root, tmp_path):
+    with pytest.raises(WeightsError, match="keys that are not part of a VAE: cond_stage_model"):
+        sf.read_vae_file(written("sd1", "float16", tmp_root))
+    unet_only = tmp_path / "unet.safetensors"
+    writer.write_single_file(unet_only, writer.unet_to_original(
+        writer.to_numpy(pipeline("sd1")["unet"].state_dict()), layers_per_block=2))
+    with pytest.raises(WeightsError, match=r"unet\.safetensors: not a VAE"):
+        sf.read_vae_file(unet_only)
+
+
+# ---- Errors ----------------------------------------------------------------------------------------
+def test_pickle_checkpoints_are_refused_by_extension_and_by_content(tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not even opened")
+    with pytest.raises(WeightsError, match=r"never unpickles") as err:
+        sf.read_single_file(ckpt)
+    message = str(err.value)
+    assert str(ckpt) in message and "weights_only=True" in message and "save_file" in message
+    disguised = tmp_path / "model.safetensors"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, disguised)  # a zip, starts with "PK"
+    with pytest.raises(WeightsError, match="pickle"):
+        sf.read_single_file(disguised)
+    legacy = tmp_path / "legacy.safetensors"
+    torch.save({"w": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)  # b"\x80\x02"
+    with pytest.raises(WeightsError, match="pickle"):
+        sf.read_vae_file(legacy)
+
+
+def test_safetensors_header_starting_like_a_pickle_is_not_refused(tmp_path):
+    # A header of 0x0280 bytes begins b"\x80\x02", as a protocol-2 pickle does.
+    path = tmp_path / "vae.safetensors"
+    state = writer.vae_to_original(writer.to_numpy(pipeline("sd1")["vae"].state_dict()))
+    writer.write_single_file(path, {"first_stage_model." + k: v for k, v in state.items()})
+    data = path.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    target = (length // 0x10000 + 1) * 0x10000 + 0x0280
+    padded = struct.pack("<Q", target) + data[8:8 + length] + b" " * (target - length) + data[8 + length:]
+    assert padded[:2] == b"\x80\x02"
+    path.write_bytes(padded)
+    config, _ = sf.read_vae_file(path)
+    assert config["block_out_channels"] == [32, 64]
+
+
+def test_truncated_file_is_an_error(tmp_root, tmp_path):
+    data = written("sd1", "float16", tmp_root).read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(WeightsError, match=r"cut\.safetensors: truncated"):
+        sf.read_single_file(cut)
+    cut.write_bytes(data[:100])
+    with pytest.raises(WeightsError, match="truncated"):
+        sf.read_single_file(cut)
+
+
+def test_undetectable_architecture_is_an_error(tmp_path):
+    path = tmp_path / "unknown.safetensors"
+    writer.write_single_file(path, {"encoder.layer.0.weight": np.zeros((2, 2), np.float32)})
+    with pytest.raises(WeightsError, match=r"unknown\.safetensors: no Stable Diffusion U-Net.*"
+                                           r"model\.diffusion_model\."):
+        sf.read_single_file(path)
+    state = {k: v for k, v in original_state("sd1").items() if not k.startswith("cond_stage_model.")}
+    writer.write_single_file(path, state)
+    with pytest.raises(WeightsError, match="cannot tell the text encoder"):
+        sf.read_single_file(path)
+
+
+def test_unknown_keys_are_listed(tmp_path):
+    state = original_state("sd1")
+    state["model.diffusion_model.input_blocks.1.0.new_layer.weight"] = np.zeros(3, np.float32)
+    state["control_model.zero_convs.0.0.weight"] = np.zeros(3, np.float32)
+    path = tmp_path / "extra.safetensors"
+    writer.write_single_file(path, state)
+    with pytest.raises(WeightsError) as err:
+        sf.read_single_file(path)
+    message = str(err.value)
+    assert "extra.safetensors" in message and "2 keys" in message
+    assert "input_blocks.1.0.new_layer.weight" in message and "control_model.zero_convs" in message
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
