@@ -22,6 +22,21 @@ _OPENAI_CLIP_L_TEXT = {"vocab_size": 49408, "hidden_size": 768, "intermediate_si
                        "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
 
 PRESETS = {
+    # A few hundred thousand U-Net params: smoke tests and CI versions of the benchmarks.
+    "tiny": {
+        "unet": {"sample_size": 8, "in_channels": 4, "out_channels": 4,
+                 "block_out_channels": [32, 64], "layers_per_block": 1,
+                 "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                 "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+                 "attention_head_dim": 2, "cross_attention_dim": 32, "norm_num_groups": 8,
+                 "norm_eps": 1e-5, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu"},
+        "vae": {**_VAE, "block_out_channels": [16, 32], "layers_per_block": 1,
+                "down_block_types": ["DownEncoderBlock2D"] * 2,
+                "up_block_types": ["UpDecoderBlock2D"] * 2, "norm_num_groups": 8, "sample_size": 16},
+        "text_encoder": {**_OPENAI_CLIP_L_TEXT, "hidden_size": 32, "intermediate_size": 64,
+                         "num_hidden_layers": 2, "num_attention_heads": 2, "projection_dim": 32},
+        "scheduler": _SD_SCHEDULER,
+    },
     "sd15": {
         "unet": {"sample_size": 64, "in_channels": 4, "out_channels": 4,
                  "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
@@ -29,7 +44,7 @@ PRESETS = {
                  "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
                  "attention_head_dim": 8, "cross_attention_dim": 768, "norm_num_groups": 32,
                  "norm_eps": 1e-5, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu"},
-        "vae": _VAE,
+        "vae": dict(_VAE),
         "text_encoder": _OPENAI_CLIP_L_TEXT,
         "scheduler": _SD_SCHEDULER,
     },

@@ -1,0 +1,38 @@
+"""Shared pieces of the experiment configs."""
+import ml_collections
+
+
+def generation_config(*, height: int, width: int, model: str = "", cfg_scale: float = 7.5,
+                      steps: int = 25, sampler: str = "dpmpp_2m") -> ml_collections.ConfigDict:
+    """Every setting of `experiments/generate.py` and `experiments/sample.py`; flags of the same
+    name override these."""
+    c = ml_collections.ConfigDict()
+    c.model = model              # checkpoint: diffusers folder, single .safetensors, or sdjax folder
+    c.vae = ""                   # optional standalone VAE replacing the checkpoint's
+    c.dtype = "float32"          # float32 | bfloat16 | float16 (compute and params)
+    c.prediction_type = ""       # override the checkpoint's (single files can't tell v-prediction)
+    c.prompt = ""
+    c.negative_prompt = ""
+    c.seed = 0                   # image i uses seed + i
+    c.num_images = 1
+    c.batch_size = 0             # images per program call; 0 = num_images
+    c.subseed = -1               # variation seed (-1: none); image i uses subseed + i
+    c.subseed_strength = 0.0
+    c.sampler = sampler
+    c.steps = steps
+    c.sampler_options = ml_collections.ConfigDict({"karras": False})
+    c.cfg_scale = cfg_scale
+    c.guidance_rescale = 0.0
+    c.guidance_interval = (0.0, 1.0)
+    c.clip_skip = 0
+    c.height = height
+    c.width = width
+    c.init_image = ""            # img2img (and inpainting) source image
+    c.strength = 0.75
+    c.mask = ""                  # inpainting mask: white = repaint
+    c.parallel = "jit"           # jit (mesh + shardings) | pmap
+    c.fsdp = 1                   # >1: split large params over this many devices
+    c.progress = True
+    c.out_dir = "outputs"
+    c.compilation_cache = "~/.cache/sdjax/xla"
+    return c
