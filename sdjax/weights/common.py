@@ -218,7 +218,8 @@ def convert_state_dict(
                 f"{source.name}: {what}: shape mismatch for {key}: expected "
                 f"{want} (as {path}), got {tuple(source[key].shape)}")
         target = dtype or flat_expected[path].dtype
-        out[path] = np.ascontiguousarray(array, dtype=target)
+        # reshape: ascontiguousarray turns 0-d tensors (CLIP's logit_scale) into shape (1,).
+        out[path] = np.ascontiguousarray(array, dtype=target).reshape(want)
     missing = sorted(set(flat_expected) - set(out))
     if unexpected:
         raise WeightsError(f"{source.name}: {what}: unexpected keys: "
