@@ -137,9 +137,31 @@ def clip_to_open_clip(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             else:
                 out[f"transformer.resblocks.{n}.{OPEN_CLIP_LAYER[module]}.{param}"] = value
     for (n, param), qkv in fused.items():
-        out[f"transformer.resblocks.{n}.attn.in_proj_{param}"] = np.concatenate(
+        out[f"transformer.resblocks.{n}.attn.in_proj_{param}"] = _concat_rows(
             [qkv["q"], qkv["k"], qkv["v"]])
     return out
+
+
+def placeholder(shape, dtype=np.float16) -> np.ndarray:
+    """A zero-stride stand-in for a tensor: full-size layouts can be written header-only."""
+    return np.broadcast_to(np.zeros((), dtype), tuple(shape))
+
+
+def _is_placeholder(value: np.ndarray) -> bool:
+    return value.size > 1 and not any(value.strides)
+
+
+def _concat_rows(arrays):
+    if all(_is_placeholder(a) for a in arrays):
+        shape = (sum(a.shape[0] for a in arrays),) + arrays[0].shape[1:]
+        return placeholder(shape, arrays[0].dtype)
+    return np.concatenate(arrays)
+
+
+def _random_like(value, gen):
+    if _is_placeholder(value):
+        return placeholder(value.shape, value.dtype)
+    return gen.standard_normal(value.shape).astype(value.dtype)
 
 
 def ema_name(key: str) -> str:
@@ -171,9 +193,12 @@ def build_single_file(*, family: str, unet: Mapping, layers_per_block: int, vae:
         layers = 1 + max(int(k.split(".")[2]) for k in open_clip if k.startswith("transformer."))
         for key in [k for k in open_clip if k.startswith("transformer.resblocks.0.")]:
             extra = key.replace(".0.", f".{layers}.", 1)
-            open_clip[extra] = gen.standard_normal(open_clip[key].shape).astype(open_clip[key].dtype)
+            open_clip[extra] = _random_like(open_clip[key], gen)
         width = open_clip["token_embedding.weight"].shape[1]
-        open_clip["text_projection"] = gen.standard_normal((width, width)).astype(np.float32)
+        token = open_clip["token_embedding.weight"]
+        open_clip["text_projection"] = (
+            placeholder((width, width), token.dtype) if _is_placeholder(token)
+            else gen.standard_normal((width, width)).astype(token.dtype))
         out.update({"cond_stage_model.model." + k: v for k, v in open_clip.items()})
         position_ids = None
         if buffers:
@@ -214,3 +239,23 @@ def write_single_file(path, state_dict: Mapping[str, np.ndarray], dtype=None) ->
         return v.astype(dtype) if dtype is not None and np.issubdtype(v.dtype, np.floating) else v
 
     save_file({k: cast(v) for k, v in state_dict.items()}, str(path))
+
+
+def write_header_only(path, state_dict: Mapping[str, np.ndarray]) -> None:
+    """A valid safetensors file of the right size whose data is a hole (sparse, all zeros): lets a
+    test read full-size layouts (keys, shapes, configs) without writing gigabytes."""
+    import json
+
+    codes = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.int64): "I64",
+             np.dtype(np.int32): "I32"}
+    header, offset = {}, 0
+    for key, value in state_dict.items():
+        size = value.size * value.dtype.itemsize
+        header[key] = {"dtype": codes[value.dtype], "shape": list(value.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        f.truncate(8 + len(blob) + offset)

@@ -263,6 +263,67 @@ def test_reading_loads_no_tensor_until_asked(tmp_root, monkeypatch):
     assert reads == ["conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"]
 
 
+# ---- Full-size layouts (header-only files): the inferred configs are the published ones ----------
+_CA, _DB, _CU, _UB = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
+_SD_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                block_out_channels=[320, 640, 1280, 1280], down_block_types=[_CA, _CA, _CA, _DB],
+                up_block_types=[_UB, _CU, _CU, _CU], cross_attention_dim=768, attention_head_dim=8,
+                use_linear_projection=False)
+_SD_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+               in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+               up_block_types=["UpDecoderBlock2D"] * 4, sample_size=512, scaling_factor=0.18215)
+_CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+               num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+PUBLISHED = {  # the diffusers / transformers config.json of each released model (architecture fields)
+    "sd15": dict(unet=_SD_UNET, vae=_SD_VAE, text_encoder=_CLIP_L),
+    "sd21": dict(
+        unet=dict(_SD_UNET, sample_size=96, cross_attention_dim=1024,
+                  attention_head_dim=[5, 10, 20, 20], use_linear_projection=True),
+        vae=dict(_SD_VAE, sample_size=768),
+        text_encoder=dict(_CLIP_L, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                          num_attention_heads=16, hidden_act="gelu")),
+    "sdxl": dict(
+        unet=dict(_SD_UNET, sample_size=128, block_out_channels=[320, 640, 1280],
+                  down_block_types=[_DB, _CA, _CA], up_block_types=[_CU, _CU, _UB],
+                  transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20],
+                  cross_attention_dim=2048, use_linear_projection=True,
+                  addition_embed_type="text_time", addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=2816),
+        vae=dict(_SD_VAE, sample_size=1024, scaling_factor=0.13025),
+        text_encoder=_CLIP_L,
+        text_encoder_2=dict(_CLIP_L, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                            num_attention_heads=20, hidden_act="gelu", projection_dim=1280)),
+}
+
+
+@pytest.mark.parametrize("release", ["sd15", "sd21", "sdxl"])
+def test_full_size_layouts_infer_the_published_configs(release, tmp_path):
+    configs = PUBLISHED[release]
+    with torch.device("meta"):  # shapes only, no memory
+        models = {
+            "unet": diffusers.UNet2DConditionModel(**configs["unet"]),
+            "vae": diffusers.AutoencoderKL(**configs["vae"]),
+            "text_encoder": transformers.CLIPTextModel(
+                transformers.CLIPTextConfig(**configs["text_encoder"])),
+        }
+        if "text_encoder_2" in configs:
+            models["text_encoder_2"] = transformers.CLIPTextModelWithProjection(
+                transformers.CLIPTextConfig(**configs["text_encoder_2"]))
+    shapes = {name: {k: writer.placeholder(v.shape) for k, v in m.state_dict().items()}
+              for name, m in models.items()}
+    family = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}[release]
+    path = tmp_path / f"{release}.safetensors"
+    writer.write_header_only(path, writer.build_single_file(
+        family=family, layers_per_block=2, **shapes))
+    checkpoint = sf.read_single_file(path)
+    assert checkpoint.family == family and not checkpoint.inpainting
+    for name, want in configs.items():
+        config, source = checkpoint.parts[name]
+        for field, value in want.items():
+            assert _jsonable(config[field]) == value, (name, field)
+        assert len(source) == len([k for k in shapes[name] if not k.endswith("position_ids")])
+
+
 # ---- Standalone VAE files --------------------------------------------------------------------------
 @pytest.mark.parametrize("layout", ["original", "first_stage_model", "diffusers"])
 def test_read_vae_file(layout, tmp_root):
