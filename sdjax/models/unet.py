@@ -49,6 +49,7 @@ _REFERENCE_ONLY_FIELDS: dict[str, tuple[Any, ...]] = {
     "attention_type": ("default",),
     "cross_attention_norm": (None,),
 }
+_FLAG_FIELDS = ("flip_sin_to_cos", "use_linear_projection", "upcast_attention")
 # Read by diffusers only for addition_embed_type "text"/"text_image", which sdjax rejects anyway.
 _IGNORED_FIELDS = ("addition_embed_type_num_heads",)
 
@@ -197,7 +198,8 @@ class UNetConfig:
             if key.startswith("_") or key in _IGNORED_FIELDS:
                 continue
             if key in fields:
-                kwargs[key] = _to_tuple(value)
+                # Some released configs write null for a false flag (SDXL: upcast_attention).
+                kwargs[key] = False if value is None and key in _FLAG_FIELDS else _to_tuple(value)
             elif key in _REFERENCE_ONLY_FIELDS:
                 allowed = _REFERENCE_ONLY_FIELDS[key]
                 # only_cross_attention may be given per level.
