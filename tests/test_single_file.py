@@ -212,6 +212,16 @@ def test_sd2_drops_the_unused_24th_open_clip_layer(tmp_root):
     assert "cond_stage_model.model.text_projection" in checkpoint.dropped
 
 
+def test_sd2_file_with_only_the_23_used_layers_keeps_them_all(tmp_path):
+    state = {k: v for k, v in original_state("sd2").items()
+             if not k.startswith("cond_stage_model.model.transformer.resblocks.23.")}
+    path = tmp_path / "sd2-23.safetensors"
+    writer.write_single_file(path, state)
+    config, source = sf.read_single_file(path).parts["text_encoder"]
+    assert config["num_hidden_layers"] == 23
+    assert set(source) == set(reference_state("sd2", "text_encoder"))
+
+
 def test_sdxl_text_projection_is_transposed_to_a_linear(tmp_root):
     checkpoint = sf.read_single_file(written("sdxl", "float32", tmp_root))
     _, source = checkpoint.parts["text_encoder_2"]

@@ -52,6 +52,7 @@ NON_PARAMETER_KEYS = (
 
 SD_VAE_SCALING_FACTOR = 0.18215
 SDXL_VAE_SCALING_FACTOR = 0.13025
+SD2_OPEN_CLIP_LAYERS = 24
 # All SD-family text encoders and SD 2.x / XL U-Nets use 64-channel attention heads.
 HEAD_DIM = 64
 # SD 1.x U-Nets use 8 heads at every level; diffusers calls that `attention_head_dim=8`.
@@ -225,27 +226,32 @@ def _read_header(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
         start = f.read(9)
         # torch.save writes a zip ("PK") or, before torch 1.6, a raw pickle (protocol byte 0x80, then
         # the protocol). A safetensors header length can start with those bytes too, but is followed by '{'.
-        if start[:2] == b"PK" or (start[:1] == b"\x80" and start[1:2] in (b"\x02", b"\x03", b"\x04",
-                                                                          b"\x05")
-                                  and start[8:9] != b"{"):
+        pickled = len(start) > 1 and start[0] == 0x80 and 2 <= start[1] <= 5
+        if start[:2] == b"PK" or (pickled and start[8:9] != b"{"):
             raise _pickle_refusal(path, "the file is a pickle (torch.save) checkpoint")
         if len(start) < 9:
             raise WeightsError(f"{path}: truncated safetensors file ({size} bytes, no header)")
         length = int.from_bytes(start[:8], "little")
         if length > size - 8:
-            raise WeightsError(f"{path}: truncated safetensors file: header says {length} bytes, "
-                               f"the file holds {size - 8} after the length")
+            raise WeightsError(f"{path}: truncated (or not a safetensors file): header length "
+                               f"{length} bytes, the file holds {size - 8} after it")
         f.seek(8)
         try:
             header = json.loads(f.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise WeightsError(f"{path}: not a safetensors file (unreadable header: {err})") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: not a safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
-    data_end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    try:
+        data_end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+        entries = {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}
+    except (KeyError, TypeError, IndexError, ValueError) as err:
+        raise WeightsError(f"{path}: not a safetensors file (malformed header entry: {err!r})") from None
     if 8 + length + data_end > size:
         raise WeightsError(f"{path}: truncated safetensors file: tensors need {8 + length + data_end} "
                            f"bytes, the file holds {size}")
-    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}
+    return entries
 
 
 # ---- Renaming engine -------------------------------------------------------------------------------
@@ -465,7 +471,8 @@ def read_single_file(path: str | os.PathLike, *, prediction_type: Optional[str] 
     diffusers: SD 1.x U-Nets get `attention_head_dim=8`, SD 2.x / XL ones 64-channel heads per level,
     text encoders 64-channel heads, `sample_size` 64 / 96 / 128 latents for SD 1.x / 2.x / XL,
     `upcast_attention` off (SD 2.1 768-v wants it on). SD 2.x's OpenCLIP tower has 24 layers of which
-    SD 2.x uses 23: the last layer and `text_projection` are dropped and a 23-layer config produced.
+    SD 2.x uses 23: the last layer and `text_projection` are dropped and a 23-layer config produced
+    (a file with 23 layers, converted back from diffusers, keeps them all).
     `prediction_type` cannot be told from the weights either (see `scheduler_config`).
 
     `extract_ema=True` reads the U-Net from the file's `model_ema.*` copy; otherwise that copy is
@@ -493,9 +500,13 @@ def read_single_file(path: str | os.PathLike, *, prediction_type: Optional[str] 
                   "sdxl": [("text_encoder", SDXL_TEXT_PREFIX, CLIP_RULES, "quick_gelu"),
                            ("text_encoder_2", SDXL_TEXT2_PREFIX, OPEN_CLIP_RULES, "gelu")]}[family]
     if family == "sd2":
+        # SD 2.x conditions on OpenCLIP ViT-H's penultimate layer; its projection is unused. A file
+        # converted back from diffusers holds only the 23 layers used, and keeps them all.
+        drop.append(re.compile(re.escape(SD2_TEXT_PREFIX + "text_projection")))
         blocks = _indices(keys, re.escape(SD2_TEXT_PREFIX) + r"transformer\.resblocks\.(\d+)\.")
-        last = re.escape(f"{SD2_TEXT_PREFIX}transformer.resblocks.{blocks[-1]}.")
-        drop += [re.compile(last + ".+"), re.compile(re.escape(SD2_TEXT_PREFIX + "text_projection"))]
+        if len(blocks) == SD2_OPEN_CLIP_LAYERS:
+            drop.append(re.compile(re.escape(f"{SD2_TEXT_PREFIX}transformer.resblocks.{blocks[-1]}.")
+                                   + ".+"))
 
     unet_shapes = {k[len(UNET_PREFIX):]: s for k, s in shape_of.items() if k.startswith(UNET_PREFIX)}
     stride = _unet_layout(unet_shapes, path)["layers_per_block"] + 1
