@@ -1,0 +1,173 @@
+"""transformers CLIP checkpoints -> sdjax CLIP params.
+
+Key layouts accepted: transformers 4 / real SD checkpoints (`text_model.embeddings...`),
+transformers 5 `save_pretrained` of a bare CLIPTextModel / CLIPVisionModel (no tower prefix),
+the `*WithProjection` models (`text_projection.weight`, `visual_projection.weight`) and CLIPModel.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Callable, Optional
+
+import jax.numpy as jnp
+
+from sdjax.models.clip import (CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
+                               CLIPVisionModel)
+from sdjax.weights.common import (MergedSource, SafetensorsFile, TensorSource, WeightsError,
+                                  abstract_params, convert_state_dict, regex_renamer)
+
+_TOWER = r"(text_model|vision_model)"
+
+# transformers name (with tower prefix) -> sdjax path in a CLIPModel params tree.
+CLIP_RULES = (
+    (_TOWER + r"\.encoder\.layers\.(\d+)\.(self_attn|mlp)\.([qkv]_proj|out_proj|fc[12])\.weight",
+     r"\1/layers_\2/\3/\4/kernel"),
+    (_TOWER + r"\.encoder\.layers\.(\d+)\.(self_attn|mlp)\.([qkv]_proj|out_proj|fc[12])\.bias",
+     r"\1/layers_\2/\3/\4/bias"),
+    (_TOWER + r"\.encoder\.layers\.(\d+)\.(layer_norm[12])\.weight", r"\1/layers_\2/\3/scale"),
+    (_TOWER + r"\.encoder\.layers\.(\d+)\.(layer_norm[12])\.bias", r"\1/layers_\2/\3/bias"),
+    (_TOWER + r"\.embeddings\.(token_embedding|position_embedding)\.weight", r"\1/\2/embedding"),
+    (_TOWER + r"\.embeddings\.position_ids", ""),  # a buffer, saved by transformers 4
+    (r"text_model\.final_layer_norm\.weight", "text_model/final_layer_norm/scale"),
+    (r"text_model\.final_layer_norm\.bias", "text_model/final_layer_norm/bias"),
+    (r"vision_model\.embeddings\.patch_embedding\.weight", "vision_model/patch_embedding/kernel"),
+    (r"vision_model\.embeddings\.class_embedding", "vision_model/class_embedding"),
+    (r"vision_model\.pre_layrnorm\.weight", "vision_model/pre_layernorm/scale"),
+    (r"vision_model\.pre_layrnorm\.bias", "vision_model/pre_layernorm/bias"),
+    (r"vision_model\.post_layernorm\.weight", "vision_model/post_layernorm/scale"),
+    (r"vision_model\.post_layernorm\.bias", "vision_model/post_layernorm/bias"),
+    (r"text_projection\.weight", "text_model/text_projection/kernel"),
+    (r"visual_projection\.weight", "vision_model/visual_projection/kernel"),
+    (r"logit_scale", "logit_scale"),
+)
+_rename = regex_renamer(CLIP_RULES)
+
+_PROJECTIONS = {"text_model": "text_projection.weight", "vision_model": "visual_projection.weight"}
+
+
+def _tower_renamer(tower: str) -> Callable[[str], Optional[str]]:
+    """Renamer for a single-tower file, whose keys may lack the tower prefix (transformers 5)."""
+    prefix = tower + "."
+
+    def rename(key: str) -> Optional[str]:
+        if not key.startswith(prefix) and key != _PROJECTIONS[tower]:
+            key = prefix + key
+        return _rename(key)
+
+    return rename
+
+
+def _text_shapes(config: CLIPTextConfig) -> dict:
+    return abstract_params(CLIPTextModel(config), jnp.zeros((1, 1), jnp.int32))
+
+
+def _vision_shapes(config: CLIPVisionConfig) -> dict:
+    return abstract_params(CLIPVisionModel(config), jnp.zeros(
+        (1, config.image_size, config.image_size, config.num_channels)))
+
+
+def clip_text_params(source: TensorSource, config: CLIPTextConfig, dtype=None) -> dict:
+    """Params for `CLIPTextModel(config)` from a CLIPTextModel[WithProjection] state dict."""
+    return convert_state_dict(source, _tower_renamer("text_model"),
+                              {"text_model": _text_shapes(config)},
+                              what="CLIP text encoder", dtype=dtype)["text_model"]
+
+
+def clip_vision_params(source: TensorSource, config: CLIPVisionConfig, dtype=None) -> dict:
+    """Params for `CLIPVisionModel(config)` from a CLIPVisionModel[WithProjection] state dict."""
+    return convert_state_dict(source, _tower_renamer("vision_model"),
+                              {"vision_model": _vision_shapes(config)},
+                              what="CLIP vision encoder", dtype=dtype)["vision_model"]
+
+
+def clip_params(source: TensorSource, config: CLIPConfig, dtype=None) -> dict:
+    """Params for `CLIPModel(config)` from a transformers CLIPModel state dict."""
+    expected = {"text_model": _text_shapes(config.text),
+                "vision_model": _vision_shapes(config.vision),
+                "logit_scale": jnp.zeros((), jnp.float32)}
+    return convert_state_dict(source, _rename, expected, what="CLIP model", dtype=dtype)
+
+
+def open_transformers_weights(folder: str | os.PathLike) -> TensorSource:
+    """The safetensors weights of a transformers folder: `model.safetensors`, or the shards
+    listed in `model.safetensors.index.json`."""
+    folder = os.fspath(folder)
+    single = os.path.join(folder, "model.safetensors")
+    index = single + ".index.json"
+    if os.path.isfile(single):
+        return SafetensorsFile(single)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as err:
+            raise WeightsError(f"{index}: not a safetensors index ({err!r})") from None
+        return MergedSource([SafetensorsFile(os.path.join(folder, s)) for s in shards], name=index)
+    others = sorted(f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".ckpt"))) \
+        if os.path.isdir(folder) else []
+    hint = f" (found {', '.join(others)}; convert it to safetensors)" if others else ""
+    raise WeightsError(f"{single}: no such file, nor {os.path.basename(index)}{hint}")
+
+
+def read_config_json(folder: str | os.PathLike) -> dict:
+    path = os.path.join(os.fspath(folder), "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise WeightsError(f"{path}: cannot read the model config ({err})") from None
+
+
+def load_clip_text_folder(path: str | os.PathLike, dtype=None, *,
+                          attention: str = "xla") -> tuple[CLIPTextConfig, dict]:
+    """(config, params) of a transformers CLIPTextModel[WithProjection] folder (a diffusers
+    `text_encoder`/`text_encoder_2` folder). A projection is expected when the config's
+    architecture says so, or, with no architecture named, when the weights hold one."""
+    raw = read_config_json(path)
+    source = open_transformers_weights(path)
+    with_projection = None
+    if not raw.get("architectures") and "text_config" not in raw:
+        with_projection = _PROJECTIONS["text_model"] in source
+    config = CLIPTextConfig.from_transformers(raw, with_projection=with_projection,
+                                              attention=attention)
+    if "text_config" in raw:  # a whole CLIPModel folder: take its text tower
+        return config, _subtree(source, config, "text_model", dtype)
+    return config, clip_text_params(source, config, dtype)
+
+
+def load_clip_vision_folder(path: str | os.PathLike, dtype=None, *,
+                            attention: str = "xla") -> tuple[CLIPVisionConfig, dict]:
+    """(config, params) of a transformers CLIPVisionModel[WithProjection] folder."""
+    raw = read_config_json(path)
+    source = open_transformers_weights(path)
+    with_projection = None
+    if not raw.get("architectures") and "vision_config" not in raw:
+        with_projection = _PROJECTIONS["vision_model"] in source
+    config = CLIPVisionConfig.from_transformers(raw, with_projection=with_projection,
+                                                attention=attention)
+    if "vision_config" in raw:
+        return config, _subtree(source, config, "vision_model", dtype)
+    return config, clip_vision_params(source, config, dtype)
+
+
+def load_clip_folder(path: str | os.PathLike, dtype=None, *,
+                     attention: str = "xla") -> tuple[CLIPConfig, dict]:
+    """(config, params) of a transformers CLIPModel folder."""
+    raw = read_config_json(path)
+    if "text_config" not in raw or "vision_config" not in raw:
+        raise WeightsError(f"{os.path.join(os.fspath(path), 'config.json')}: not a CLIPModel "
+                           "config (no text_config / vision_config)")
+    config = CLIPConfig.from_transformers(raw, attention=attention)
+    return config, clip_params(open_transformers_weights(path), config, dtype)
+
+
+def _subtree(source: TensorSource, config, tower: str, dtype) -> dict:
+    """One tower of a CLIPModel file; the other tower's keys are skipped, not errors."""
+    other = "vision_model" if tower == "text_model" else "text_model"
+    ignore = [re.escape(other) + r"\..*", re.escape(_PROJECTIONS[other]), "logit_scale"]
+    expected = _text_shapes(config) if tower == "text_model" else _vision_shapes(config)
+    return convert_state_dict(source, _rename, {tower: expected}, what=f"CLIP {tower}",
+                              dtype=dtype, ignore=ignore)[tower]
+
