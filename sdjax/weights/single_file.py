@@ -566,23 +566,23 @@ def read_single_file(path: str | os.PathLike, *, prediction_type: Optional[str] 
         if extra:
             raise WeightsError(f"{path}: EMA keys that match no U-Net parameter: " + _short(extra))
 
-    result: dict[str, tuple[dict, TensorSource]] = {}
-    text_shapes = {}
-    for name, prefix, _, act in text_parts:
-        shapes = _renamed_shapes(parts[name], shape_of)
-        text_shapes[name] = shapes
-        result[name] = (clip_text_config(shapes, hidden_act=act), RenamedSource(source,
-                                                                                parts[name].mapping))
-    pooled = None
-    if "text_encoder_2" in text_shapes and "text_projection.weight" in text_shapes["text_encoder_2"]:
-        pooled = text_shapes["text_encoder_2"]["text_projection.weight"][0]
-    result["unet"] = (unet_config(unet.shapes, family, path, pooled_dim=pooled),
-                      RenamedSource(source, unet.mapping))
-    vae_shapes = _renamed_shapes(parts["vae"], shape_of)
-    result["vae"] = (vae_config(vae_shapes, scaling_factor=SDXL_VAE_SCALING_FACTOR if family == "sdxl"
-                                else SD_VAE_SCALING_FACTOR,
-                                sample_size={"sd1": 512, "sd2": 768, "sdxl": 1024}[family]),
-                     RenamedSource(source, parts["vae"].mapping))
+    vae_scale = SDXL_VAE_SCALING_FACTOR if family == "sdxl" else SD_VAE_SCALING_FACTOR
+    image_size = {"sd1": 512, "sd2": 768, "sdxl": 1024}[family]
+    try:
+        result: dict[str, tuple[dict, TensorSource]] = {}
+        for name, _, _, act in text_parts:
+            config = clip_text_config(_renamed_shapes(parts[name], shape_of), hidden_act=act)
+            result[name] = (config, RenamedSource(source, parts[name].mapping))
+        # SDXL's add_embedding sees the pooled (projected) text embedding of the second encoder.
+        pooled = result["text_encoder_2"][0]["projection_dim"] if "text_encoder_2" in result else None
+        result["unet"] = (unet_config(unet.shapes, family, path, pooled_dim=pooled),
+                          RenamedSource(source, unet.mapping))
+        result["vae"] = (vae_config(_renamed_shapes(parts["vae"], shape_of), scaling_factor=vae_scale,
+                                    sample_size=image_size),
+                         RenamedSource(source, parts["vae"].mapping))
+    except KeyError as err:  # a part lacks a key its config is read from
+        raise WeightsError(f"{path}: cannot infer the configs: no {err.args[0]!r} (under its "
+                           f"part's prefix)") from None
     timesteps = shape_of["betas"][0] if "betas" in shape_of else 1000
     return SingleFileCheckpoint(
         path=path, family=family, inpainting=result["unet"][0]["in_channels"] == 9,
@@ -641,8 +641,11 @@ def read_vae_file(path: str | os.PathLike, *, scaling_factor: float = SD_VAE_SCA
             unknown.append(key)
     if unknown:
         raise WeightsError(f"{path}: {len(unknown)} keys that are not part of a VAE: " + _short(unknown))
-    config = vae_config(_renamed_shapes(part, shape_of), scaling_factor=scaling_factor,
-                        sample_size=512)
+    try:
+        config = vae_config(_renamed_shapes(part, shape_of), scaling_factor=scaling_factor,
+                            sample_size=512)
+    except KeyError as err:
+        raise WeightsError(f"{path}: cannot infer the VAE config: no {err.args[0]!r}") from None
     return config, RenamedSource(SafetensorsFile(path), part.mapping)
 
 
