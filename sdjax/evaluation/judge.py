@@ -91,21 +91,27 @@ def _nearest_colour(rgb: np.ndarray) -> np.ndarray:
 def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """4-connected component labels (0 = not in mask, 1..n) by label propagation."""
     h, w = mask.shape
-    labels = np.where(mask, np.arange(1, h * w + 1).reshape(h, w), 0)
+    padded = np.zeros((h + 2, w + 2), np.int64)
+    labels = padded[1:-1, 1:-1]
+    labels[...] = np.where(mask, np.arange(1, h * w + 1).reshape(h, w), 0)
     while True:
-        p = np.pad(labels, 1)
-        grown = np.maximum.reduce([labels, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]])
-        grown = np.where(mask, grown, 0)
+        grown = np.maximum(np.maximum(padded[:-2, 1:-1], padded[2:, 1:-1]),
+                           np.maximum(padded[1:-1, :-2], padded[1:-1, 2:]))
+        grown = np.maximum(grown, labels) * mask
         if np.array_equal(grown, labels):
             break
-        labels = grown
+        labels[...] = grown
     uniq, inverse = np.unique(np.concatenate([[0], labels.ravel()]), return_inverse=True)
     return inverse[1:].reshape(h, w), len(uniq) - 1
 
 
 def _dilate(mask: np.ndarray) -> np.ndarray:
-    p = np.pad(mask, 1)
-    return mask | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
+    out = mask.copy()
+    out[1:] |= mask[:-1]
+    out[:-1] |= mask[1:]
+    out[:, 1:] |= mask[:, :-1]
+    out[:, :-1] |= mask[:, 1:]
+    return out
 
 
 @functools.lru_cache(maxsize=64)
@@ -236,9 +242,14 @@ def _describe(img, bg, dist, region, others) -> DetectedObject:
                           box, scores)
 
 
+# Colour names an object first (two objects never share one), then shape, position, size: a red
+# circle on the right is the prompt's red circle misplaced, not its blue circle recoloured.
+_MATCH_WEIGHTS = {"colour": 8, "shape": 4, "position": 2, "size": 1}
+
+
 def _match_score(want: shapes.ShapeAttrs, got: DetectedObject) -> int:
-    return sum(getattr(want, a) is None or getattr(want, a) == getattr(got, a)
-               for a in ("colour", "shape", "size", "position"))
+    return sum(w for a, w in _MATCH_WEIGHTS.items()
+               if getattr(want, a) is None or getattr(want, a) == getattr(got, a))
 
 
 def judge(image: np.ndarray, prompt_or_scene: Union[str, Scene]) -> dict[str, bool]:
@@ -246,7 +257,8 @@ def judge(image: np.ndarray, prompt_or_scene: Union[str, Scene]) -> dict[str, bo
 
     Returns {colour, shape, position, size, background, count, all_correct} -> bool. Attributes
     the prompt leaves out (e.g. no size) are True. Expected objects are paired with detected
-    ones so that the most attributes agree; an expected object with no partner fails them all.
+    ones so that the most attributes agree (colour weighing most); an expected object with no
+    partner fails them all.
     """
     if isinstance(prompt_or_scene, str):
         scene = shapes.parse_caption(prompt_or_scene)

@@ -1,0 +1,125 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from sdjax.data import shapes
+from sdjax.data.shapes import Scene, ShapeAttrs, caption, parse_caption
+
+
+def _take(stream, n):
+    return list(itertools.islice(stream, n))
+
+
+@pytest.fixture(scope="module")
+def train():
+    return _take(shapes.train_examples(0), 3000)
+
+
+def test_train_examples_are_determined_by_the_seed():
+    a, b, c = (_take(shapes.train_examples(s), 50) for s in (7, 7, 8))
+    assert [e.caption for e in a] == [e.caption for e in b]
+    assert all(np.array_equal(x.image, y.image) for x, y in zip(a, b))
+    assert [e.caption for e in a] != [e.caption for e in c]
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_images_have_the_requested_size_and_background_border(size):
+    for e in _take(shapes.train_examples(1, size), 200):
+        assert e.image.shape == (size, size, 3) and e.image.dtype == np.uint8
+        border = np.concatenate([e.image[0], e.image[-1], e.image[:, 0], e.image[:, -1]])
+        # Every shape keeps clear of the border, so the border is pure background.
+        assert (border == shapes.COLOURS[e.scene.background]).all(), e.caption
+
+
+def test_antialiasing_is_optional():
+    scene = Scene((ShapeAttrs("circle", "red", "large", "center"),), "blue")
+    hard = shapes.render(scene, antialias=False)
+    soft = shapes.render(scene, antialias=True)
+    palette = {shapes.COLOURS["red"], shapes.COLOURS["blue"]}
+    assert {tuple(p) for p in hard.reshape(-1, 3)} == palette
+    assert len({tuple(p) for p in soft.reshape(-1, 3)}) > 2
+
+
+def test_captions_round_trip_through_parse_caption(train):
+    assert any(len(e.scene.objects) == 2 for e in train)
+    for e in train:
+        assert parse_caption(e.caption) == e.scene
+        assert caption(parse_caption(e.caption)) == e.caption
+
+
+def test_caption_grammar_examples():
+    scene = parse_caption("a small red circle on the left, blue background")
+    assert scene == Scene((ShapeAttrs("circle", "red", "small", "left"),), "blue")
+    two = parse_caption("a large green square at the top and a small yellow cross at the bottom, "
+                        "black background")
+    assert two.objects == (ShapeAttrs("square", "green", "large", "top"),
+                           ShapeAttrs("cross", "yellow", "small", "bottom"))
+    assert two.background == "black"
+
+
+def test_parse_caption_accepts_partial_prompts():
+    scene = parse_caption("A red circle and a green square, white background")
+    assert scene.objects == (ShapeAttrs("circle", "red"), ShapeAttrs("square", "green"))
+    assert scene.background == "white" and not scene.complete
+    assert parse_caption("an yellow triangle in the center") == Scene(
+        (ShapeAttrs("triangle", "yellow", None, "center"),), None)
+
+
+def test_parse_caption_names_unknown_words():
+    with pytest.raises(ValueError, match=r"'octagon'.*'pink'|'pink'.*'octagon'"):
+        parse_caption("a small pink octagon on the left, blue background")
+
+
+@pytest.mark.parametrize("bad", [
+    "red circle",
+    "a red",
+    "a circle red",
+    "a red circle on the",
+    "a red circle and",
+    "a red circle, blue",
+    "a red circle blue background",
+    "a red circle and a blue square and a green cross",
+])
+def test_parse_caption_rejects_malformed_captions(bad):
+    with pytest.raises(ValueError, match="caption"):
+        parse_caption(bad)
+
+
+def test_attributes_are_validated():
+    with pytest.raises(ValueError, match="shape 'hexagon'"):
+        ShapeAttrs("hexagon", "red")
+    with pytest.raises(ValueError, match="background 'mauve'"):
+        Scene((ShapeAttrs("circle", "red"),), "mauve")
+    with pytest.raises(ValueError, match="partially specified"):
+        shapes.render(Scene((ShapeAttrs("circle", "red"),), "blue"))
+
+
+def test_two_object_scenes_are_paired_and_colour_distinct(train):
+    pairs = [e.scene for e in train if len(e.scene.objects) == 2]
+    assert len(pairs) > 500
+    for s in pairs:
+        a, b = s.objects
+        assert (a.position, b.position) in shapes.PAIRS
+        assert len({a.colour, b.colour, s.background}) == 3
+    for e in train:
+        assert all(o.colour != e.scene.background for o in e.scene.objects)
+
+
+def test_heldout_split_is_deterministic_and_non_empty():
+    prompts = list(shapes.heldout_prompts())
+    assert prompts == list(shapes.heldout_prompts())
+    assert len(prompts) == len(set(prompts)) == 280
+    assert all(shapes.is_held_out(parse_caption(p)) for p in prompts)
+    held = _take(shapes.heldout_examples(3), 200)
+    assert all(shapes.is_held_out(e.scene) for e in held)
+    assert [e.caption for e in held] == [e.caption for e in _take(shapes.heldout_examples(3), 200)]
+
+
+def test_train_examples_never_produce_a_held_out_scene(train):
+    assert not any(shapes.is_held_out(e.scene) for e in train)
+    seen_pairs = {(o.colour, o.shape) for e in train for o in e.scene.objects}
+    assert not seen_pairs & shapes.HELD_OUT_PAIRS
+    # Composition is testable: each held-out colour and shape is seen in training, just not together.
+    for colour, shape in shapes.HELD_OUT_PAIRS:
+        assert any(c == colour for c, _ in seen_pairs) and any(s == shape for _, s in seen_pairs)
