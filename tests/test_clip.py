@@ -367,7 +367,7 @@ def test_clip_skip_out_of_range_raises(folders):
     path, _ = folders("openai_legacy_eos", "text")
     config, params = load_clip_text_folder(path)
     model = CLIPTextModel(config)
-    out = model.apply({"params": params}, jnp.zeros((1, 4), jnp.int32))
+    out = jax.eval_shape(model.apply, {"params": params}, jnp.zeros((1, 4), jnp.int32))
     with pytest.raises(ValueError, match="clip_skip"):
         text_hidden_state(model, params, out, clip_skip=3)
 
@@ -397,3 +397,23 @@ def test_in_memory_source_converts():
     # (out, in) linear weights become (in, out) kernels.
     np.testing.assert_array_equal(params["layers_0"]["mlp"]["fc1"]["kernel"],
                                   tensors[f"{prefix}mlp.fc1.weight"].T)
+
+
+@pytest.mark.parametrize("config_json,count", [
+    # SD 1.x: OpenAI CLIP ViT-L/14 text encoder.
+    (dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+          hidden_act="quick_gelu", eos_token_id=2, architectures=["CLIPTextModel"]), 123_060_480),
+    # SD 2.x: OpenCLIP ViT-H/14 text encoder, as diffusers ships it (23 of 24 layers).
+    (dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
+          hidden_act="gelu", eos_token_id=2, architectures=["CLIPTextModel"]), 340_387_840),
+    # SDXL text_encoder_2: OpenCLIP bigG with projection.
+    (dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+          hidden_act="gelu", projection_dim=1280, eos_token_id=2,
+          architectures=["CLIPTextModelWithProjection"]), 694_659_840),
+], ids=["sd15", "sd2", "sdxl_2"])
+def test_released_text_encoders_have_their_parameter_counts(config_json, count):
+    from sdjax.weights.common import abstract_params
+
+    config = CLIPTextConfig.from_transformers(config_json)
+    shapes = abstract_params(CLIPTextModel(config), jnp.zeros((1, 77), jnp.int32))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == count
