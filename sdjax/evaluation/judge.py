@@ -3,13 +3,15 @@
 Classical image analysis only, tolerant of what generated images get wrong at the margins
 (noise, blur, soft edges, slight colour shifts):
   background  the palette colour most of the image border is closest to;
-  objects     connected regions (4-connected) far from the background colour, specks dropped;
+  objects     connected regions (4-connected) far from the background colour, specks dropped,
+              split in two where two colours touch;
   colour      palette colour nearest the median of a region's most saturated pixels;
   shape       best soft IoU between the region's coverage map (how far each pixel lies from the
-              background towards the object colour) and each shape drawn into the region's box;
+              background towards the object colour) and each shape, sharp or slightly blurred,
+              drawn into the box that the coverage's moments imply for that shape;
   size        side implied by the covered area and the shape's fill ratio, against the geometric
               mean of the small and large sides;
-  position    centre of the region's box: "center" inside the middle square, otherwise the
+  position    centre of the fitted box: "center" inside the middle square, otherwise the
               dominant direction from the image centre.
 """
 from __future__ import annotations
@@ -203,7 +205,13 @@ def _describe(img, bg, dist, region, others) -> DetectedObject:
 
     # Coverage: how far each pixel has moved from the background towards the object colour.
     # Soft edges just outside the thresholded region count, other objects' pixels do not.
-    near = (_dilate(_dilate(region)) & ~_dilate(others)) | region
+    reach = max(1, round(min(h, w) / 32))  # soft edges widen with resolution
+    grown, fenced = region, others
+    for _ in range(2 * reach):
+        grown = _dilate(grown)
+    for _ in range(reach):
+        fenced = _dilate(fenced)
+    near = (grown & ~fenced) | region
     axis = rgb - bg
     cover = np.clip(((img - bg) @ axis) / max(float(axis @ axis), 1e-6), 0.0, 1.0)
     cover = np.where(near, cover, 0.0).astype(np.float32)
