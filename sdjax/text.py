@@ -135,6 +135,23 @@ class CLIPTokenizer:
                    **{f"{role}_token": tok for role, tok in tokens.items() if tok is not None},
                    special_tokens=[t for t in extra if t], name=name)
 
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write vocab.json, merges.txt and special_tokens_map.json: the folder layout of the SD
+        checkpoints people have, which `from_pretrained` and transformers both read."""
+        os.makedirs(folder, exist_ok=True)
+        merges = sorted(self.ranks, key=self.ranks.get)
+        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(self.encoder, f, ensure_ascii=False)
+        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        specials = {"bos_token": self.bos_token, "eos_token": self.eos_token,
+                    "pad_token": self.pad_token, "unk_token": self.unk_token}
+        with open(os.path.join(folder, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+            json.dump(specials, f, indent=2)
+        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump({**specials, "model_max_length": 77, "do_lower_case": True,
+                       "tokenizer_class": "CLIPTokenizer"}, f, indent=2)
+
     # -- ids ---------------------------------------------------------------------------------
 
     @property

@@ -160,3 +160,17 @@ def test_missing_tokenizer_files_name_the_folder(tmp_path):
 def test_decode_round_trip():
     tok = CLIPTokenizer.default()
     assert tok.decode(tok("a photo of a cat, 2 dogs!")[0]) == "a photo of a cat , 2 dogs !"
+
+
+@pytest.mark.parametrize("pad", ["<|endoftext|>", "!"])
+def test_save_pretrained_round_trips_and_reference_reads_it(tmp_path, pad):
+    from transformers import CLIPTokenizer as ReferenceTokenizer
+
+    ours = CLIPTokenizer.default(pad_token=pad)
+    ours.save_pretrained(tmp_path)
+    again = CLIPTokenizer.from_pretrained(tmp_path)
+    reference = ReferenceTokenizer.from_pretrained(str(tmp_path))
+    prompts = ["a photo of a cat", "Hello, World! 123 don't", ""]
+    np.testing.assert_array_equal(again(prompts), ours(prompts))
+    expected = reference(prompts, padding="max_length", max_length=77, truncation=True)["input_ids"]
+    np.testing.assert_array_equal(ours(prompts), np.asarray(expected))
