@@ -50,8 +50,8 @@ CONFIGS = {
                        cross_attention_dim=32, norm_num_groups=8, addition_embed_type="text_time",
                        addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8),
     "sdxl_three_levels": dict(block_out_channels=(16, 32, 64), down_block_types=(DOWN, CA_DOWN, CA_DOWN),
-                              up_block_types=(CA_UP, CA_UP, UP), layers_per_block=2,
-                              attention_head_dim=(1, 2, 4), transformer_layers_per_block=(1, 1, 3),
+                              up_block_types=(CA_UP, CA_UP, UP), layers_per_block=1,
+                              attention_head_dim=(1, 2, 4), transformer_layers_per_block=(1, 2, 3),
                               use_linear_projection=True, cross_attention_dim=24, norm_num_groups=8,
                               addition_embed_type="text_time", addition_time_embed_dim=4,
                               projection_class_embeddings_input_dim=12 + 6 * 4),
@@ -152,18 +152,6 @@ def test_remat_gives_the_same_output(reference, compiled):
     plain = compiled(config)(params, *ref.args)
     rematted = compiled(config, remat=True)(params, *ref.args)
     np.testing.assert_allclose(np.asarray(rematted), np.asarray(plain), rtol=0, atol=1e-6)
-
-
-def test_remat_gives_the_same_gradients(reference):
-    ref = reference("sd1_small")
-    config, params = load_unet_folder(ref.folder)
-
-    def grads(remat):
-        model = UNet(config, remat=remat)
-        loss = lambda p: jnp.mean(model.apply({"params": p}, *ref.args) ** 2)
-        return jax.jit(jax.grad(loss))(params)
-
-    chex.assert_trees_all_close(grads(True), grads(False), atol=1e-6, rtol=1e-5)
 
 
 def test_bfloat16_runs_close_to_float32(reference, compiled):
