@@ -440,7 +440,7 @@ class PLMS(Sampler):
         hist = _push(state["hist"], e)
 
         def first(_):
-            a1, b1, t_mid, s_mid = c["first"][i, 0], c["first"][i, 1], c["first"][i, 2], c["first"][i, 3]
+            a1, b1, t_mid, s_mid = (c["first"][i, k] for k in range(4))
             x_tmp = c["a"][i] * x - c["b"][i] * e
             e_mid = self._eps(denoise, x_tmp, s_mid, t_mid)
             return a1 * x - b1 * (e + e_mid) / 2
