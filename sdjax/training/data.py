@@ -235,8 +235,8 @@ class ImageCaptionDataset:
 
     batch_size is the global batch; every host builds the same dataset and reads its slice.
     Unreadable images are skipped (header failures when the dataset is built, decode failures in
-    place of which the next readable image of the same bucket is taken), logged once each, counted
-    in `stats()`. Iterates `num_epochs` epochs (None: forever); `state_dict()` is the position after
+    place of which the next readable image of the same bucket is taken, so a batch keeps its shape
+    and may repeat an example), logged once each, counted in `stats()`. Iterates `num_epochs` epochs (None: forever); `state_dict()` is the position after
     the last batch handed out, so a run restored with `load_state_dict` continues exactly there.
     """
 
@@ -375,9 +375,13 @@ class ImageCaptionDataset:
     def _read_or_replace(self, index: int, key: tuple, epoch: int, order: np.ndarray):
         """The example, or, if it cannot be decoded, the next readable one of its bucket in this
         epoch's order; returns (record index, array)."""
-        start = int(np.flatnonzero(order == index)[0])
-        for candidate in np.roll(order, -start):
-            candidate = int(candidate)
+        def candidates():
+            yield index
+            # Only on a failure: the bucket's order from just after `index`, wrapping around.
+            start = int(np.flatnonzero(order == index)[0])
+            yield from (int(i) for i in np.roll(order, -start)[1:])
+
+        for candidate in candidates():
             record = self.records[candidate]
             path = record.latent if self.use_latents else record.image
             if self._is_skipped(path):
