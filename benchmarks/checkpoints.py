@@ -12,14 +12,36 @@ import pathlib
 from sdjax.presets import preset
 
 
+def save_diffusers_folder(parts: dict, folder: str | os.PathLike, *, scheduler: dict,
+                          pipeline_class: str = "StableDiffusionPipeline") -> pathlib.Path:
+    """Save reference models {"unet", "vae", "text_encoder"[, "text_encoder_2"]} (torch) as a
+    diffusers folder with model_index.json, tokenizers (sdjax's shipped vocabulary, padded as the
+    encoder's family pads) and the scheduler config."""
+    from sdjax.text import CLIPTokenizer
+
+    folder = pathlib.Path(folder)
+    index = {"_class_name": pipeline_class}
+    for name, model in parts.items():
+        model.save_pretrained(folder / name)
+        index[name] = ["diffusers" if name in ("unet", "vae") else "transformers", type(model).__name__]
+        if name.startswith("text_encoder"):
+            tokenizer = name.replace("text_encoder", "tokenizer")
+            pad = "!" if model.config.hidden_act == "gelu" else "<|endoftext|>"
+            CLIPTokenizer.default(pad_token=pad).save_pretrained(folder / tokenizer)
+            index[tokenizer] = ["transformers", "CLIPTokenizer"]
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    config = {"_class_name": "PNDMScheduler", **scheduler}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2))
+    index["scheduler"] = ["diffusers", config["_class_name"]]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
 def write_diffusers_folder(preset_name: str, folder: str | os.PathLike, seed: int = 0) -> pathlib.Path:
-    """A diffusers folder (model_index.json, unet/, vae/, text_encoder/[_2], tokenizer/[_2],
-    scheduler/) with random weights of the preset's architecture; reused if already complete."""
+    """A diffusers folder with random weights of the preset's architecture; reused if complete."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from sdjax.text import CLIPTokenizer
 
     folder = pathlib.Path(folder)
     done = folder / ".complete"
@@ -27,27 +49,13 @@ def write_diffusers_folder(preset_name: str, folder: str | os.PathLike, seed: in
         return folder
     configs = preset(preset_name)
     torch.manual_seed(seed)
-    index = {"_class_name": "StableDiffusionXLPipeline" if preset_name == "sdxl"
-             else "StableDiffusionPipeline"}
-    UNet2DConditionModel(**configs["unet"]).save_pretrained(folder / "unet")
-    index["unet"] = ["diffusers", "UNet2DConditionModel"]
-    AutoencoderKL(**configs["vae"]).save_pretrained(folder / "vae")
-    index["vae"] = ["diffusers", "AutoencoderKL"]
-    for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
-        if encoder not in configs:
-            continue
-        config = CLIPTextConfig(**configs[encoder])
-        with_projection = encoder == "text_encoder_2"
-        model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
-        model.save_pretrained(folder / encoder)
-        index[encoder] = ["transformers", type(model).__name__]
-        pad = "!" if config.hidden_act == "gelu" else "<|endoftext|>"
-        CLIPTokenizer.default(pad_token=pad).save_pretrained(folder / tokenizer)
-        index[tokenizer] = ["transformers", "CLIPTokenizer"]
-    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    scheduler = {"_class_name": "PNDMScheduler", **configs["scheduler"]}
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-    index["scheduler"] = ["diffusers", "PNDMScheduler"]
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    parts = {"unet": UNet2DConditionModel(**configs["unet"]), "vae": AutoencoderKL(**configs["vae"]),
+             "text_encoder": CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))}
+    if "text_encoder_2" in configs:
+        parts["text_encoder_2"] = CLIPTextModelWithProjection(
+            CLIPTextConfig(**configs["text_encoder_2"]))
+    save_diffusers_folder(parts, folder, scheduler=configs["scheduler"],
+                          pipeline_class="StableDiffusionXLPipeline" if "text_encoder_2" in parts
+                          else "StableDiffusionPipeline")
     done.touch()
     return folder

@@ -59,11 +59,12 @@ def _tower_renamer(tower: str) -> Callable[[str], Optional[str]]:
     return rename
 
 
-def _text_shapes(config: CLIPTextConfig) -> dict:
+def clip_text_shapes(config: CLIPTextConfig) -> dict:
+    """Shapes and dtypes of `CLIPTextModel(config)`'s params (nothing allocated)."""
     return abstract_params(CLIPTextModel(config), jnp.zeros((1, 1), jnp.int32))
 
 
-def _vision_shapes(config: CLIPVisionConfig) -> dict:
+def clip_vision_shapes(config: CLIPVisionConfig) -> dict:
     return abstract_params(CLIPVisionModel(config), jnp.zeros(
         (1, config.image_size, config.image_size, config.num_channels)))
 
@@ -71,21 +72,21 @@ def _vision_shapes(config: CLIPVisionConfig) -> dict:
 def clip_text_params(source: TensorSource, config: CLIPTextConfig, dtype=None) -> dict:
     """Params for `CLIPTextModel(config)` from a CLIPTextModel[WithProjection] state dict."""
     return convert_state_dict(source, _tower_renamer("text_model"),
-                              {"text_model": _text_shapes(config)},
+                              {"text_model": clip_text_shapes(config)},
                               what="CLIP text encoder", dtype=dtype)["text_model"]
 
 
 def clip_vision_params(source: TensorSource, config: CLIPVisionConfig, dtype=None) -> dict:
     """Params for `CLIPVisionModel(config)` from a CLIPVisionModel[WithProjection] state dict."""
     return convert_state_dict(source, _tower_renamer("vision_model"),
-                              {"vision_model": _vision_shapes(config)},
+                              {"vision_model": clip_vision_shapes(config)},
                               what="CLIP vision encoder", dtype=dtype)["vision_model"]
 
 
 def clip_params(source: TensorSource, config: CLIPConfig, dtype=None) -> dict:
     """Params for `CLIPModel(config)` from a transformers CLIPModel state dict."""
-    expected = {"text_model": _text_shapes(config.text),
-                "vision_model": _vision_shapes(config.vision),
+    expected = {"text_model": clip_text_shapes(config.text),
+                "vision_model": clip_vision_shapes(config.vision),
                 "logit_scale": jnp.zeros((), jnp.float32)}
     return convert_state_dict(source, _rename, expected, what="CLIP model", dtype=dtype)
 
@@ -167,7 +168,7 @@ def _subtree(source: TensorSource, config, tower: str, dtype) -> dict:
     """One tower of a CLIPModel file; the other tower's keys are skipped, not errors."""
     other = "vision_model" if tower == "text_model" else "text_model"
     ignore = [re.escape(other) + r"\..*", re.escape(_PROJECTIONS[other]), "logit_scale"]
-    expected = _text_shapes(config) if tower == "text_model" else _vision_shapes(config)
+    expected = clip_text_shapes(config) if tower == "text_model" else clip_vision_shapes(config)
     return convert_state_dict(source, _rename, {tower: expected}, what=f"CLIP {tower}",
                               dtype=dtype, ignore=ignore)[tower]
 

@@ -186,13 +186,15 @@ def convert_state_dict(
     what: str,
     dtype=None,
     ignore: Iterable[str] = (),
+    reference_layout: bool = True,
 ) -> dict:
     """Build a params tree from a reference state dict.
 
     `rename(key)` gives the sdjax path ("down_blocks_0/resnets_1/conv1/kernel") of a reference key,
     or None for keys that carry no parameter (buffers such as `position_ids`). `expected` is the
     sdjax params tree (or its `jax.eval_shape`) to fill: every expected leaf must be supplied exactly
-    once with the right shape. `ignore` are regexes of reference keys to skip silently. Tensors are
+    once with the right shape. `ignore` are regexes of reference keys to skip silently.
+    `reference_layout=False` takes tensors as they are (sdjax's own layouts, native checkpoints). Tensors are
     read, converted and cast one at a time, so peak memory stays near one copy of the params.
     """
     ignore_patterns = [re.compile(p) for p in ignore]
@@ -212,7 +214,9 @@ def convert_state_dict(
         if path in out:
             raise WeightsError(f"{source.name}: {what}: two tensors map to {path} (second: {key})")
         want = tuple(flat_expected[path].shape)
-        array = to_sdjax_layout(source[key], want, path.rsplit("/", 1)[-1])
+        array = source[key]
+        if reference_layout:
+            array = to_sdjax_layout(array, want, path.rsplit("/", 1)[-1])
         if tuple(array.shape) != want:
             raise WeightsError(
                 f"{source.name}: {what}: shape mismatch for {key}: expected "

@@ -9,7 +9,7 @@ from typing import Optional
 
 import jax.numpy as jnp
 
-from sdjax.models.unet import UNet, UNetConfig
+from sdjax.models.unet import NUM_TIME_IDS, UNet, UNetConfig
 from sdjax.weights.common import (MergedSource, SafetensorsFile, TensorSource, WeightsError,
                                   abstract_params, convert_state_dict, regex_renamer)
 
@@ -48,15 +48,19 @@ def _example_inputs(config: UNetConfig, dtype=jnp.float32):
               jnp.zeros((1, 1, config.cross_attention_dim), dtype))
     if config.addition_embed_type == "text_time":
         added = {"text_embeds": jnp.zeros((1, config.text_embeds_dim), dtype),
-                 "time_ids": jnp.zeros((1, 6), jnp.float32)}
+                 "time_ids": jnp.zeros((1, NUM_TIME_IDS), jnp.float32)}
         return inputs + (added,)
     return inputs
 
 
 def unet_params(source: TensorSource, config: UNetConfig, dtype=None) -> dict:
     """Params for `UNet(config)` from a diffusers-named state dict. `dtype` None keeps float32."""
-    expected = abstract_params(UNet(config), *_example_inputs(config))
-    return convert_state_dict(source, _rename, expected, what="U-Net", dtype=dtype)
+    return convert_state_dict(source, _rename, unet_shapes(config), what="U-Net", dtype=dtype)
+
+
+def unet_shapes(config: UNetConfig) -> dict:
+    """Shapes and dtypes of `UNet(config)`'s params (nothing allocated)."""
+    return abstract_params(UNet(config), *_example_inputs(config))
 
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"

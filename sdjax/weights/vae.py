@@ -48,10 +48,13 @@ INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 def vae_params(source: TensorSource, config: VAEConfig, dtype=None) -> dict:
     """Params of `AutoencoderKL(config)` from a diffusers-named state dict. `dtype` casts every
     tensor (default: float32, the module's param_dtype)."""
-    module = AutoencoderKL(config)
+    return convert_state_dict(source, _rename, vae_shapes(config), what="AutoencoderKL", dtype=dtype)
+
+
+def vae_shapes(config: VAEConfig) -> dict:
+    """Shapes and dtypes of `AutoencoderKL(config)`'s params (nothing allocated)."""
     size = 8 * config.downsample_factor
-    expected = abstract_params(module, jnp.zeros((1, size, size, config.in_channels)))
-    return convert_state_dict(source, _rename, expected, what="AutoencoderKL", dtype=dtype)
+    return abstract_params(AutoencoderKL(config), jnp.zeros((1, size, size, config.in_channels)))
 
 
 def load_vae_folder(path: str | os.PathLike, dtype=None) -> tuple[VAEConfig, dict]:

@@ -1,0 +1,264 @@
+"""`load_pretrained`: one door for every checkpoint people have.
+
+- a diffusers folder (model_index.json + unet/, vae/, text_encoder/[, text_encoder_2/], tokenizer/...),
+- a single-file checkpoint in the original layouts (`.safetensors`),
+- a native sdjax folder (sdjax.json + orbax params), written by `save_pretrained`,
+and optionally a standalone VAE (folder or file) that replaces the checkpoint's own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any, Optional
+
+import numpy as np
+
+from sdjax.models.clip import CLIPTextConfig
+from sdjax.models.unet import UNetConfig
+from sdjax.models.vae import VAEConfig
+from sdjax.text import CLIPTokenizer
+from sdjax.weights import clip as clip_weights
+from sdjax.weights import unet as unet_weights
+from sdjax.weights import vae as vae_weights
+from sdjax.weights.common import WeightsError
+
+NATIVE_MANIFEST = "sdjax.json"
+NATIVE_FORMAT_VERSION = 1
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
+TOKENIZER_NAMES = ("tokenizer", "tokenizer_2")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """Everything a latent-diffusion checkpoint holds, as configs + one params pytree.
+
+    `params` is {"unet": ..., "vae": ..., "text_encoder": ...[, "text_encoder_2": ...]} so the whole
+    model can be passed to jitted code as one argument. `text_configs[i]` and `tokenizers[i]` belong to
+    `params[TEXT_ENCODER_NAMES[i]]`.
+    """
+    family: str  # "sd1" | "sd2" | "sdxl"
+    unet_config: UNetConfig
+    vae_config: VAEConfig
+    text_configs: tuple[CLIPTextConfig, ...]
+    tokenizers: tuple[CLIPTokenizer, ...]
+    params: dict
+    scheduler_config: dict
+    source: str = ""
+
+    @property
+    def text_encoder_names(self) -> tuple[str, ...]:
+        return TEXT_ENCODER_NAMES[:len(self.text_configs)]
+
+
+def load_pretrained(path: str | os.PathLike, vae: Optional[str | os.PathLike] = None,
+                    dtype: Any = None, *, prediction_type: Optional[str] = None,
+                    extract_ema: bool = False) -> Pretrained:
+    """Load a checkpoint from a diffusers folder, a single `.safetensors` file or a native folder.
+
+    Args:
+      path: the checkpoint.
+      vae: optional standalone VAE (diffusers folder, or single file in diffusers or original layout)
+        that replaces the checkpoint's VAE.
+      dtype: storage dtype of the returned params (e.g. jnp.bfloat16); None keeps float32.
+      prediction_type: override the scheduler's prediction type ("epsilon", "v_prediction", "sample");
+        single files can't say which they were trained for.
+      extract_ema: for single files that carry an EMA copy of the U-Net, use it.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise WeightsError(f"{path}: no such file or folder")
+    dtype = np.float32 if dtype is None else dtype
+    if path.is_dir():
+        if (path / NATIVE_MANIFEST).is_file():
+            model = _load_native(path, dtype)
+        elif (path / "model_index.json").is_file():
+            model = _load_diffusers_folder(path, dtype)
+        else:
+            raise WeightsError(
+                f"{path}: not a checkpoint folder: found neither model_index.json (diffusers) "
+                f"nor {NATIVE_MANIFEST} (sdjax)")
+    else:
+        model = _load_single_file(path, dtype, prediction_type=prediction_type,
+                                  extract_ema=extract_ema)
+    if prediction_type is not None:
+        model.scheduler_config = {**model.scheduler_config, "prediction_type": prediction_type}
+    if vae is not None:
+        model.vae_config, model.params["vae"] = load_vae(
+            vae, dtype, scaling_factor=model.vae_config.scaling_factor)
+    return model
+
+
+def load_vae(path: str | os.PathLike, dtype: Any = None, *,
+             scaling_factor: float = 0.18215) -> tuple[VAEConfig, dict]:
+    """A standalone VAE: a diffusers `AutoencoderKL` folder, or a single file (either layout).
+
+    A single file can't say its latent scaling factor: it is taken from the model it joins."""
+    from sdjax.weights.single_file import read_vae_file
+
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise WeightsError(f"{path}: no such VAE file or folder")
+    if path.is_dir():
+        return vae_weights.load_vae_folder(path, dtype=dtype)
+    config_dict, source = read_vae_file(path, scaling_factor=scaling_factor)
+    config = VAEConfig.from_diffusers(config_dict)
+    return config, vae_weights.vae_params(source, config, dtype=dtype)
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: missing") from None
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"{path}: not valid JSON ({err})") from None
+
+
+def _family(text_configs: tuple[CLIPTextConfig, ...]) -> str:
+    if len(text_configs) == 2:
+        return "sdxl"
+    return "sd2" if text_configs[0].hidden_act == "gelu" else "sd1"
+
+
+def _load_diffusers_folder(path: pathlib.Path, dtype) -> Pretrained:
+    index = _read_json(path / "model_index.json")
+    for part in ("unet", "vae", "text_encoder"):
+        if part not in index:
+            raise WeightsError(f"{path / 'model_index.json'}: no {part!r} component listed")
+        if not (path / part).is_dir():
+            raise WeightsError(f"{path}: model_index.json lists {part!r} but {path / part} is missing")
+    unet_config, unet_params = unet_weights.load_unet_folder(path / "unet", dtype=dtype)
+    vae_config, vae_params = vae_weights.load_vae_folder(path / "vae", dtype=dtype)
+    params = {"unet": unet_params, "vae": vae_params}
+    text_configs, tokenizers = [], []
+    for encoder_name, tokenizer_name in zip(TEXT_ENCODER_NAMES, TOKENIZER_NAMES):
+        if index.get(encoder_name) in (None, [None, None]):
+            continue
+        config, params[encoder_name] = clip_weights.load_clip_text_folder(path / encoder_name, dtype=dtype)
+        text_configs.append(config)
+        tokenizer_dir = path / tokenizer_name
+        tokenizers.append(CLIPTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir.is_dir()
+                          else CLIPTokenizer.default())
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    scheduler_config = _read_json(scheduler_file) if scheduler_file.is_file() else {}
+    return Pretrained(family=_family(tuple(text_configs)), unet_config=unet_config,
+                      vae_config=vae_config, text_configs=tuple(text_configs),
+                      tokenizers=tuple(tokenizers), params=params,
+                      scheduler_config=scheduler_config, source=str(path))
+
+
+def _load_single_file(path: pathlib.Path, dtype, *, prediction_type, extract_ema) -> Pretrained:
+    from sdjax.weights.single_file import read_single_file
+
+    checkpoint = read_single_file(path, prediction_type=prediction_type, extract_ema=extract_ema)
+    unet_dict, unet_source = checkpoint.parts["unet"]
+    vae_dict, vae_source = checkpoint.parts["vae"]
+    unet_config = UNetConfig.from_diffusers(unet_dict)
+    vae_config = VAEConfig.from_diffusers(vae_dict)
+    params = {"unet": unet_weights.unet_params(unet_source, unet_config, dtype=dtype),
+              "vae": vae_weights.vae_params(vae_source, vae_config, dtype=dtype)}
+    text_configs, tokenizers = [], []
+    for encoder_name in TEXT_ENCODER_NAMES:
+        if encoder_name not in checkpoint.parts:
+            continue
+        config_dict, source = checkpoint.parts[encoder_name]
+        config = CLIPTextConfig.from_transformers(config_dict)
+        params[encoder_name] = clip_weights.clip_text_params(source, config, dtype=dtype)
+        text_configs.append(config)
+        # OpenCLIP's tokenizer pads with "!" (id 0); OpenAI CLIP's with <|endoftext|>.
+        tokenizers.append(CLIPTokenizer.default(pad_token="!" if config.hidden_act == "gelu"
+                                                else "<|endoftext|>"))
+    return Pretrained(family=checkpoint.family, unet_config=unet_config, vae_config=vae_config,
+                      text_configs=tuple(text_configs), tokenizers=tuple(tokenizers), params=params,
+                      scheduler_config=dict(checkpoint.scheduler),
+                      source=str(path))
+
+
+def save_pretrained(model: Pretrained, path: str | os.PathLike) -> None:
+    """Write the native format: sdjax.json (configs), params/ (orbax), tokenizer folders.
+
+    The folder is written next to its final place and renamed into it, so a crash never leaves a
+    half-written checkpoint where a good one was.
+    """
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    path = pathlib.Path(path).absolute()
+    staging = path.with_name(path.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    manifest = {
+        "format": "sdjax", "version": NATIVE_FORMAT_VERSION, "family": model.family,
+        "unet": model.unet_config.to_dict(), "vae": model.vae_config.to_dict(),
+        "text_encoders": [c.to_dict() for c in model.text_configs],
+        "scheduler": model.scheduler_config,
+    }
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(staging / "params", model.params)
+    checkpointer.wait_until_finished()
+    for tokenizer, name in zip(model.tokenizers, TOKENIZER_NAMES):
+        tokenizer.save_pretrained(staging / name)
+    (staging / NATIVE_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        path.rename(old)
+        staging.rename(path)
+        shutil.rmtree(old)
+    else:
+        staging.rename(path)
+
+
+def _load_native(path: pathlib.Path, dtype) -> Pretrained:
+    import jax
+    import orbax.checkpoint as ocp
+
+    manifest = _read_json(path / NATIVE_MANIFEST)
+    if manifest.get("format") != "sdjax" or manifest.get("version") != NATIVE_FORMAT_VERSION:
+        raise WeightsError(f"{path / NATIVE_MANIFEST}: not an sdjax v{NATIVE_FORMAT_VERSION} "
+                           f"manifest (format={manifest.get('format')!r}, "
+                           f"version={manifest.get('version')!r})")
+    unet_config = UNetConfig.from_dict(manifest["unet"])
+    vae_config = VAEConfig.from_dict(manifest["vae"])
+    text_configs = tuple(CLIPTextConfig.from_dict(c) for c in manifest["text_encoders"])
+    try:
+        params = ocp.StandardCheckpointer().restore(path / "params")
+    except Exception as err:  # noqa: BLE001 - orbax raises many types for a damaged folder
+        raise WeightsError(f"{path / 'params'}: cannot restore params ({err})") from None
+    params = _check_native_params(path / "params", params, unet_config, vae_config, text_configs,
+                                  dtype)
+    tokenizers = tuple(CLIPTokenizer.from_pretrained(path / name)
+                       for name in TOKENIZER_NAMES[:len(text_configs)])
+    return Pretrained(family=manifest["family"], unet_config=unet_config, vae_config=vae_config,
+                      text_configs=text_configs, tokenizers=tokenizers, params=params,
+                      scheduler_config=manifest.get("scheduler", {}), source=str(path))
+
+
+def _check_native_params(where: pathlib.Path, params: dict, unet_config: UNetConfig,
+                         vae_config: VAEConfig, text_configs, dtype) -> dict:
+    """The restored params must be exactly the trees the manifest's configs describe."""
+    from flax import traverse_util
+
+    from sdjax.weights.common import DictSource, convert_state_dict
+
+    expected = {"unet": unet_weights.unet_shapes(unet_config),
+                "vae": vae_weights.vae_shapes(vae_config)}
+    for name, config in zip(TEXT_ENCODER_NAMES, text_configs):
+        expected[name] = clip_weights.clip_text_shapes(config)
+    unknown = sorted(set(params) - set(expected))
+    if unknown:
+        raise WeightsError(f"{where}: params for unknown parts {unknown}")
+    out = {}
+    for name, shapes in expected.items():
+        if name not in params:
+            raise WeightsError(f"{where}: no params for {name}")
+        flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(params[name]).items()}
+        out[name] = convert_state_dict(DictSource(flat, name=str(where)), lambda key: key, shapes,
+                                       what=name, dtype=dtype, reference_layout=False)
+    return out
