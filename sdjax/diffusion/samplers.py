@@ -31,7 +31,7 @@ from jax import lax
 from sdjax.diffusion.schedules import NoiseSchedule, karras_sigmas, sigma_to_t, spaced_timesteps
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]   # (x_in, t) -> eps / v / x0
-Denoiser = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]   # (x_ve, sigma, t) -> x0
+Denoiser = Callable[..., jax.Array]   # (x_in, alpha, sigma_vp, t) -> x0
 State = dict
 
 
@@ -57,18 +57,25 @@ def _plan(timesteps, sigmas, init_noise_sigma, prediction_type, **coeffs) -> Pla
 
 
 def make_denoiser(model_fn: ModelFn, prediction_type: str) -> Denoiser:
-    """k-diffusion's D(x, sigma) = c_skip x + c_out F(c_in x, t) for a discrete VP model."""
-    def denoise(x, sigma, t):
-        c_in = lax.rsqrt(sigma**2 + 1)
-        out = model_fn(x * c_in, t).astype(x.dtype)
+    """k-diffusion's D(x, sigma) for a discrete VP model, written on the model's input
+    x_in = alpha x0 + sigma_vp eps so that alpha = 0 (zero terminal SNR) stays finite:
+    D(x_in, alpha, sigma_vp, t) -> x0."""
+    def denoise(x_in, alpha, sigma_vp, t):
+        out = model_fn(x_in, t).astype(x_in.dtype)
         if prediction_type == "epsilon":
-            return x - sigma * out
+            return (x_in - sigma_vp * out) / alpha
         if prediction_type == "v_prediction":
-            return x * c_in**2 - out * sigma * c_in
+            return alpha * x_in - sigma_vp * out
         if prediction_type == "sample":
             return out
         raise ValueError(f"prediction_type {prediction_type!r} is not epsilon, v_prediction or sample")
     return denoise
+
+
+def _ve_x0(denoise, x, sigma, t):
+    """D at VE sigma for a VE-space state: the model sees x / sqrt(sigma^2 + 1)."""
+    alpha = lax.rsqrt(sigma**2 + 1)
+    return denoise(x * alpha, alpha, sigma * alpha, t)
 
 
 def step_noise(keys: jax.Array, i, shape, dtype=jnp.float32) -> jax.Array:
@@ -152,9 +159,16 @@ class Sampler:
         raise NotImplementedError
 
     def _vp_x0(self, plan, denoise, x, i):
-        """D at level i for a VP-space state: x_ve = x / alpha."""
-        sigma = plan.sigmas[i]
-        return denoise(x * jnp.sqrt(sigma**2 + 1), sigma, plan.timesteps[i])
+        """D at level i for a VP-space state (alpha, sigma_vp from the plan when it has them,
+        which DDPM-family plans do so that alpha = 0 is exact)."""
+        alpha, sigma_vp = self._vp_coefs(plan, i)
+        return denoise(x, alpha, sigma_vp, plan.timesteps[i])
+
+    def _vp_coefs(self, plan, i):
+        if "alpha" in plan.coeffs:
+            return plan.coeffs["alpha"][i], plan.coeffs["sigma_vp"][i]
+        alpha = lax.rsqrt(plan.sigmas[i] ** 2 + 1)
+        return alpha, plan.sigmas[i] * alpha
 
 
 def start_index(num_steps: int, strength: float) -> int:
@@ -217,7 +231,7 @@ class Euler(Sampler):
 
     def step(self, plan, denoise, state, i, keys):
         x, sigma, sigma_next = state["x"], plan.sigmas[i], plan.sigmas[i + 1]
-        d = (x - denoise(x, sigma, plan.timesteps[i])) / sigma
+        d = (x - _ve_x0(denoise, x, sigma, plan.timesteps[i])) / sigma
         return {**state, "x": x + d * (sigma_next - sigma), "count": state["count"] + 1}
 
 
@@ -237,7 +251,7 @@ class EulerAncestral(Sampler):
 
     def step(self, plan, denoise, state, i, keys):
         x, sigma = state["x"], plan.sigmas[i]
-        d = (x - denoise(x, sigma, plan.timesteps[i])) / sigma
+        d = (x - _ve_x0(denoise, x, sigma, plan.timesteps[i])) / sigma
         x = x + d * (plan.coeffs["sigma_down"][i] - sigma)
         x = x + step_noise(keys, i, x.shape, x.dtype) * plan.coeffs["sigma_up"][i]
         return {**state, "x": x, "count": state["count"] + 1}
@@ -257,11 +271,11 @@ class Heun(Sampler):
     def step(self, plan, denoise, state, i, keys):
         x, sigma, sigma_next = state["x"], plan.sigmas[i], plan.sigmas[i + 1]
         dt = sigma_next - sigma
-        d = (x - denoise(x, sigma, plan.timesteps[i])) / sigma
+        d = (x - _ve_x0(denoise, x, sigma, plan.timesteps[i])) / sigma
         x_euler = x + d * dt
 
         def corrected(_):
-            d2 = (x_euler - denoise(x_euler, sigma_next, plan.timesteps[i + 1])) / sigma_next
+            d2 = (x_euler - _ve_x0(denoise, x_euler, sigma_next, plan.timesteps[i + 1])) / sigma_next
             return x + (d + d2) / 2 * dt
 
         x_next = lax.cond(sigma_next > 0, corrected, lambda _: x_euler, None)
@@ -302,7 +316,7 @@ class LMS(Sampler):
 
     def step(self, plan, denoise, state, i, keys):
         x, sigma = state["x"], plan.sigmas[i]
-        d = (x - denoise(x, sigma, plan.timesteps[i])) / sigma
+        d = (x - _ve_x0(denoise, x, sigma, plan.timesteps[i])) / sigma
         hist = _push(state["hist"], d)
         order = jnp.minimum(state["count"] + 1, self.order)
         x = x + _combine(plan.coeffs["weights"][i, order - 1], hist)
@@ -343,7 +357,7 @@ class DDPM(Sampler):
         std = np.where(ts > 0, np.sqrt(np.maximum((1 - ab_p) / (1 - ab_t) * beta, 1e-20)), 0.0)
         sigmas = np.append(_vp_sigma(ab_t), _vp_sigma(ab_p[-1]))
         return _plan(np.append(ts, 0), sigmas, 1.0, schedule.prediction_type,
-                     c_x0=c_x0, c_x=c_x, std=std)
+                     c_x0=c_x0, c_x=c_x, std=std, alpha=np.sqrt(ab_t), sigma_vp=np.sqrt(1 - ab_t))
 
     def step(self, plan, denoise, state, i, keys):
         x, c = state["x"], plan.coeffs
@@ -379,7 +393,8 @@ class DDIM(Sampler):
         sigmas = np.append(_vp_sigma(ab_t), _vp_sigma(ab_p[-1]))
         return _plan(np.append(ts, max(prev[-1], 0)), sigmas, 1.0, schedule.prediction_type,
                      sqrt_ab=np.sqrt(ab_t), sqrt_1m_ab=np.sqrt(1 - ab_t), sqrt_ab_prev=np.sqrt(ab_p),
-                     dir_coef=np.sqrt(np.maximum(1 - ab_p - std**2, 0.0)), std=std)
+                     dir_coef=np.sqrt(np.maximum(1 - ab_p - std**2, 0.0)), std=std,
+                     alpha=np.sqrt(ab_t), sigma_vp=np.sqrt(1 - ab_t))
 
     def step(self, plan, denoise, state, i, keys):
         x, c = state["x"], plan.coeffs
@@ -425,24 +440,24 @@ class PLMS(Sampler):
         a1, b1 = _pndm_transfer(ab(np.minimum(mid + T // num_steps, T - 1)), ab(mid))
         sigmas = np.append(_vp_sigma(ab(ts)), _vp_sigma(ab(prev[-1])))
         return _plan(np.append(ts, max(prev[-1], 0)), sigmas, 1.0, schedule.prediction_type,
-                     a=a, b=b, first=np.stack([a1, b1, mid, _vp_sigma(ab(mid))], axis=1))
+                     a=a, b=b, alpha=np.sqrt(ab(ts)), sigma_vp=np.sqrt(1 - ab(ts)),
+                     first=np.stack([a1, b1, mid, np.sqrt(ab(mid)), np.sqrt(1 - ab(mid))], axis=1))
 
     def _extra_state(self, x):
         return {"hist": jnp.zeros((4,) + x.shape, x.dtype)}
 
-    def _eps(self, denoise, x, sigma, t):
-        x_ve = x * jnp.sqrt(sigma**2 + 1)
-        return (x_ve - denoise(x_ve, sigma, t)) / sigma
+    def _eps(self, denoise, x, alpha, sigma_vp, t):
+        return (x - alpha * denoise(x, alpha, sigma_vp, t)) / sigma_vp
 
     def step(self, plan, denoise, state, i, keys):
         x, c, count = state["x"], plan.coeffs, state["count"]
-        e = self._eps(denoise, x, plan.sigmas[i], plan.timesteps[i])
+        e = self._eps(denoise, x, *self._vp_coefs(plan, i), plan.timesteps[i])
         hist = _push(state["hist"], e)
 
         def first(_):
-            a1, b1, t_mid, s_mid = (c["first"][i, k] for k in range(4))
+            a1, b1, t_mid, alpha_mid, sigma_mid = (c["first"][i, k] for k in range(5))
             x_tmp = c["a"][i] * x - c["b"][i] * e
-            e_mid = self._eps(denoise, x_tmp, s_mid, t_mid)
+            e_mid = self._eps(denoise, x_tmp, alpha_mid, sigma_mid, t_mid)
             return a1 * x - b1 * (e + e_mid) / 2
 
         def multistep(_):
