@@ -32,7 +32,8 @@ CONFIGS = {
     "sd1_small": dict(block_out_channels=(32, 64), down_block_types=(CA_DOWN, DOWN),
                       up_block_types=(UP, CA_UP), layers_per_block=1, attention_head_dim=2,
                       cross_attention_dim=24, norm_num_groups=8),
-    "sd1_three_levels": dict(block_out_channels=(16, 32, 48), down_block_types=(CA_DOWN, CA_DOWN, DOWN),
+    "sd1_three_levels": dict(block_out_channels=(16, 32, 48),
+                             down_block_types=(CA_DOWN, CA_DOWN, DOWN),
                              up_block_types=(UP, CA_UP, CA_UP), layers_per_block=2,
                              attention_head_dim=4, cross_attention_dim=40, norm_num_groups=8),
     "sd2_small": dict(block_out_channels=(32, 64), down_block_types=(CA_DOWN, DOWN),
@@ -49,7 +50,8 @@ CONFIGS = {
                        transformer_layers_per_block=(1, 2), use_linear_projection=True,
                        cross_attention_dim=32, norm_num_groups=8, addition_embed_type="text_time",
                        addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8),
-    "sdxl_three_levels": dict(block_out_channels=(16, 32, 64), down_block_types=(DOWN, CA_DOWN, CA_DOWN),
+    "sdxl_three_levels": dict(block_out_channels=(16, 32, 64),
+                              down_block_types=(DOWN, CA_DOWN, CA_DOWN),
                               up_block_types=(CA_UP, CA_UP, UP), layers_per_block=1,
                               attention_head_dim=(1, 2, 4), transformer_layers_per_block=(1, 2, 3),
                               use_linear_projection=True, cross_attention_dim=24, norm_num_groups=8,
@@ -140,7 +142,8 @@ def test_matches_diffusers(name, reference, compiled, record_property):
     chex.assert_shape(out, ref.expected.shape)
     err = float(np.abs(out - ref.expected).max())
     record_property("max_abs_diff", err)
-    print(f"\n{name}: max |sdjax - diffusers| = {err:.2e} (output max {np.abs(ref.expected).max():.2f}, "
+    print(f"\n{name}: max |sdjax - diffusers| = {err:.2e} "
+          f"(output max {np.abs(ref.expected).max():.2f}, "
           f"first call {time.perf_counter() - start:.1f} s)")
     assert np.abs(ref.expected).max() > 0.1  # the comparison is not between two near-zero maps
     assert err <= PARITY_TOLERANCE, f"{name}: max abs diff {err:.3g}"
@@ -186,7 +189,8 @@ def test_sharded_and_fp16_variant_folders_load(reference, tmp_path):
     _, sharded = load_unet_folder(tmp_path / "sharded")
     chex.assert_trees_all_equal(sharded, params)
 
-    model.to(torch.float16).save_pretrained(tmp_path / "fp16", safe_serialization=True, variant="fp16")
+    model.to(torch.float16).save_pretrained(tmp_path / "fp16", safe_serialization=True,
+                                            variant="fp16")
     assert (tmp_path / "fp16" / "diffusion_pytorch_model.fp16.safetensors").is_file()
     _, half = load_unet_folder(tmp_path / "fp16")
     assert all(p.dtype == np.float32 for p in jax.tree.leaves(half))
@@ -255,8 +259,8 @@ def _copy_with_tensors(ref: Reference, folder, change) -> str:
 
 
 def test_missing_key_names_file_and_param(reference, tmp_path):
-    folder = _copy_with_tensors(reference("sd1_small"), tmp_path / "m",
-                                lambda t: t.pop("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"))
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    folder = _copy_with_tensors(reference("sd1_small"), tmp_path / "m", lambda t: t.pop(key))
     with pytest.raises(WeightsError, match="missing keys") as info:
         load_unet_folder(folder)
     assert "diffusion_pytorch_model.safetensors" in str(info.value)
@@ -264,9 +268,10 @@ def test_missing_key_names_file_and_param(reference, tmp_path):
 
 
 def test_unexpected_key_names_file_and_key(reference, tmp_path):
+    key = "mid_block.attentions.0.extra.weight"
     folder = _copy_with_tensors(reference("sd1_small"), tmp_path / "u",
-                                lambda t: t.update({"mid_block.attentions.0.extra.weight": np.ones(3, np.float32)}))
-    with pytest.raises(WeightsError, match="unexpected keys: mid_block.attentions.0.extra.weight") as info:
+                                lambda t: t.update({key: np.ones(3, np.float32)}))
+    with pytest.raises(WeightsError, match=f"unexpected keys: {key}") as info:
         load_unet_folder(folder)
     assert "diffusion_pytorch_model.safetensors" in str(info.value)
 

@@ -1,6 +1,7 @@
 """The conditional U-Net of latent diffusion (diffusers' `UNet2DConditionModel`): SD 1.x, SD 2.x and
-SDXL from one config. NHWC throughout; param names follow diffusers' module tree with `_i` for list
-indices (`down_blocks_0/attentions_1/transformer_blocks_0/attn1/to_q`), so the converter stays short."""
+SDXL from one config. NHWC throughout; param names follow diffusers' module tree with `_i` for
+list indices (`down_blocks_0/attentions_1/transformer_blocks_0/attn1/to_q`), so the converter stays
+short."""
 from __future__ import annotations
 
 import dataclasses
@@ -49,6 +50,9 @@ _REFERENCE_ONLY_FIELDS: dict[str, tuple[Any, ...]] = {
     "attention_type": ("default",),
     "cross_attention_norm": (None,),
 }
+# SDXL's micro-conditioning `time_ids`: original size (2), crop top-left (2), target size (2).
+NUM_TIME_IDS = 6
+
 _FLAG_FIELDS = ("flip_sin_to_cos", "use_linear_projection", "upcast_attention")
 # Read by diffusers only for addition_embed_type "text"/"text_image", which sdjax rejects anyway.
 _IGNORED_FIELDS = ("addition_embed_type_num_heads",)
@@ -126,6 +130,9 @@ class UNetConfig:
         if self.resnet_time_scale_shift != "default":
             raise ValueError(f"UNetConfig.resnet_time_scale_shift: unsupported "
                              f"{self.resnet_time_scale_shift!r}; only 'default'")
+        if not isinstance(self.norm_num_groups, int) or self.norm_num_groups < 1:
+            raise ValueError(f"UNetConfig.norm_num_groups: must be a positive int, got "
+                             f"{self.norm_num_groups!r}")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError(f"UNetConfig.norm_num_groups: {self.norm_num_groups} does not divide "
                              f"block_out_channels {self.block_out_channels}")
@@ -145,7 +152,7 @@ class UNetConfig:
                 raise ValueError(
                     f"UNetConfig.projection_class_embeddings_input_dim: "
                     f"{self.projection_class_embeddings_input_dim} leaves no room for text embeds "
-                    f"beside {_NUM_TIME_IDS} time ids of width {self.addition_time_embed_dim}")
+                    f"beside {NUM_TIME_IDS} time ids of width {self.addition_time_embed_dim}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"UNetConfig.attention: unknown implementation {self.attention!r}; "
                              f"choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
@@ -181,7 +188,8 @@ class UNetConfig:
         """Width of SDXL's pooled text embedding in `added_cond['text_embeds']` (0 without it)."""
         if self.addition_embed_type != "text_time":
             return 0
-        return self.projection_class_embeddings_input_dim - _NUM_TIME_IDS * self.addition_time_embed_dim
+        time_width = NUM_TIME_IDS * self.addition_time_embed_dim
+        return self.projection_class_embeddings_input_dim - time_width
 
     @property
     def downsample_factor(self) -> int:
@@ -205,8 +213,9 @@ class UNetConfig:
                 # only_cross_attention may be given per level.
                 values = value if isinstance(value, list) else [value]
                 if not all(v in allowed for v in values):
-                    raise ValueError(f"UNetConfig: unsupported diffusers config value {key}={value!r} "
-                                     f"(sdjax implements only {' / '.join(map(repr, allowed))})")
+                    raise ValueError(f"UNetConfig: unsupported diffusers config value "
+                                     f"{key}={value!r} (sdjax implements only "
+                                     f"{' / '.join(map(repr, allowed))})")
             else:
                 raise ValueError(f"UNetConfig: unknown diffusers config field {key}={value!r}")
         # diffusers accepts a per-level list for cross_attention_dim, but every level sees the same
@@ -230,10 +239,6 @@ class UNetConfig:
         if unknown:
             raise ValueError(f"UNetConfig: unknown fields: {', '.join(unknown)}")
         return cls(**{k: _to_tuple(v) for k, v in d.items()})
-
-
-# SDXL's micro-conditioning: original size (2), crop top-left (2), target size (2).
-_NUM_TIME_IDS = 6
 
 
 def _to_tuple(value):
@@ -478,15 +483,16 @@ class UNet(nn.Module):
         if sample.shape[1] % f or sample.shape[2] % f:
             raise ValueError(f"UNet: sample height and width must be multiples of {f}, got "
                              f"{sample.shape[1:3]}")
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != cfg.cross_attention_dim:
-            raise ValueError(f"UNet: encoder_hidden_states must be (B, L, {cfg.cross_attention_dim}), "
-                             f"got {encoder_hidden_states.shape}")
+        context_shape = encoder_hidden_states.shape
+        if len(context_shape) != 3 or context_shape[-1] != cfg.cross_attention_dim:
+            raise ValueError(f"UNet: encoder_hidden_states must be (B, L, "
+                             f"{cfg.cross_attention_dim}), got {context_shape}")
         if cfg.addition_embed_type == "text_time":
             if added_cond is None or not {"text_embeds", "time_ids"} <= set(added_cond):
                 raise ValueError("UNet: addition_embed_type 'text_time' needs added_cond with "
                                  "'text_embeds' and 'time_ids'")
             want = {"text_embeds": (sample.shape[0], cfg.text_embeds_dim),
-                    "time_ids": (sample.shape[0], _NUM_TIME_IDS)}
+                    "time_ids": (sample.shape[0], NUM_TIME_IDS)}
             for key, shape in want.items():
                 if tuple(added_cond[key].shape) != shape:
                     raise ValueError(f"UNet: added_cond[{key!r}] must be {shape}, got "

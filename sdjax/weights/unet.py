@@ -102,8 +102,8 @@ def _open_weights(folder: pathlib.Path) -> TensorSource:
     if pickled:
         raise WeightsError(f"{folder}: only pickled weights ({', '.join(pickled)}); sdjax reads "
                            f"safetensors only (re-save the model with safe_serialization=True)")
-    raise WeightsError(f"{folder}: no U-Net weights (looked for {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME}, "
-                       f"{FP16_WEIGHTS_NAME}, {FP16_WEIGHTS_INDEX_NAME})")
+    raise WeightsError(f"{folder}: no U-Net weights (looked for {WEIGHTS_NAME}, "
+                       f"{WEIGHTS_INDEX_NAME}, {FP16_WEIGHTS_NAME}, {FP16_WEIGHTS_INDEX_NAME})")
 
 
 def _open_sharded(index_path: pathlib.Path) -> TensorSource:
