@@ -157,6 +157,13 @@ def test_remat_gives_the_same_output(reference, compiled):
     np.testing.assert_allclose(np.asarray(rematted), np.asarray(plain), rtol=0, atol=1e-6)
 
 
+def test_reference_attention_implementation_agrees(reference, compiled):
+    ref = reference("sd2_small")
+    config, params = load_unet_folder(ref.folder)
+    out = compiled(dataclasses.replace(config, attention="reference"))(params, *ref.args)
+    np.testing.assert_allclose(np.asarray(out), ref.expected, rtol=0, atol=PARITY_TOLERANCE)
+
+
 def test_bfloat16_runs_close_to_float32(reference, compiled):
     ref = reference("sd1_small")
     config, params = load_unet_folder(ref.folder, dtype=jnp.bfloat16)
