@@ -3,8 +3,9 @@
     python -m benchmarks.load_memory                 # SD 1.5, random weights, diffusers folder
     python -m benchmarks.load_memory --preset=tiny   # seconds; what CI runs
 
-Each loader runs in a fresh process; the figure is that process's peak RSS (ru_maxrss) after
-subtracting its RSS once the libraries are imported, compared with the float32 size of the params.
+Each loader runs in a fresh process; the figure is that process's peak RSS (VmHWM, which unlike
+ru_maxrss is not inherited from the parent across exec) after subtracting its RSS once the libraries
+are imported, compared with the float32 size of the params.
 Target (sdjax): peak above baseline <= 1.3x the float32 params.
 """
 from __future__ import annotations
@@ -23,27 +24,34 @@ flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), "sdjax-bench"
 flags.DEFINE_bool("reference", True, "also measure diffusers/transformers (PyTorch) loading")
 FLAGS = flags.FLAGS
 
-_SDJAX_LOADER = """
-import json, resource, sys
+_STATUS = """
+def status_kib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+"""
+
+_SDJAX_LOADER = _STATUS + """
+import json, sys
 import numpy as np, jax
 import sdjax
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = status_kib("VmRSS")
 model = sdjax.load_pretrained(sys.argv[1])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status_kib("VmHWM")
 n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.params))
 print(json.dumps({"base_kib": base, "peak_kib": peak, "params": n}))
 """
 
-_REFERENCE_LOADER = """
-import json, resource, sys
+_REFERENCE_LOADER = _STATUS + """
+import json, sys
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = status_kib("VmRSS")
 parts = [UNet2DConditionModel.from_pretrained(sys.argv[1], subfolder="unet"),
          AutoencoderKL.from_pretrained(sys.argv[1], subfolder="vae"),
          CLIPTextModel.from_pretrained(sys.argv[1], subfolder="text_encoder")]
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status_kib("VmHWM")
 n = sum(p.numel() for m in parts for p in m.parameters())
 print(json.dumps({"base_kib": base, "peak_kib": peak, "params": n}))
 """

@@ -88,6 +88,15 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
         tree)
 
 
+def jit_over_batch(per_shard: Callable, mesh: Mesh, params_sharding: Any) -> Callable:
+    """`per_shard(params, batch)` under jit on `mesh`: each device runs it on its slice of the batch
+    (shard_map), params whole on every device (gathered from fsdp shards on entry)."""
+    data = batch_sharding(mesh)
+    mapped = jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), P(BATCH_AXES)),
+                           out_specs=P(BATCH_AXES), check_vma=False)
+    return jax.jit(mapped, in_shardings=(params_sharding, data), out_shardings=data)
+
+
 def pmap_over_batch(per_shard: Callable, *, static_broadcasted_argnums: Sequence[int] = ()) -> Callable:
     """Run `per_shard(params, batch...)` under `jax.pmap`: params broadcast, each batch leaf reshaped
     to (devices, per_device, ...) and back. Equal results to the jit/mesh path, by construction."""

@@ -91,3 +91,53 @@ def preset(name: str) -> dict:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
     return copy.deepcopy(PRESETS[name])
+
+
+def random_pretrained(name: str, seed: int = 0, dtype=None):
+    """A `Pretrained` of the preset's architecture with sdjax's random initialisation: for
+    benchmarks and smoke runs of the whole pipeline without any checkpoint file."""
+    import jax
+    import numpy as np
+
+    from sdjax.models.clip import CLIPTextConfig
+    from sdjax.models.unet import UNetConfig
+    from sdjax.models.vae import VAEConfig
+    from sdjax.text import CLIPTokenizer
+    from sdjax.weights import clip as clip_weights
+    from sdjax.weights import unet as unet_weights
+    from sdjax.weights import vae as vae_weights
+    from sdjax.weights.pretrained import TEXT_ENCODER_NAMES, Pretrained, family_of
+
+    configs = preset(name)
+    unet_config = UNetConfig.from_diffusers(configs["unet"])
+    vae_config = VAEConfig.from_diffusers(configs["vae"])
+    text_configs = tuple(
+        CLIPTextConfig.from_transformers(configs[n], with_projection=n == "text_encoder_2")
+        for n in TEXT_ENCODER_NAMES if n in configs)
+    shapes = {"unet": unet_weights.unet_shapes(unet_config), "vae": vae_weights.vae_shapes(vae_config)}
+    for n, config in zip(TEXT_ENCODER_NAMES, text_configs):
+        shapes[n] = clip_weights.clip_text_shapes(config)
+    rng = np.random.default_rng(seed)
+    params = {}
+    for part, part_shapes in shapes.items():
+        # N(0, 0.02) weights, zero biases, unit norm scales: a well-scaled network of the right
+        # shape; numpy draws them far faster than tracing one init per layer would.
+        params[part] = jax.tree_util.tree_map_with_path(
+            lambda path, s: _random_leaf(rng, jax.tree_util.keystr(path), s.shape, dtype), part_shapes)
+    tokenizers = tuple(CLIPTokenizer.default(pad_token="!" if c.hidden_act == "gelu" else "<|endoftext|>")
+                       for c in text_configs)
+    return Pretrained(family=family_of(text_configs), unet_config=unet_config, vae_config=vae_config, text_configs=text_configs,
+                      tokenizers=tokenizers, params=params, scheduler_config=configs["scheduler"],
+                      source=f"random:{name}")
+
+
+def _random_leaf(rng, path: str, shape, dtype):
+    import numpy as np
+
+    if path.endswith("['scale']"):
+        value = np.ones(shape, np.float32)
+    elif len(shape) <= 1:
+        value = np.zeros(shape, np.float32)
+    else:
+        value = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+    return value.astype(dtype or np.float32)

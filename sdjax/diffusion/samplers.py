@@ -179,11 +179,15 @@ def start_index(num_steps: int, strength: float) -> int:
 
 def sample(sampler: Sampler, model_fn: ModelFn, x_T: jax.Array, plan: Plan,
            keys: Optional[jax.Array] = None, *, x0: Optional[jax.Array] = None, start: int = 0,
-           return_trajectory: bool = False):
+           return_trajectory: bool = False,
+           after_step: Optional[Callable[[State, jax.Array], State]] = None,
+           on_step: Optional[Callable[[jax.Array], None]] = None):
     """Run steps start..n-1 of `sampler` with one `lax.scan`; returns the final x (and, if asked,
     x after every step, stacked). jit with sampler, model_fn, start, return_trajectory static.
 
     x_T: unit-variance noise (batch first); x0: a clean latent for img2img, noised to level `start`.
+    after_step(state, i) -> state edits the state after step i (inpainting's mask blending);
+    on_step(i) is called for its effects (a progress callback) after step i.
     """
     denoise = make_denoiser(model_fn, plan.prediction_type)
     state = sampler.init(plan, x_T, x0, start)
@@ -192,6 +196,10 @@ def sample(sampler: Sampler, model_fn: ModelFn, x_T: jax.Array, plan: Plan,
 
     def body(state, i):
         state = sampler.step(plan, denoise, state, i, keys)
+        if after_step is not None:
+            state = after_step(state, i)
+        if on_step is not None:
+            on_step(i)
         return state, (state["x"] if return_trajectory else None)
 
     state, traj = lax.scan(body, state, jnp.arange(start, plan.num_steps))

@@ -117,7 +117,8 @@ def _read_json(path: pathlib.Path) -> dict:
         raise WeightsError(f"{path}: not valid JSON ({err})") from None
 
 
-def _family(text_configs: tuple[CLIPTextConfig, ...]) -> str:
+def family_of(text_configs: tuple[CLIPTextConfig, ...]) -> str:
+    """sd1 / sd2 / sdxl, as told by the text encoders (their count and activation)."""
     if len(text_configs) == 2:
         return "sdxl"
     return "sd2" if text_configs[0].hidden_act == "gelu" else "sd1"
@@ -144,7 +145,7 @@ def _load_diffusers_folder(path: pathlib.Path, dtype) -> Pretrained:
                           else CLIPTokenizer.default())
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     scheduler_config = _read_json(scheduler_file) if scheduler_file.is_file() else {}
-    return Pretrained(family=_family(tuple(text_configs)), unet_config=unet_config,
+    return Pretrained(family=family_of(tuple(text_configs)), unet_config=unet_config,
                       vae_config=vae_config, text_configs=tuple(text_configs),
                       tokenizers=tuple(tokenizers), params=params,
                       scheduler_config=scheduler_config, source=str(path))

@@ -1,0 +1,53 @@
+"""Text-to-image, image-to-image and inpainting from the command line.
+
+    python -m experiments.generate --config=configs/sd15.py --model=/path/to/checkpoint \
+        --prompt="a photo of a cat" --config.sampler=dpmpp_2m --config.steps=25
+
+Every config field can be overridden as --config.FIELD=value; the flags below are shortcuts for the
+most used fields and, when given, override the config.
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from sdjax import generate
+
+config_flags.DEFINE_config_file("config", "configs/sd15.py", "generation config file",
+                                lock_config=True)
+flags.DEFINE_string("prompt", None, "what to draw")
+flags.DEFINE_string("negative_prompt", None, "what to steer away from")
+flags.DEFINE_integer("seed", None, "seed of the first image; image i uses seed + i")
+flags.DEFINE_integer("num_images", None, "how many images")
+flags.DEFINE_float("cfg_scale", None, "classifier-free guidance scale")
+flags.DEFINE_integer("height", None, "image height in pixels (a multiple of 8)")
+flags.DEFINE_integer("width", None, "image width in pixels (a multiple of 8)")
+flags.DEFINE_string("model", None, "checkpoint: diffusers folder, .safetensors file or sdjax folder")
+flags.DEFINE_string("vae", None, "standalone VAE replacing the checkpoint's (folder or file)")
+flags.DEFINE_string("init_image", None, "image to start from (img2img; with --mask, inpainting)")
+flags.DEFINE_float("strength", None, "img2img strength in (0, 1]: how much of the image is redrawn")
+flags.DEFINE_string("mask", None, "inpainting mask, white = repaint")
+flags.DEFINE_string("out_dir", None, "where the PNGs go")
+FLAGS = flags.FLAGS
+SHORTCUTS = ("prompt", "negative_prompt", "seed", "num_images", "cfg_scale", "height", "width",
+             "model", "vae", "init_image", "strength", "mask", "out_dir")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = FLAGS.config
+    with config.unlocked():
+        for name in SHORTCUTS:
+            if FLAGS[name].value is not None:
+                setattr(config, name, FLAGS[name].value)
+    if not config.prompt:
+        raise app.UsageError("--prompt is required")
+    try:
+        paths = generate.generate_to_dir(config)
+    except (ValueError, FileNotFoundError) as err:
+        raise app.UsageError(str(err)) from None
+    logging.info("wrote %d image(s) to %s", len(paths), config.out_dir)
+    print("\n".join(paths))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,107 @@
+"""From a generation config (configs/common.py) to PNG files: what `experiments/generate.py` runs."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Optional
+
+import numpy as np
+from absl import logging
+
+from sdjax import images as images_lib
+from sdjax.sampling import (Generator, Request, SamplingSpec, enable_compilation_cache)
+
+DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
+
+
+def spec_from_config(config) -> SamplingSpec:
+    mode = "txt2img"
+    if config.init_image:
+        mode = "inpaint" if config.mask else "img2img"
+    elif config.mask:
+        raise ValueError("--mask needs --init_image (the image to inpaint)")
+    interval = tuple(config.guidance_interval)
+    return SamplingSpec(
+        sampler=config.sampler, steps=int(config.steps), height=int(config.height),
+        width=int(config.width), sampler_options=tuple(sorted(config.sampler_options.items())),
+        mode=mode, strength=float(config.strength) if mode != "txt2img" else 1.0,
+        guidance=float(config.cfg_scale) != 1.0,
+        guidance_interval=None if interval == (0.0, 1.0) else interval,
+        clip_skip=int(config.clip_skip), progress=bool(config.progress))
+
+
+def request_from_config(config, spec: SamplingSpec, num_images: int, seed: int) -> Request:
+    init_image = mask = None
+    if spec.mode != "txt2img":
+        init_image = images_lib.load_image(config.init_image, (spec.height, spec.width),
+                                           what="init image")
+    if spec.mode == "inpaint":
+        mask = images_lib.load_mask(config.mask, (spec.height, spec.width))
+    return Request(prompt=config.prompt, negative_prompt=config.negative_prompt or None,
+                   seed=seed, num_images=num_images, cfg_scale=float(config.cfg_scale),
+                   guidance_rescale=float(config.guidance_rescale),
+                   subseed=None if config.subseed < 0 else int(config.subseed),
+                   subseed_strength=float(config.subseed_strength),
+                   init_image=init_image, mask=mask)
+
+
+def load_model(config):
+    from sdjax.weights.pretrained import load_pretrained
+
+    if not config.model:
+        raise ValueError("no model given: pass --model (a diffusers folder, a .safetensors file "
+                         "or an sdjax folder)")
+    return load_pretrained(config.model, vae=config.vae or None,
+                           prediction_type=config.prediction_type or None)
+
+
+def generation_parameters(config, spec: SamplingSpec, seed: int, model_name: str) -> dict:
+    settings = {"Steps": spec.steps, "Sampler": spec.sampler, "CFG scale": config.cfg_scale,
+                "Seed": seed, "Size": f"{spec.width}x{spec.height}", "Model": model_name}
+    if config.guidance_rescale:
+        settings["Guidance rescale"] = config.guidance_rescale
+    if spec.sampler_options:
+        settings["Sampler options"] = " ".join(f"{k}={v}" for k, v in spec.sampler_options)
+    if spec.clip_skip:
+        settings["Clip skip"] = spec.clip_skip
+    if config.subseed >= 0 and config.subseed_strength > 0:
+        settings["Variation seed"] = config.subseed + (seed - config.seed)
+        settings["Variation seed strength"] = config.subseed_strength
+    if spec.mode != "txt2img":
+        settings["Denoising strength"] = spec.strength
+    return settings
+
+
+def generate_to_dir(config, model=None) -> list[str]:
+    """Generate `config.num_images` images in batches and write them (one PNG each, with the WebUI
+    `parameters` chunk), a grid, and the resolved config. Returns the image paths."""
+    enable_compilation_cache(os.path.expanduser(config.compilation_cache))
+    spec = spec_from_config(config)
+    model = model or load_model(config)
+    generator = Generator(model, dtype=None if config.dtype == "float32" else DTYPES[config.dtype],
+                          parallel_mode=config.parallel, fsdp=int(config.fsdp))
+    os.makedirs(config.out_dir, exist_ok=True)
+    with open(os.path.join(config.out_dir, "config.json"), "w") as f:
+        f.write(config.to_json(indent=2))
+    total = int(config.num_images)
+    batch = int(config.batch_size) or total
+    model_name = os.path.basename(os.path.normpath(model.source)) or "model"
+    paths, images = [], []
+    for first in range(0, total, batch):
+        n = min(batch, total - first)
+        request = request_from_config(config, spec, n, int(config.seed) + first)
+        started = time.perf_counter()
+        out = generator(request, spec)
+        logging.info("generated %d image(s) in %.2f s", n, time.perf_counter() - started)
+        for i, (image, seed) in enumerate(zip(images_lib.to_uint8(out["images"]), out["seeds"])):
+            path = os.path.join(config.out_dir, f"{first + i:05d}-{int(seed)}.png")
+            text = images_lib.format_parameters(
+                config.prompt, config.negative_prompt,
+                generation_parameters(config, spec, int(seed), model_name))
+            images_lib.save_png(image, path, text)
+            paths.append(path)
+            images.append(image)
+    if len(images) > 1:
+        images_lib.save_png(images_lib.grid(images), os.path.join(config.out_dir, "grid.png"))
+    return paths
