@@ -88,6 +88,7 @@ class UNetConfig:
     attention_head_dim: IntOrTuple = 8
     num_attention_heads: Optional[IntOrTuple] = None
     use_linear_projection: bool = False
+    # Kept for round-trips: sdjax's attention always takes logits and softmax in float32.
     upcast_attention: bool = False
     resnet_time_scale_shift: str = "default"
     addition_embed_type: Optional[str] = None
@@ -255,7 +256,6 @@ class Attention(nn.Module):
     heads: int
     head_dim: int
     out_features: int
-    upcast: bool = False
     implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -269,11 +269,11 @@ class Attention(nn.Module):
             y = nn.Dense(inner, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                          name=name)(inputs)
             # (B, L, heads * head_dim) -> (B, L, heads, head_dim): a free reshape, no transpose.
-            y = y.reshape(y.shape[:-1] + (self.heads, self.head_dim))
-            # upcast_attention (SD 2.1-v) guards the softmax against half-precision overflow.
-            return y.astype(jnp.float32) if self.upcast else y
+            return y.reshape(y.shape[:-1] + (self.heads, self.head_dim))
 
         q, k, v = project(x, "to_q"), project(context, "to_k"), project(context, "to_v")
+        # diffusers' upcast_attention (SD 2.1-v) computes logits and softmax in float32 to avoid
+        # half-precision overflow; every implementation here always does, so it needs no flag.
         out = dot_product_attention(q, k, v, implementation=self.implementation).astype(self.dtype)
         out = out.reshape(out.shape[:-2] + (inner,))
         return nn.Dense(self.out_features, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -285,7 +285,6 @@ class TransformerBlock(nn.Module):
     context, GEGLU feed-forward, each with a residual."""
     heads: int
     head_dim: int
-    upcast: bool = False
     implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -295,7 +294,7 @@ class TransformerBlock(nn.Module):
         dim = x.shape[-1]
         norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype,
                                          param_dtype=self.param_dtype, name=name)
-        attention = lambda name: Attention(self.heads, self.head_dim, dim, upcast=self.upcast,
+        attention = lambda name: Attention(self.heads, self.head_dim, dim,
                                            implementation=self.implementation, dtype=self.dtype,
                                            param_dtype=self.param_dtype, name=name)
         x = x + attention("attn1")(norm("norm1")(x))
@@ -314,7 +313,6 @@ class SpatialTransformer(nn.Module):
     heads: int
     depth: int
     groups: int
-    upcast: bool = False
     implementation: str = "xla"
     remat: bool = False
     dtype: jnp.dtype = jnp.float32
@@ -332,7 +330,7 @@ class SpatialTransformer(nn.Module):
                      name="proj_in")(y.reshape(b, h * w, c))
         block = nn.remat(TransformerBlock) if self.remat else TransformerBlock
         for i in range(self.depth):
-            y = block(self.heads, head_dim, upcast=self.upcast, implementation=self.implementation,
+            y = block(self.heads, head_dim, implementation=self.implementation,
                       dtype=self.dtype, param_dtype=self.param_dtype,
                       name=f"transformer_blocks_{i}")(y, context)
         y = nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name="proj_out")(y)
@@ -405,9 +403,9 @@ class MidBlock(nn.Module):
 
 def _spatial_transformer(parent, heads: int, depth: int, name: str) -> SpatialTransformer:
     cfg = parent.config
-    return SpatialTransformer(heads, depth, cfg.norm_num_groups, upcast=cfg.upcast_attention,
-                              implementation=cfg.attention, remat=parent.remat,
-                              dtype=parent.dtype, param_dtype=parent.param_dtype, name=name)
+    return SpatialTransformer(heads, depth, cfg.norm_num_groups, implementation=cfg.attention,
+                              remat=parent.remat, dtype=parent.dtype,
+                              param_dtype=parent.param_dtype, name=name)
 
 
 class UNet(nn.Module):
