@@ -157,6 +157,18 @@ def test_remat_gives_the_same_output(reference, compiled):
     np.testing.assert_allclose(np.asarray(rematted), np.asarray(plain), rtol=0, atol=1e-6)
 
 
+def test_training_mode_applies_resnet_dropout_under_remat(reference):
+    ref = reference("sd1_small")
+    config, params = load_unet_folder(ref.folder)
+    model = UNet(dataclasses.replace(config, dropout=0.5), remat=True)
+    fn = jax.jit(lambda key: model.apply({"params": params}, *ref.args, deterministic=False,
+                                         rngs={"dropout": key}))
+    first, again, other = (np.asarray(fn(jax.random.key(k))) for k in (0, 0, 1))
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first - other).max() > 1e-2
+    assert np.abs(first - ref.expected).max() > 1e-2
+
+
 def test_reference_attention_implementation_agrees(reference, compiled):
     ref = reference("sd2_small")
     config, params = load_unet_folder(ref.folder)
