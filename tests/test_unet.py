@@ -336,8 +336,24 @@ def test_bad_inputs_are_rejected(reference, compiled):
         fn(params, sample.transpose(0, 3, 1, 2), t, context, added)
     with pytest.raises(ValueError, match="text_embeds"):
         fn(params, sample, t, context, None)
-    with pytest.raises(ValueError, match="multiples of 2"):
-        fn(params, sample[:, :15], t, context, added)
+
+
+@pytest.mark.parametrize("height, width", [(15, 12), (10, 14)])
+def test_sizes_that_halve_unevenly_match_diffusers(reference, compiled, height, width):
+    """diffusers upsamples to each skip's exact size when H or W is not a multiple of 2^levels
+    (e.g. a 520 px image's 65-pixel latent); so does sdjax."""
+    ref = reference("sd1_three_levels")
+    config, params = load_unet_folder(ref.folder)
+    sample, t, context, added = ref.args
+    rng = np.random.default_rng(3)
+    odd = rng.standard_normal((sample.shape[0], height, width, sample.shape[-1]), np.float32)
+    model = diffusers.UNet2DConditionModel.from_pretrained(ref.folder).eval()
+    with torch.no_grad():
+        expected = model(torch.from_numpy(odd.transpose(0, 3, 1, 2)), torch.from_numpy(t),
+                         torch.from_numpy(context)).sample.numpy().transpose(0, 2, 3, 1)
+    out = np.asarray(compiled(config)(params, odd, t, context, added))
+    assert out.shape == expected.shape
+    assert float(np.abs(out - expected).max()) <= PARITY_TOLERANCE
 
 
 # --- full size -------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ def dot_product_attention(
 
 import math  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 import flax.linen as nn  # noqa: E402
 
 
@@ -123,14 +125,23 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+    """Nearest-neighbour upsampling (2x, or to `output_size` when an odd input size was halved on the
+    way down, as the reference's `upsample_size`) followed by a 3x3 conv."""
     out_channels: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    def __call__(self, x: jax.Array, output_size: Optional[tuple[int, int]] = None) -> jax.Array:
+        h, w = x.shape[1:3]
+        if output_size is None or tuple(output_size) == (2 * h, 2 * w):
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        else:
+            # Nearest as PyTorch computes it: source index floor(dst * in / out).
+            out_h, out_w = output_size
+            rows = np.minimum(np.floor(np.arange(out_h) * (h / out_h)).astype(np.int32), h - 1)
+            cols = np.minimum(np.floor(np.arange(out_w) * (w / out_w)).astype(np.int32), w - 1)
+            x = x[:, rows][:, :, cols]
         return nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)),
                        dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
 

@@ -357,7 +357,7 @@ class UNetLevel(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, temb, context, skips=(), deterministic=True):
+    def __call__(self, x, temb, context, skips=(), deterministic=True, upsample_size=None):
         cfg = self.config
         # deterministic (argument 3, counting self) is a Python bool: static under remat.
         resnet_cls = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
@@ -373,7 +373,7 @@ class UNetLevel(nn.Module):
             outputs.append(x)
         if self.resample and self.up:
             x = Upsample(self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
-                         name="upsample")(x)
+                         name="upsample")(x, upsample_size)
         elif self.resample:
             x = Downsample(self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
                            name="downsample")(x)
@@ -463,24 +463,22 @@ class UNet(nn.Module):
             level = cfg.num_levels - 1 - i
             num_layers = cfg.layers[level] + 1
             level_skips, skips = skips[-num_layers:], skips[:-num_layers]
+            # Sizes that halve unevenly on the way down are restored to the skip's exact size.
+            upsample_size = skips[-1].shape[1:3] if skips else None
             x, _ = UNetLevel(
                 cfg, channels[level], num_layers, cfg.heads[level], cfg.transformer_depths[level],
                 cross_attention=block_type == "CrossAttnUpBlock2D", up=True, resample=level > 0,
                 remat=self.remat, name=f"up_blocks_{i}", **kw,
-            )(x, temb, context, tuple(level_skips), deterministic)
+            )(x, temb, context, tuple(level_skips), deterministic, upsample_size)
 
         x = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, name="conv_norm_out", **kw)(x)
         return conv(cfg.out_channels, "conv_out")(nn.silu(x))
 
     def _check_inputs(self, sample, encoder_hidden_states, added_cond):
         cfg = self.config
-        f = cfg.downsample_factor
         if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
             raise ValueError(f"UNet: sample must be (B, H, W, {cfg.in_channels}) NHWC, got "
                              f"{sample.shape}")
-        if sample.shape[1] % f or sample.shape[2] % f:
-            raise ValueError(f"UNet: sample height and width must be multiples of {f}, got "
-                             f"{sample.shape[1:3]}")
         context_shape = encoder_hidden_states.shape
         if len(context_shape) != 3 or context_shape[-1] != cfg.cross_attention_dim:
             raise ValueError(f"UNet: encoder_hidden_states must be (B, L, "
