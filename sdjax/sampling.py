@@ -88,7 +88,7 @@ class SamplingSpec:
             raise ValueError(f"microbatch must be >= 1, got {self.microbatch}")
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
-        multiple = 8 * max(1, arch.latent_factor // 8)
+        multiple = int(np.lcm(8, arch.latent_factor))
         for name in ("height", "width"):
             value = getattr(self, name)
             if value <= 0 or value % multiple:
