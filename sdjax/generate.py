@@ -46,12 +46,20 @@ def request_from_config(config, spec: SamplingSpec, num_images: int, seed: int) 
                    init_image=init_image, mask=mask)
 
 
+RANDOM_PREFIX = "random:"
+
+
 def load_model(config):
+    """The config's checkpoint; `random:PRESET` (e.g. random:tiny) builds a random-weight model of
+    a preset architecture, which runs the whole pipeline without any file."""
+    from sdjax.presets import random_pretrained
     from sdjax.weights.pretrained import load_pretrained
 
     if not config.model:
-        raise ValueError("no model given: pass --model (a diffusers folder, a .safetensors file "
-                         "or an sdjax folder)")
+        raise ValueError("no model given: pass --model (a diffusers folder, a .safetensors file, "
+                         "an sdjax folder, or random:PRESET)")
+    if config.model.startswith(RANDOM_PREFIX):
+        return random_pretrained(config.model[len(RANDOM_PREFIX):])
     return load_pretrained(config.model, vae=config.vae or None,
                            prediction_type=config.prediction_type or None)
 
