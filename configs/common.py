@@ -14,8 +14,8 @@ def generation_config(*, height: int, width: int, model: str = "", cfg_scale: fl
     c.prompt = ""
     c.negative_prompt = ""
     c.seed = 0                   # image i uses seed + i
-    c.num_images = 1
-    c.batch_size = 0             # images per program call; 0 = num_images
+    c.num_images = 1             # sample.py: images per prompt
+    c.batch_size = 0             # images per program call; 0 = num_images (sample.py: one per device)
     c.subseed = -1               # variation seed (-1: none); image i uses subseed + i
     c.subseed_strength = 0.0
     c.sampler = sampler
