@@ -20,6 +20,7 @@ setuptools.setup(
         "numpy>=1.26,<3",
         "pillow>=10,<14",
         "tqdm>=4.66,<5",
+        "matplotlib>=3.7",
         "regex>=2023.0",
     ],
     extras_require={

@@ -9,6 +9,7 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
+from sdjax.diffusion.schedules import add_noise
 from sdjax.training import objectives as obj
 
 T = 1000
@@ -36,8 +37,8 @@ def _np_min_snr(prediction_type, gamma):
 
 
 def test_add_noise_matches_numpy_and_diffusers():
-    ours = np.asarray(obj.add_noise(jnp.asarray(X0), jnp.asarray(NOISE), jnp.asarray(TIMESTEPS),
-                                    jnp.asarray(ALPHAS_CUMPROD)))
+    ours = np.asarray(add_noise(jnp.asarray(ALPHAS_CUMPROD), jnp.asarray(X0), jnp.asarray(NOISE),
+                                jnp.asarray(TIMESTEPS)))
     ac = ALPHAS_CUMPROD[TIMESTEPS].astype(np.float64)[:, None, None, None]
     np.testing.assert_allclose(ours, np.sqrt(ac) * X0 + np.sqrt(1 - ac) * NOISE, atol=1e-5)
     nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))

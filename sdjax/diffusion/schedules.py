@@ -204,4 +204,6 @@ def add_noise(alphas_cumprod, x0: jnp.ndarray, noise: jnp.ndarray, t) -> jnp.nda
     """Forward process q(x_t | x_0) = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise, t an int (or per-image ints)."""
     ab = jnp.asarray(alphas_cumprod, jnp.float32)[jnp.asarray(t)]
     ab = jnp.reshape(ab, jnp.shape(ab) + (1,) * (x0.ndim - jnp.ndim(ab)))
-    return jnp.sqrt(ab) * x0 + jnp.sqrt(1 - ab) * noise
+    # float32 arithmetic whatever the storage dtype (bf16 training), returned in x0's dtype.
+    noisy = jnp.sqrt(ab) * x0.astype(jnp.float32) + jnp.sqrt(1 - ab) * noise.astype(jnp.float32)
+    return noisy.astype(x0.dtype)

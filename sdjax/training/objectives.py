@@ -28,14 +28,6 @@ def _check_prediction_type(prediction_type: str) -> None:
         raise ValueError(f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
 
 
-# DDPM forward process q(x_t | x_0) = N(sqrt(ac_t) x0, (1 - ac_t) I) (Ho et al. 2020, eq. 4).
-def add_noise(x0: jax.Array, noise: jax.Array, timesteps: jax.Array,
-              alphas_cumprod: jax.Array) -> jax.Array:
-    ac = _per_example(jnp.asarray(alphas_cumprod, jnp.float32)[timesteps], x0.ndim)
-    noisy = jnp.sqrt(ac) * x0.astype(jnp.float32) + jnp.sqrt(1.0 - ac) * noise.astype(jnp.float32)
-    return noisy.astype(x0.dtype)
-
-
 # v-parameterisation v = sqrt(ac) eps - sqrt(1 - ac) x0 (Salimans & Ho 2022, sec. 4).
 def velocity(x0: jax.Array, noise: jax.Array, timesteps: jax.Array,
              alphas_cumprod: jax.Array) -> jax.Array:
