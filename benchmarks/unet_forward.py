@@ -1,0 +1,172 @@
+"""U-Net forward time: sdjax (jitted, compile excluded) vs diffusers PyTorch with the same weights and
+inputs, and diffusers 0.39 Flax when its venv exists, all timed in turn in one run.
+
+    python -m benchmarks.unet_forward                  # SD 1.5, batch 2, latents 32² and 64², fp32 + bf16
+    python -m benchmarks.unet_forward --preset=tiny    # seconds; what CI runs
+
+Also printed: sdjax's achieved GFLOP/s (FLOPs from XLA's cost analysis of the compiled forward) and
+its fraction of a jitted n x n float32 matmul measured in the same run, and the largest difference
+between sdjax's and PyTorch's outputs (a check that both ran the same network).
+Targets: 32² <= 0.8x PyTorch and <= 0.75x diffusers-Flax; 64² <= 0.95x PyTorch and <= 0.6x
+diffusers-Flax; >= 75% of the matmul ceiling at both (float32).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+from benchmarks import timing
+
+flags.DEFINE_string("preset", "sd15", "architecture preset (sdjax.presets)")
+flags.DEFINE_list("sizes", [], "latent sizes (default: 32,64; tiny: 8,16)")
+flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "compute/param dtypes")
+flags.DEFINE_integer("batch", 2, "batch size (2: one image with guidance)")
+flags.DEFINE_integer("repeats", 3, "timed runs of each implementation (median reported)")
+flags.DEFINE_integer("matmul", 0, "matmul ceiling size n (default: 4096; tiny: 256)")
+flags.DEFINE_bool("reference", True, "also time diffusers' PyTorch U-Net")
+flags.DEFINE_string("flax_venv", os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), ".venv-flax-ref"),
+    "venv with diffusers 0.39 (benchmarks/setup_references.sh); skipped if absent or ''")
+FLAGS = flags.FLAGS
+
+CONTEXT_LENGTH = 77
+
+
+def flax_python(venv: str) -> str | None:
+    """The reference venv's interpreter, or None when it is not set up."""
+    python = os.path.join(venv, "bin", "python") if venv else ""
+    return python if python and os.path.exists(python) else None
+
+
+class FlaxReference:
+    """diffusers 0.39 Flax in a worker process of its own venv, stepped one run at a time so that
+    its timings interleave with ours (protocol: benchmarks/flax_reference.py)."""
+
+    def __init__(self, python: str, *args: str):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self._proc = subprocess.Popen([python, "-m", "benchmarks.flax_reference", *args], cwd=root,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                      env={**os.environ, "PYTHONPATH": root})
+        self.compile_s = float(self._read("ready"))
+
+    def _read(self, tag: str) -> str:
+        for line in self._proc.stdout:
+            if line.startswith(tag + " "):
+                return line.split()[1]
+        raise RuntimeError(f"flax reference worker exited (code {self._proc.wait()}) before "
+                           f"{tag!r}")
+
+    def run(self) -> float:
+        self._proc.stdin.write("run\n")
+        self._proc.stdin.flush()
+        return float(self._read("seconds"))
+
+    def close(self):
+        self._proc.stdin.close()
+        self._proc.wait()
+
+
+def main(_):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from sdjax.models.unet import UNet, UNetConfig
+    from sdjax.presets import preset
+    from sdjax.weights.common import DictSource
+    from sdjax.weights.unet import unet_params
+
+    tiny = FLAGS.preset == "tiny"
+    sizes = [int(s) for s in FLAGS.sizes] or ([8, 16] if tiny else [32, 64])
+    cores = timing.num_cores()
+    torch.set_num_threads(cores)
+    flax_py = flax_python(FLAGS.flax_venv)
+
+    ceiling = timing.matmul_ceiling(FLAGS.matmul or (256 if tiny else 4096))
+    config_dict = preset(FLAGS.preset)["unet"]
+    torch.manual_seed(0)
+    reference = UNet2DConditionModel(**config_dict).eval()
+    config = UNetConfig.from_diffusers(dict(reference.config))
+    params32 = unet_params(DictSource({k: v.numpy() for k, v in reference.state_dict().items()}),
+                           config)
+    if not FLAGS.reference:
+        del reference
+
+    rows = []
+    for dtype_name in FLAGS.dtypes:
+        dtype = jnp.dtype(dtype_name)
+        params = jax.device_put(jax.tree.map(lambda x: np.asarray(x, dtype), params32))
+        torch_dtype = getattr(torch, dtype_name)
+        if FLAGS.reference:
+            reference.to(torch_dtype)
+        model = UNet(config, dtype=dtype, param_dtype=dtype)
+        forward = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))
+        for size in sizes:
+            rng = np.random.default_rng(size)
+            latents = rng.standard_normal((FLAGS.batch, size, size, config.in_channels), np.float32)
+            context = rng.standard_normal((FLAGS.batch, CONTEXT_LENGTH, config.cross_attention_dim),
+                                          np.float32)
+            t = np.full((FLAGS.batch,), 500.0, np.float32)
+            x_j, c_j, t_j = (jnp.asarray(latents, dtype), jnp.asarray(context, dtype),
+                             jnp.asarray(t))
+            start = time.perf_counter()
+            compiled = forward.lower(params, x_j, t_j, c_j).compile()
+            compile_s = time.perf_counter() - start
+            flops = timing.compiled_flops(compiled)
+            out = compiled(params, x_j, t_j, c_j)
+            runs = {"sdjax": lambda: compiled(params, x_j, t_j, c_j).block_until_ready()}
+            diff = None
+            if FLAGS.reference:
+                x_t = torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()).to(torch_dtype)
+                c_t = torch.from_numpy(context).to(torch_dtype)
+                t_t = torch.from_numpy(t)
+
+                def run_torch():
+                    with torch.inference_mode():
+                        return reference(x_t, t_t, c_t).sample
+
+                expected = run_torch().float().numpy().transpose(0, 2, 3, 1)
+                diff = float(np.max(np.abs(np.asarray(out, np.float32) - expected)))
+                runs["diffusers (PyTorch)"] = run_torch
+            flax_ref = None
+            if flax_py:
+                flax_ref = FlaxReference(flax_py, f"--preset={FLAGS.preset}", f"--size={size}",
+                                         f"--batch={FLAGS.batch}", f"--dtype={dtype_name}")
+                runs["diffusers 0.39 (Flax)"] = flax_ref.run
+            times = timing.interleaved(runs, FLAGS.repeats)
+            if flax_ref is not None:
+                flax_ref.close()
+            ours = timing.median(times["sdjax"])
+            gflops = flops / ours / 1e9
+            for name, values in times.items():
+                t_med = timing.median(values)
+                rows.append([f"{size}x{size}", dtype_name, name, t_med, min(values),
+                             ours / t_med if name != "sdjax" else None,
+                             gflops if name == "sdjax" else None,
+                             gflops / ceiling if name == "sdjax" else None,
+                             compile_s if name == "sdjax" else (
+                                 flax_ref.compile_s if flax_ref and "Flax" in name else None),
+                             diff if "PyTorch" in name else None])
+            print(f"done {size}x{size} {dtype_name}", file=sys.stderr, flush=True)
+
+    print(f"U-Net forward, preset {FLAGS.preset}, batch {FLAGS.batch}, {cores} cores "
+          f"(torch threads {torch.get_num_threads()}), jax {jax.__version__} on "
+          f"{jax.devices()[0].platform}, median of {FLAGS.repeats}")
+    print(f"matmul ceiling (jitted {FLAGS.matmul or (256 if tiny else 4096)}² float32): "
+          f"{ceiling:.1f} GFLOP/s")
+    if not flax_py:
+        print(f"diffusers 0.39 (Flax): not run (no venv at {FLAGS.flax_venv!r}; "
+              f"benchmarks/setup_references.sh makes it)")
+    print(timing.table(["latents", "dtype", "implementation", "median s", "min s",
+                        "sdjax / this", "GFLOP/s", "of ceiling", "compile s", "max |Δ| vs sdjax"],
+                       rows))
+
+
+if __name__ == "__main__":
+    app.run(main)
