@@ -125,7 +125,8 @@ def _json_line(path: str, number: int, text: str) -> dict:
     try:
         fields = json.loads(text)
     except json.JSONDecodeError as err:
-        raise PromptFileError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
+        raise PromptFileError(
+            f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
     if not isinstance(fields, dict):
         raise PromptFileError(f"{path}:{number}: expected a JSON object, got {type(fields).__name__}")
     unknown = sorted(set(fields) - set(PROMPT_FIELDS))
@@ -471,7 +472,14 @@ def read_manifest(out_dir: str | os.PathLike) -> list[dict]:
 
 
 def _reconcile_manifest(out_dir: str, manifest: str, done: Sequence[Job], line_of) -> None:
-    """Add lines for images written by a run killed before it appended them."""
+    """End a torn last line (so the next append starts a line of its own) and add lines for images
+    written by a run killed before it appended them."""
+    if os.path.exists(manifest) and os.path.getsize(manifest):
+        with open(manifest, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        if torn:
+            _append(manifest, "\n")
     if not done:
         return
     listed = {entry.get("path") for entry in read_manifest(out_dir)}
