@@ -136,8 +136,10 @@ def slerp(a: jax.Array, b: jax.Array, t: jax.Array) -> jax.Array:
     """Spherical interpolation per image (leading axis), falling back to lerp for parallel vectors."""
     t = jnp.reshape(t, (-1,) + (1,) * (a.ndim - 1))
     axes = tuple(range(1, a.ndim))
-    a_unit = a / jnp.linalg.norm(a, axis=axes, keepdims=True)
-    b_unit = b / jnp.linalg.norm(b, axis=axes, keepdims=True)
+    # jnp.linalg.norm takes at most two axes; the latents have three.
+    norm = lambda x: jnp.sqrt(jnp.sum(jnp.square(x), axis=axes, keepdims=True))
+    a_unit = a / norm(a)
+    b_unit = b / norm(b)
     dot = jnp.sum(a_unit * b_unit, axis=axes, keepdims=True)
     omega = jnp.arccos(jnp.clip(dot, -1.0, 1.0))
     so = jnp.sin(omega)
@@ -311,9 +313,12 @@ def _generate_microbatch(arch: Architecture, spec: SamplingSpec, params: dict, b
             state["x"] = mask * state["x"] + (1.0 - mask) * known
             return state
 
+    # Inpainting at full strength starts from pure noise, as diffusers' inpainting pipelines do
+    # (what the 9-channel models were trained for); img2img always starts from the noised image.
+    start_x0 = None if spec.mode == "inpaint" and spec.strength == 1.0 else x0
     latents = samplers_lib.sample(
         sampler, model_fn, noise, plan, jax.vmap(lambda k: jax.random.fold_in(k, _SAMPLER_STREAM))(keys),
-        x0=x0, start=start, after_step=after_step, on_step=on_step)
+        x0=start_x0, start=start, after_step=after_step, on_step=on_step)
     finite = jnp.all(jnp.isfinite(latents), axis=(1, 2, 3))
     images = vae.apply({"params": params["vae"]}, unscale_latents(latents, arch.vae).astype(arch.dtype),
                        method=AutoencoderKL.decode).astype(jnp.float32)
