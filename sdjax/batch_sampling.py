@@ -26,6 +26,7 @@ import json
 import os
 import time
 import types
+import zlib
 from typing import Any, Hashable, Iterable, Optional, Sequence
 
 import jax
@@ -260,6 +261,17 @@ class BatchSampler:
     def key_of(self, job: Job) -> Hashable:
         return (self.specs[job.prompt_index], self.chunks[job.prompt_index])
 
+    def _check_same_plan(self) -> None:
+        """Hosts given different prompt files or settings would run different programs and hang."""
+        settings = json.loads(self.config.to_json())
+        text = json.dumps({name: settings.get(name) for name in IMAGE_FIELDS}) + "\n".join(
+            f"{b.key!r} {[j.path for j in b.jobs]}" for b in self.batches)
+        digest = np.array([zlib.crc32(text.encode("utf-8")), len(self.batches)], np.int64)
+        digests = _gather(digest)
+        if (digests != digests[0]).any():
+            raise ValueError(f"the processes planned different runs (checksum, batches per process: "
+                             f"{digests.tolist()}); give every process the same config and prompts")
+
     def _check_local_rows(self) -> None:
         """The batch layout assumed by `Batch.share`: process i holds rows [i*L, (i+1)*L)."""
         shards = parallel.batch_sharding(self.mesh).addressable_devices_indices_map((self.batch_size,))
@@ -355,8 +367,20 @@ class BatchSampler:
 
     def run(self, out_dir: str, *, progress: bool = True) -> dict:
         """Draw every job of this process whose file is missing. Returns counts and timings."""
+        self._check_same_plan()
         os.makedirs(out_dir, exist_ok=True)
-        _check_and_write_config(self.config, out_dir)
+        error = None
+        try:
+            _check_and_write_config(self.config, out_dir)
+        except ValueError as err:
+            error = err
+        # Every process stops if one does, instead of leaving the others waiting in a collective.
+        refused = _gather(np.array([error is not None], np.int32))[:, 0]
+        if error is not None:
+            raise error
+        if refused.any():
+            raise ValueError(f"process(es) {np.flatnonzero(refused).tolist()} refused to resume into "
+                             f"{out_dir} (see their logs)")
         mine = [batch.share(self.process_index, self.num_processes) for batch in self.batches]
         missing = [[job for job in share if not os.path.exists(os.path.join(out_dir, job.path))]
                    for share in mine]
@@ -503,14 +527,18 @@ def _check_and_write_config(config, out_dir: str) -> None:
     os.replace(tmp, path)
 
 
-def _any_process(flags: np.ndarray) -> np.ndarray:
-    """Elementwise OR of `flags` over processes (every process must call it)."""
+def _gather(values: np.ndarray) -> np.ndarray:
+    """(processes, n): every process's `values` (every process must call it with the same n)."""
     if jax.process_count() == 1:
-        return flags.astype(bool)
+        return values[None]
     from jax.experimental import multihost_utils
 
-    return np.asarray(multihost_utils.process_allgather(flags)).reshape(
-        jax.process_count(), -1).any(axis=0)
+    return np.asarray(multihost_utils.process_allgather(values)).reshape(jax.process_count(), -1)
+
+
+def _any_process(flags: np.ndarray) -> np.ndarray:
+    """Elementwise OR of `flags` over processes."""
+    return _gather(flags).any(axis=0)
 
 
 def _barrier(name: str) -> None:
