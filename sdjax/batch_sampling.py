@@ -239,7 +239,7 @@ class BatchSampler:
         self.mesh = self.generator.mesh
         self.process_index, self.num_processes = jax.process_index(), jax.process_count()
         self.batch_size = int(config.batch_size) or self.mesh.size * self.base_spec.microbatch
-        parallel.check_batch_divides(self.batch_size, self.mesh, "batch_size")
+        parallel.check_batch_divides(self.batch_size, self.mesh, "config.batch_size: batch")
         self.local_rows = self.batch_size // self.num_processes
         self._check_local_rows()
         self.model_name = os.path.basename(os.path.normpath(self.model.source)) or "model"
