@@ -1,0 +1,93 @@
+"""Tiny latent-diffusion training run: the `tiny` random architecture on a folder of 32x32
+image-caption pairs; finishes on a laptop CPU in a minute or two.
+
+    python -m experiments.train --config=configs/train_tiny.py --workdir=/tmp/sdjax_tiny \
+        --config.data.folder=/path/to/images_with_txt
+
+Variants: `:vae` trains the tiny VAE, `:clip` a tiny CLIP (contrastive).
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+    objective = arg or "ldm"
+    c = ml_collections.ConfigDict()
+    c.objective = objective      # ldm | vae | clip
+    c.seed = 0                   # run key (init, noise, timesteps, dropout) and data order
+    c.init_from = ""             # any checkpoint load_pretrained reads; "" = random `preset`
+    c.preset = "tiny"            # architecture of a random init (sdjax.presets)
+    c.vae = ""                   # optional standalone VAE replacing the checkpoint's
+    c.total_steps = 20           # train_step calls (steps whose update was skipped count too)
+    c.compute_dtype = "float32"  # float32 | bfloat16 (forward/backward); masters stay float32
+    c.remat = False              # recompute blocks in the backward pass (memory for time)
+    c.fsdp = 1                   # >1: split large params and optimizer moments over this many devices
+    c.log_every = 5
+    c.max_consecutive_nonfinite = 5  # stop (after a checkpoint of the last good state) at this many
+
+    c.data = ml_collections.ConfigDict()
+    c.data.folder = ""           # images with same-named .txt captions
+    c.data.manifest = ""         # or a JSONL manifest
+    c.data.resolution = 32
+    c.data.batch_size = 4        # global batch, over all hosts and devices
+    c.data.use_latents = False   # read precomputed unscaled VAE latents (<image>.npy) instead
+    c.data.crop = "center"
+    c.data.random_flip = False
+    c.data.shuffle = True
+    c.data.num_workers = 2
+    c.data.prefetch = 2
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.grad_clip_norm = 1.0
+    c.optimizer.accumulate_steps = 1
+    # One param group per model: lr, schedule (constant|cosine|linear), warmup_steps,
+    # weight_decay, frozen. Models not listed are frozen.
+    c.optimizer.groups = ml_collections.ConfigDict({
+        "unet": {"lr": 1e-3, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0,
+                 "frozen": False},
+        "text_encoder": {"lr": 1e-4, "schedule": "constant", "warmup_steps": 0,
+                         "weight_decay": 0.0, "frozen": False},
+    })
+    if objective == "vae":
+        c.optimizer.groups = ml_collections.ConfigDict({"vae": {"lr": 1e-3, "frozen": False}})
+    if objective == "clip":
+        c.optimizer.groups = ml_collections.ConfigDict({"clip": {"lr": 1e-3, "frozen": False}})
+
+    c.ema = ml_collections.ConfigDict()
+    c.ema.use = True
+    c.ema.decay = 0.999
+    c.ema.warmup = "default"     # default | power | none
+
+    c.ldm = ml_collections.ConfigDict()
+    c.ldm.prediction_type = ""   # "" = the checkpoint's scheduler config; epsilon | v_prediction | sample
+    c.ldm.snr_gamma = 0.0        # min-SNR-gamma weighting; 0 = off
+    c.ldm.offset_noise = 0.0
+    c.ldm.caption_dropout = 0.1
+    c.ldm.clip_skip = 0
+
+    c.vae_loss = ml_collections.ConfigDict()
+    c.vae_loss.kl_weight = 1e-6
+    c.vae_loss.reconstruction = "l1"
+
+    c.clip = ml_collections.ConfigDict()  # architecture of the clip objective's random model
+    c.clip.hidden_size = 32
+    c.clip.layers = 2
+    c.clip.heads = 2
+    c.clip.projection_dim = 16
+    c.clip.patch_size = 8
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 10
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+    c.checkpoint.export_every = 0  # also write a native folder (save_pretrained) every K steps; 0 = at the end only
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.every = 0           # sample grid every K steps (and at the end); 0 = never
+    c.sample.prompts = ("a red circle", "a blue square")
+    c.sample.use_ema = True
+    c.sample.sampler = "ddim"
+    c.sample.steps = 10
+    c.sample.cfg_scale = 3.0
+    c.sample.seed = 0
+    c.lock()
+    return c

@@ -1,0 +1,52 @@
+"""Training: latent diffusion (also the VAE and CLIP objectives), one config per run.
+
+    python -m experiments.train --config=configs/train_tiny.py --workdir=/tmp/tiny \
+        --config.data.folder=/path/to/images_with_txt
+
+A run resumes from the latest checkpoint in --workdir. Multi-host: start the same command on every
+host with --coordinator_address=HOST:PORT --num_processes=N --process_id=i.
+"""
+import logging as pylogging
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", "configs/train_tiny.py", "training config file",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "checkpoints, metrics, samples and exports go here",
+                    required=True)
+flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of process 0")
+flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+flags.DEFINE_bool("progress", True, "show a progress bar")
+FLAGS = flags.FLAGS
+
+
+class _QuietOrbax(pylogging.Filter):
+    """Orbax logs every phase of every save at INFO; keep its warnings and errors."""
+
+    def filter(self, record):
+        return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from sdjax import parallel
+    from sdjax.training import loop
+
+    logging.get_absl_handler().addFilter(_QuietOrbax())
+    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id)
+    try:
+        result = loop.train(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+    except loop.TrainingDiverged as err:
+        logging.error("%s", err)
+        sys.exit(f"training diverged: {err}")
+    logging.info("stopped (%s) at step %d; %.3g examples/s", result["stopped"], result["step"],
+                 result["examples_per_sec"])
+
+
+if __name__ == "__main__":
+    app.run(main)

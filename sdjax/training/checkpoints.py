@@ -1,0 +1,95 @@
+"""Train checkpoints with orbax: every K steps, keep the last N, written asynchronously.
+
+A checkpoint holds the train state (params, optimizer state, EMA, step, run key) and a JSON
+`meta` item (the loop's step counter, the dataset position, counters). Orbax writes each step into
+a temporary folder and renames it when complete, so a write interrupted by a crash or SIGKILL never
+replaces the last good checkpoint; `latest_step` and `restore` see only finalised ones.
+
+Restoring takes a template state laid out as the new run wants it (its shardings, on its mesh):
+a checkpoint written on 8 devices restores on 1 and the reverse.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from sdjax.training.state import TrainState
+
+STATE, META = "state", "meta"
+
+
+def _state_tree(state: TrainState) -> dict:
+    # Typed PRNG keys are stored as their raw uint32 data.
+    tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state,
+            "rng": jax.random.key_data(state.rng)}
+    if state.ema_params is not None:
+        tree["ema_params"] = state.ema_params
+    return tree
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class Checkpoints:
+    """A directory of train checkpoints (orbax `CheckpointManager`).
+
+    save_every: `save` writes only at multiples of it unless forced; keep: how many to keep
+    (None: all); async_save: write in a background thread (`wait` joins it)."""
+
+    def __init__(self, directory: str | os.PathLike, *, save_every: int = 1000,
+                 keep: Optional[int] = 3, async_save: bool = True):
+        if save_every < 1:
+            raise ValueError(f"save_every must be >= 1, got {save_every}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.save_every = save_every
+        # The interval is decided here: orbax would also save the first step it is shown.
+        options = ocp.CheckpointManagerOptions(save_interval_steps=1, max_to_keep=keep,
+                                               enable_async_checkpointing=async_save, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=(STATE, META))
+
+    def latest_step(self) -> Optional[int]:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: TrainState, meta: dict, *, force: bool = False) -> bool:
+        """Start writing checkpoint `step` if it is due (or forced); True if it was started."""
+        if not force and step % self.save_every:
+            return False
+        return self._manager.save(step, args=ocp.args.Composite(
+            **{STATE: ocp.args.StandardSave(_state_tree(state)), META: ocp.args.JsonSave(meta)}),
+            force=True)
+
+    def restore(self, template: TrainState, step: Optional[int] = None) -> tuple[TrainState, dict]:
+        """Checkpoint `step` (default: the latest) laid out like `template`: same structure and
+        dtypes required, each leaf placed with the template's sharding. Returns (state, meta)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no complete checkpoint to restore")
+        target = _state_tree(template)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                **{STATE: ocp.args.StandardRestore(_abstract(target)), META: ocp.args.JsonRestore()}))
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"{self.directory}/{step}: checkpoint does not match this run's train "
+                             f"state ({err})") from None
+        tree = restored[STATE]
+        state = template.replace(step=tree["step"], params=tree["params"],
+                                 opt_state=tree["opt_state"],
+                                 rng=jax.random.wrap_key_data(tree["rng"],
+                                                              impl=jax.random.key_impl(template.rng)),
+                                 ema_params=tree.get("ema_params"))
+        return state, dict(restored[META])
+
+    def wait(self) -> None:
+        """Block until a background write has finished (and been finalised)."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()

@@ -1,0 +1,351 @@
+"""The training loop: model + data + train step + checkpoints + logs, driven by one config
+(see configs/train_tiny.py for every field).
+
+Counting: the loop's `step` is the number of `train_step` calls made (batches consumed), the
+number checkpoints are named by and `total_steps` counts; `TrainState.step` counts the updates that
+were applied (they differ only by the skipped non-finite steps). Step i's key is
+`fold_in(run_key, i)` and its batch is the dataset's i-th, both restored with a checkpoint, so a
+resumed run continues bit-identically.
+
+Only process 0 writes logs, metrics, samples and exports; every process computes and takes part in
+checkpoints. Metrics go to stdout (absl logging) and `<workdir>/metrics.jsonl` (TensorBoard's
+writer needs tensorflow, which this environment lacks).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from sdjax import images as images_lib
+from sdjax import parallel
+from sdjax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+from sdjax.presets import random_pretrained
+from sdjax.sampling import Architecture
+from sdjax.text import CLIPTokenizer
+from sdjax.training import step as step_lib
+from sdjax.training.checkpoints import Checkpoints
+from sdjax.training.data import ImageCaptionDataset
+from sdjax.training.state import EMAConfig, TrainState, init_train_state, make_optimizer
+from sdjax.weights.pretrained import Pretrained, load_pretrained, save_pretrained
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient; the last good state was saved."""
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a run is built from: the models (as a Pretrained for ldm/vae), the task, the state."""
+    task: Any
+    state: TrainState
+    model: Optional[Pretrained]
+    tokenizer: Any
+
+
+def _dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"compute_dtype {name!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def _clip_config(config: ml_collections.ConfigDict) -> CLIPConfig:
+    c = config.clip
+    text = CLIPTextConfig(vocab_size=49408, hidden_size=c.hidden_size,
+                          intermediate_size=4 * c.hidden_size, num_layers=c.layers,
+                          num_heads=c.heads, projection_dim=c.projection_dim)
+    vision = CLIPVisionConfig(hidden_size=c.hidden_size, intermediate_size=4 * c.hidden_size,
+                              num_layers=c.layers, num_heads=c.heads,
+                              image_size=config.data.resolution, patch_size=c.patch_size,
+                              projection_dim=c.projection_dim)
+    return CLIPConfig(text=text, vision=vision)
+
+
+def build(config: ml_collections.ConfigDict) -> Setup:
+    """Models (loaded from `init_from` or random), the objective's task and a fresh train state
+    (host arrays; the loop places it on the mesh)."""
+    if config.objective not in step_lib.OBJECTIVES:
+        raise ValueError(f"objective {config.objective!r} is not one of {step_lib.OBJECTIVES}")
+    dtype = _dtype(config.compute_dtype)
+    model = None
+    if config.objective == "clip":
+        clip_config = _clip_config(config)
+        tokenizer = CLIPTokenizer.default()
+        s = config.data.resolution
+        params = {"clip": CLIPModel(clip_config).init(
+            jax.random.key(config.seed), np.zeros((1, 77), np.int32),
+            np.zeros((1, s, s, 3), np.float32))["params"]}
+        task = step_lib.CLIPTask(clip_config, dtype=dtype, remat=config.remat)
+    else:
+        if config.init_from:
+            model = load_pretrained(config.init_from, vae=config.vae or None)
+        else:
+            model = random_pretrained(config.preset, seed=config.seed)
+        arch = Architecture.of(model, dtype)
+        if config.objective == "vae":
+            params = {"vae": model.params["vae"]}
+            tokenizer = None
+            task = step_lib.VAETask(arch, kl_weight=config.vae_loss.kl_weight,
+                                    reconstruction_loss=config.vae_loss.reconstruction,
+                                    remat=config.remat)
+        else:
+            params = dict(model.params)
+            tokenizers = model.tokenizers
+
+            def tokenizer(captions):  # (B, encoders, 1 chunk, 77)
+                return np.stack([t(captions) for t in tokenizers], axis=1)[:, :, None]
+
+            task = step_lib.LDMTask(
+                arch, empty_ids=tokenizer([""])[0],
+                prediction_type=config.ldm.prediction_type or arch.schedule.prediction_type,
+                snr_gamma=config.ldm.snr_gamma or None, offset_noise=config.ldm.offset_noise,
+                caption_dropout=config.ldm.caption_dropout, clip_skip=config.ldm.clip_skip,
+                remat=config.remat)
+    groups = config.optimizer.groups.to_dict()
+    unknown = sorted(set(groups) - set(params))
+    if unknown:
+        raise ValueError(f"optimizer.groups names {unknown}, but the {config.objective} objective "
+                         f"trains only {sorted(params)}")
+    groups = {name: groups.get(name, {"frozen": True}) for name in params}
+    accumulate = config.optimizer.accumulate_steps
+    optimizer = make_optimizer(groups, total_steps=max(config.total_steps // accumulate, 1),
+                               grad_clip_norm=config.optimizer.grad_clip_norm or None,
+                               accumulate_steps=accumulate)
+    ema = EMAConfig(decay=config.ema.decay, warmup=config.ema.warmup) if config.ema.use else None
+    state = init_train_state(params, optimizer, jax.random.key(config.seed), use_ema=config.ema.use,
+                             ema=ema)
+    return Setup(task=task, state=state, model=model, tokenizer=tokenizer)
+
+
+def make_dataset(config: ml_collections.ConfigDict, tokenizer) -> ImageCaptionDataset:
+    d = config.data
+    kwargs = dict(batch_size=d.batch_size, resolution=d.resolution, crop=d.crop,
+                  random_flip=d.random_flip, use_latents=d.use_latents, seed=config.seed,
+                  shuffle=d.shuffle, process_index=jax.process_index(),
+                  process_count=jax.process_count(), prefetch=d.prefetch,
+                  num_workers=d.num_workers, tokenizer=tokenizer)
+    if d.folder:
+        return ImageCaptionDataset.from_folder(d.folder, **kwargs)
+    if d.manifest:
+        return ImageCaptionDataset.from_manifest(d.manifest, **kwargs)
+    raise ValueError("set config.data.folder (images with .txt captions) or config.data.manifest")
+
+
+def _to_host(tree):
+    """Global arrays -> numpy on every process (gathered across hosts when needed)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
+def export_params(state: TrainState, use_ema: bool) -> dict:
+    """The params a sampler should use: the EMA of each trainable model when kept, else current."""
+    params = dict(state.params)
+    if use_ema and state.ema_params is not None:
+        params.update(state.ema_params)
+    return params
+
+
+def export(setup: Setup, state: TrainState, path: str, use_ema: bool = True) -> Optional[str]:
+    """Write a native folder (`save_pretrained`) of the model with the trained params."""
+    if setup.model is None:
+        logging.warning("the clip objective has no native checkpoint format; not exporting %s", path)
+        return None
+    params = _to_host(export_params(state, use_ema))
+    if jax.process_index() == 0:
+        model = dataclasses.replace(setup.model, params={**setup.model.params, **params},
+                                    source=path)
+        save_pretrained(model, path)
+        logging.info("exported %s", path)
+    return path
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop finishes its step, checkpoints and returns."""
+
+    def __init__(self):
+        self.requested = threading.Event()
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop (every process must stop at the same step)."""
+        flag = self.requested.is_set()
+        if jax.process_count() == 1:
+            return flag
+        from jax.experimental import multihost_utils
+        return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+class _Sampler:
+    """Sample grids from the current or EMA params, with one Generator (compiled once)."""
+
+    def __init__(self, setup: Setup, config, mesh, workdir: str):
+        from sdjax.sampling import Generator, Request, SamplingSpec
+
+        self.config = config.sample
+        self.generator = Generator(setup.model, mesh=mesh)
+        self.request = Request(prompt=list(self.config.prompts),
+                               num_images=len(self.config.prompts), seed=self.config.seed,
+                               cfg_scale=self.config.cfg_scale)
+        r = config.data.resolution
+        self.spec = SamplingSpec(sampler=self.config.sampler, steps=self.config.steps, height=r,
+                                 width=r)
+        self.dir = os.path.join(workdir, "samples")
+
+    def __call__(self, state: TrainState, step: int) -> str:
+        self.generator.params = export_params(state, self.config.use_ema)
+        out = self.generator(self.request, self.spec, check_finite=False)
+        self.generator.params = None  # the state's buffers are donated by the next step
+        os.makedirs(self.dir, exist_ok=True)
+        path = os.path.join(self.dir, f"step_{step:07d}.png")
+        images_lib.save_png(images_lib.grid(list(images_lib.to_uint8(out["images"]))), path)
+        return path
+
+
+def _write_config(config, workdir: str) -> None:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
+    """Train as `config` says, checkpointing into `workdir/checkpoints` and resuming from its
+    latest checkpoint. Returns {"step", "stopped" ("done" | "preempted"), "metrics" (last step's),
+    "examples_per_sec", "steps_per_sec", "nonfinite_steps", "export"}.
+
+    Raises TrainingDiverged after `max_consecutive_nonfinite` non-finite steps in a row (having
+    checkpointed the last good state)."""
+    main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if main:
+        _write_config(config, workdir)
+    setup = build(config)
+    mesh = parallel.make_mesh(fsdp=config.fsdp)
+    parallel.check_batch_divides(config.data.batch_size, mesh, "data.batch_size")
+    shardings = step_lib.state_sharding(mesh, setup.state)
+    # A copy: the step donates the state, which must not free buffers shared with the host
+    # arrays it was built from.
+    state = jax.device_put(setup.state, shardings, may_alias=False)
+    setup.state = None
+    dataset = make_dataset(config, setup.tokenizer)
+    ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.every,
+                       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    step, nonfinite_total = 0, 0
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(state)
+        dataset.load_state_dict(meta["data"])
+        step, nonfinite_total = int(meta["step"]), int(meta["nonfinite_steps"])
+        logging.info("resumed from %s/%d", ckpt.directory, step)
+
+    def meta():
+        return {"step": step, "data": dataset.state_dict(), "nonfinite_steps": nonfinite_total}
+
+    train_fn = step_lib.make_train_step(setup.task, mesh, shardings)
+    key_fn = jax.jit(jax.random.fold_in, out_shardings=parallel.replicated(mesh))
+    sampler = None
+    if config.sample.every and setup.model is not None and config.objective == "ldm":
+        if jax.process_count() == 1:
+            sampler = _Sampler(setup, config, mesh, workdir)
+        else:
+            logging.warning("sample grids are written in single-process runs only")
+    metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if main else None
+    bar = None
+    if progress and main:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=config.total_steps, initial=step, desc="train", unit="step")
+
+    consecutive, saved = 0, step
+    last: dict = {}
+    stopped = "done"
+    window_start, window_steps = time.perf_counter(), 0
+    rates = {"steps_per_sec": 0.0, "examples_per_sec": 0.0}
+    try:
+        with _Preemption() as preemption:
+            while step < config.total_steps:
+                batch = step_lib.device_batch(next(dataset), mesh)
+                key = key_fn(state.rng, step)
+                state, metrics = train_fn(state, batch, key)
+                step += 1
+                window_steps += 1
+                # Reading the metrics waits for this step only; the next batch is already
+                # being prefetched by the dataset's thread.
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if last["finite"]:
+                    consecutive = 0
+                else:
+                    consecutive += 1
+                    nonfinite_total += 1
+                    logging.warning("step %d: non-finite loss or gradients (loss %s, grad norm %s);"
+                                    " update skipped (%d in a row)", step, last["loss"],
+                                    last["grad_norm"], consecutive)
+                if consecutive >= config.max_consecutive_nonfinite:
+                    ckpt.save(step, state, meta(), force=True)
+                    saved = step
+                    ckpt.wait()
+                    raise TrainingDiverged(
+                        f"{consecutive} consecutive non-finite steps (up to step {step}); the last "
+                        f"good state is checkpointed at {ckpt.directory}/{step}. Lower the learning "
+                        f"rate, clip gradients or use float32 compute.")
+                if bar is not None:
+                    bar.update(1)
+                if step % config.log_every == 0 or step == config.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    rates = {"steps_per_sec": window_steps / elapsed,
+                             "examples_per_sec": window_steps * config.data.batch_size / elapsed}
+                    window_start, window_steps = time.perf_counter(), 0
+                    if main:
+                        record = {"step": step, **last, **rates, "nonfinite_steps": nonfinite_total}
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
+                        logging.info("step %d: %s", step, ", ".join(
+                            f"{k} {v:.4g}" for k, v in record.items() if k != "step"))
+                if ckpt.save(step, state, meta()):
+                    saved = step
+                if sampler is not None and step % config.sample.every == 0:
+                    logging.info("samples: %s", sampler(state, step))
+                if (config.checkpoint.export_every and step % config.checkpoint.export_every == 0
+                        and step < config.total_steps):
+                    export(setup, state, os.path.join(workdir, "exports", f"step_{step:07d}"))
+                if preemption.agreed():
+                    stopped = "preempted"
+                    logging.info("SIGTERM: saving step %d and stopping", step)
+                    break
+        if saved != step:
+            ckpt.save(step, state, meta(), force=True)
+        ckpt.wait()
+        exported = None
+        if stopped == "done":
+            if sampler is not None and step % config.sample.every:
+                logging.info("samples: %s", sampler(state, step))
+            exported = export(setup, state, os.path.join(workdir, "export"))
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        dataset.close()
+        if bar is not None:
+            bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    return {"step": step, "stopped": stopped, "metrics": last, **rates,
+            "nonfinite_steps": nonfinite_total, "export": exported, "state": state}

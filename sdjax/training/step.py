@@ -1,0 +1,220 @@
+"""The train step: one jitted `train_step(state, batch, key) -> (state, metrics)` per objective.
+
+Objectives (chosen by the task object, each a pure `loss(params, batch, key) -> (loss, metrics)`):
+- `LDMTask`: latent diffusion. Frozen VAE encodes pixels to a posterior sample scaled by the VAE's
+  scaling factor (or the batch brings precomputed, unscaled latents), captions are dropped to the
+  empty prompt with some probability, the text encoder(s) run trained or frozen as their param
+  groups say, noise (optionally offset) at uniform timesteps, eps / v / x0 target, min-SNR-gamma.
+- `VAETask`: the KL autoencoder's reconstruction + beta * KL.
+- `CLIPTask`: CLIP's symmetric contrastive loss over the global batch.
+
+Non-finite guard: a step whose loss or gradient norm is not finite leaves the whole state as it
+was, `step` included (the optimizer's counters, the EMA and `step` never disagree), and reports
+`finite = 0`. The loop counts such steps and derives each call's key from its own call counter,
+so a retried step sees new noise.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sdjax import parallel
+from sdjax.diffusion.schedules import add_noise
+from sdjax.models.clip import CLIPConfig, CLIPModel, CLIPTextModel, text_hidden_state
+from sdjax.models.unet import UNet
+from sdjax.models.vae import AutoencoderKL, scale_latents
+from sdjax.sampling import Architecture, sdxl_time_ids
+from sdjax.training import objectives
+from sdjax.training.state import TrainState, cast_for_compute, learning_rates
+
+OBJECTIVES = ("ldm", "vae", "clip")
+
+
+def text_conditioning(arch: Architecture, params: dict, ids: jax.Array, clip_skip: int = 0) -> dict:
+    """ids (B, encoders, 77) -> {"context": (B, 77, D)[, "text_embeds": (B, P) for SDXL]}, the
+    conditioning `sampling.encode_text` builds, without prompt emphasis: training captions carry
+    none, and its mean restoration is 0/0 on the zero-mean states of a freshly initialised encoder."""
+    sdxl = arch.family == "sdxl"
+    contexts, pooled = [], None
+    for index, config in enumerate(arch.text_encoders):
+        name = "text_encoder" if index == 0 else "text_encoder_2"
+        model = CLIPTextModel(config, dtype=arch.dtype)
+        output = model.apply({"params": params[name]}, ids[:, index])
+        # SDXL conditions on the penultimate layer without the final norm (diffusers' convention).
+        contexts.append(text_hidden_state(model, params[name], output,
+                                          clip_skip=clip_skip + 1 if sdxl else clip_skip,
+                                          apply_final_norm=not sdxl))
+        if sdxl and output.text_embeds is not None:
+            pooled = output.text_embeds
+    cond = {"context": jnp.concatenate(contexts, axis=-1)}
+    if sdxl:
+        cond["text_embeds"] = pooled
+    return cond
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LDMTask:
+    """Latent-diffusion objective of one architecture. `empty_ids` (encoders, 1, 77): the empty
+    prompt, which caption dropout substitutes. `arch.dtype` is the compute dtype."""
+    arch: Architecture
+    empty_ids: np.ndarray
+    prediction_type: str = "epsilon"
+    snr_gamma: Optional[float] = None
+    offset_noise: float = 0.0
+    caption_dropout: float = 0.0
+    clip_skip: int = 0
+    remat: bool = False
+
+    def __post_init__(self):
+        objectives._check_prediction_type(self.prediction_type)
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+
+    def loss(self, params: dict, batch: dict, key: jax.Array):
+        """batch: "pixels" (B, H, W, 3) in [-1, 1] or "latents" (B, h, w, c) unscaled VAE latents;
+        "input_ids" (B, encoders, 1, 77)."""
+        arch = self.arch
+        latent_key, drop_key, noise_key, time_key = jax.random.split(key, 4)
+        if "latents" in batch:
+            z = batch["latents"].astype(jnp.float32)
+        else:
+            posterior = AutoencoderKL(arch.vae, dtype=arch.dtype).apply(
+                {"params": params["vae"]}, batch["pixels"].astype(arch.dtype),
+                method=AutoencoderKL.encode)
+            z = posterior.sample(latent_key).astype(jnp.float32)
+        latents = jax.lax.stop_gradient(scale_latents(z, arch.vae))
+        b = latents.shape[0]
+
+        ids = objectives.caption_dropout(drop_key, batch["input_ids"], self.empty_ids,
+                                         self.caption_dropout)
+        cond = text_conditioning(arch, params, ids[:, :, 0], self.clip_skip)
+        added = None
+        if arch.family == "sdxl":
+            h, w = (s * arch.latent_factor for s in latents.shape[1:3])
+            added = {"text_embeds": cond["text_embeds"], "time_ids": sdxl_time_ids(h, w, b)}
+
+        if self.offset_noise > 0:
+            noise = objectives.offset_noise(noise_key, latents.shape, self.offset_noise)
+        else:
+            noise = jax.random.normal(noise_key, latents.shape, jnp.float32)
+        timesteps = objectives.sample_timesteps(time_key, b, arch.schedule.num_train_timesteps)
+        alphas_cumprod = arch.schedule.alphas_cumprod
+        noisy = add_noise(alphas_cumprod, latents, noise, timesteps)
+        prediction = UNet(arch.unet, dtype=arch.dtype, remat=self.remat).apply(
+            {"params": params["unet"]}, noisy.astype(arch.dtype), timesteps,
+            cond["context"].astype(arch.dtype), added)
+        loss, _ = objectives.diffusion_loss(prediction, latents, noise, timesteps, alphas_cumprod,
+                                            self.prediction_type, self.snr_gamma)
+        return loss, {}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VAETask:
+    """KL-autoencoder objective: decode a posterior sample, reconstruction + kl_weight * KL."""
+    arch: Architecture
+    kl_weight: float = 1e-6
+    reconstruction_loss: str = "l1"
+    remat: bool = False
+
+    def loss(self, params: dict, batch: dict, key: jax.Array):
+        vae = AutoencoderKL(self.arch.vae, dtype=self.arch.dtype, remat=self.remat)
+        pixels = batch["pixels"]
+        posterior = vae.apply({"params": params["vae"]}, pixels.astype(self.arch.dtype),
+                              method=AutoencoderKL.encode)
+        reconstruction = vae.apply({"params": params["vae"]}, posterior.sample(key),
+                                   method=AutoencoderKL.decode)
+        loss, metrics = objectives.vae_loss(reconstruction, pixels, posterior.mean, posterior.logvar,
+                                            self.kl_weight, self.reconstruction_loss)
+        return loss, {"reconstruction": metrics["reconstruction"], "kl": metrics["kl"]}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CLIPTask:
+    """CLIP contrastive objective on params["clip"]; batch "pixels" (B, S, S, 3), "input_ids" (B, L)."""
+    config: CLIPConfig
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    def loss(self, params: dict, batch: dict, key: jax.Array):
+        del key  # deterministic
+        out = CLIPModel(self.config, dtype=self.dtype, remat=self.remat).apply(
+            {"params": params["clip"]}, batch["input_ids"], batch["pixels"].astype(self.dtype))
+        loss, metrics = objectives.clip_contrastive_loss(
+            out.text_output.text_embeds, out.vision_output.image_embeds,
+            params["clip"]["logit_scale"])
+        return loss, {k: v for k, v in metrics.items() if k != "loss"}
+
+
+def _select(ok: jax.Array, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def train_step(task, state: TrainState, batch: dict, key: jax.Array) -> tuple[TrainState, dict]:
+    """One micro-step of `task` on the global `batch` (unjitted; see `make_train_step`).
+
+    Gradients flow only into the optimizer's trainable models, w.r.t. float32 masters; the forward
+    pass sees the params cast to the task's compute dtype. Metrics: loss, grad_norm (global, after
+    accumulation's averaging is not applied: this micro-batch's), param_norm, lr/<model>, finite,
+    plus the objective's own."""
+    trainable = state.optimizer.trainable
+    compute_dtype = task.dtype if isinstance(task, CLIPTask) else task.arch.dtype
+
+    def loss_of(trained):
+        params = {**state.params, **trained}
+        if jnp.dtype(compute_dtype) != jnp.float32:
+            params = cast_for_compute(params, compute_dtype)
+        return task.loss(params, batch, key)
+
+    trained = {name: state.params[name] for name in trainable}
+    (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(trained)
+    # Frozen models take zero gradients, which the optimizer discards unread (dead code to XLA).
+    full_grads = {name: grads[name] if name in grads else jax.tree.map(jnp.zeros_like, sub)
+                  for name, sub in state.params.items()}
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    rates = learning_rates(state)
+    new = state.apply_gradients(full_grads)
+    state = state.replace(step=jnp.where(finite, new.step, state.step),
+                          params=_select(finite, new.params, state.params),
+                          opt_state=_select(finite, new.opt_state, state.opt_state),
+                          ema_params=(None if state.ema_params is None else
+                                      _select(finite, new.ema_params, state.ema_params)))
+    metrics = {"loss": loss.astype(jnp.float32), "grad_norm": grad_norm,
+               "param_norm": optax.global_norm({n: state.params[n] for n in trainable}),
+               "finite": finite.astype(jnp.int32), **aux}
+    metrics.update({f"lr/{name}": rate for name, rate in rates.items()})
+    return state, metrics
+
+
+def state_sharding(mesh: jax.sharding.Mesh, state: TrainState) -> TrainState:
+    """Shardings of every leaf of a train state: params, their optimizer moments and EMA split
+    alike over fsdp (same shapes, same decision), scalars and keys replicated."""
+    return parallel.param_sharding(mesh, state)
+
+
+def make_train_step(task, mesh: jax.sharding.Mesh, state_shardings: TrainState,
+                    on_trace: Optional[Callable[[], None]] = None) -> Callable:
+    """`train_step` jitted on `mesh`: the state donated and kept in `state_shardings`, the batch
+    split over every device, the key and metrics replicated."""
+    def step(state, batch, key):
+        if on_trace is not None:
+            on_trace()
+        return train_step(task, state, batch, key)
+
+    return jax.jit(step, in_shardings=(state_shardings, parallel.batch_sharding(mesh),
+                                       parallel.replicated(mesh)),
+                   out_shardings=(state_shardings, parallel.replicated(mesh)),
+                   donate_argnums=(0,))
+
+
+def device_batch(local: dict, mesh: jax.sharding.Mesh) -> dict:
+    """This host's rows of the global batch -> global arrays split over the mesh (every host
+    passes its own contiguous slice, in process order). Non-array entries (captions) are dropped."""
+    sharding = parallel.batch_sharding(mesh)
+    arrays = {k: v for k, v in local.items() if isinstance(v, np.ndarray) and k != "index"}
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in arrays.items()}
