@@ -1,0 +1,63 @@
+"""Sampler x steps x guidance sweeps -> labelled X/Y grids, metrics tables and plots.
+
+    python -m experiments.ablate --config=configs/ablate.py --model=/path/to/model \
+        --clip_model=/path/to/clip-vit-base-patch32 --out_dir=ablations/sd15
+
+    python -m experiments.ablate --config=configs/ablate.py:tiny   # random weights, ~1 min on a CPU
+
+Any field can be overridden, e.g. --config.samplers="('euler_a','dpmpp_2m:karras=true')"
+--config.cfg_scales="(1.0,5.0,9.0)" --config.grid.x=steps --config.grid.y=cfg_scale.
+Run the same command again after an interruption: finished (cell, prompt) pairs are skipped.
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.model = ""                 # diffusers folder, single .safetensors, sdjax folder, random:PRESET
+    c.vae = ""
+    c.prediction_type = ""
+    c.dtype = "float32"          # float32 | bfloat16 | float16
+    c.clip_model = ""            # transformers CLIPModel folder or sdjax CLIP folder; "" = no CLIP score
+    # "NAME" or "NAME:option=value,..." (sampler options, e.g. "dpmpp_2m:karras=true").
+    c.samplers = ("euler", "dpmpp_2m")
+    c.steps = (10, 20, 30)
+    c.cfg_scales = (1.0, 3.0, 5.0, 7.5, 10.0)
+    # "cfg" plain; "rescale=PHI" guidance rescale; "interval=START:END" guidance only while the
+    # progress 1 - t/T is inside; or comma-joined combinations ("rescale=0.7,interval=0.2:0.8").
+    c.variants = ("cfg", "rescale=0.7", "interval=0.2:0.8")
+    c.prompts = ()               # explicit prompts; else prompt_file; else shapes held-out prompts
+    c.prompt_file = ""           # one prompt per line, # comments
+    c.num_prompts = 8            # evenly spaced subset of the prompts (0: all)
+    c.negative_prompt = ""
+    c.seed = 0                   # every prompt and cell uses seeds seed .. seed + num_seeds - 1
+    c.num_seeds = 4
+    c.height = 512
+    c.width = 512
+    c.clip_skip = 0
+    c.microbatch = 1             # images denoised together per device (see SamplingSpec)
+    c.grid = ml_collections.ConfigDict()
+    c.grid.x = "cfg_scale"       # columns: sampler | steps | variant | cfg_scale | prompt | seed
+    c.grid.y = "sampler"         # rows: as x; one grid file per combination of the other axes
+    c.grid.max_prompts = 8       # prompts per grid when the prompt is an axis (0: all)
+    c.warmup = True              # compile outside the timed call (one extra call per program)
+    c.resume = True              # skip finished (cell, prompt) pairs found in out_dir
+    c.parallel = "jit"
+    c.fsdp = 1
+    c.out_dir = "ablations/run"
+    c.compilation_cache = "~/.cache/sdjax/xla"
+
+    if arg == "tiny":
+        c.model = "random:tiny"
+        c.samplers = ("euler", "ddim")
+        c.steps = (2, 4)
+        c.cfg_scales = (1.0, 7.5)
+        c.variants = ("cfg", "rescale=0.7")
+        c.num_prompts = 2
+        c.num_seeds = 2
+        c.height = c.width = 32
+        c.out_dir = "ablations/tiny"
+    elif arg:
+        raise ValueError(f"configs/ablate.py: unknown variant {arg!r} (known: tiny)")
+    c.lock()
+    return c

@@ -1,0 +1,40 @@
+"""Sampler x steps x guidance sweeps: X/Y grids, a metrics table (CSV + Markdown) and plots.
+
+    python -m experiments.ablate --config=configs/ablate.py --model=/path/to/model \
+        --clip_model=/path/to/clip --out_dir=ablations/sd15
+
+See configs/ablate.py for every setting; the flags below are shortcuts that override the config.
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from sdjax.evaluation import ablation
+
+config_flags.DEFINE_config_file("config", "configs/ablate.py", "ablation config file",
+                                lock_config=True)
+flags.DEFINE_string("model", None, "checkpoint: diffusers folder, .safetensors, sdjax folder or random:PRESET")
+flags.DEFINE_string("clip_model", None, "CLIP for the CLIP score: transformers CLIPModel or sdjax CLIP folder")
+flags.DEFINE_string("out_dir", None, "where images, grids, tables and plots go")
+FLAGS = flags.FLAGS
+SHORTCUTS = ("model", "clip_model", "out_dir")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = FLAGS.config
+    with config.unlocked():
+        for name in SHORTCUTS:
+            if FLAGS[name].value is not None:
+                setattr(config, name, FLAGS[name].value)
+    try:
+        result = ablation.run_sweep(config)
+    except (ValueError, FileNotFoundError) as err:
+        raise app.UsageError(str(err)) from None
+    logging.info("%d (cell, prompt) pairs drawn, %d resumed, %d compilations; tables in %s",
+                 result["generated"], result["skipped"], result["traces"], result["markdown"])
+    print(result["markdown"])
+
+
+if __name__ == "__main__":
+    app.run(main)

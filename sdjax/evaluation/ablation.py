@@ -1,0 +1,650 @@
+"""Sampler × steps × guidance sweeps: images, labelled X/Y grids, a metrics table and plots.
+
+A sweep is the product of samplers, step counts, guidance variants (plain CFG, rescale φ, a
+limited guidance interval, or combinations) and guidance scales, drawn for every prompt with the
+same seeds. A *cell* is one (sampler, steps, variant, scale) setting: one row of the table.
+
+Compilation: a program is compiled per static `SamplingSpec` — (sampler, steps, guidance
+interval) here — and every scale and rescale φ of it runs through that one program as data, one
+call per (cell, prompt) with the seeds as the batch. `run_sweep` reports `Generator.traces`.
+
+Out dir (written by `run_sweep`):
+  config.json        the resolved config
+  sweep.json         what the images depend on beyond the cell (model, size, ...); a restart with
+                     other values refuses to mix them into the same tables
+  records.jsonl      one line per (cell, prompt): files, timing, judge results, diversity, CLIP
+                     scores; a restart skips the (cell, prompt) pairs already there
+  images/<cell>/...  one PNG per image, with the WebUI `parameters` chunk
+  metrics.csv/.md    one row per cell
+  grids/*.png        X/Y plots (axes from config.grid), grids.json describes them
+  plots/*.png        metric vs guidance scale and vs steps (when matplotlib imports)
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from absl import logging
+
+from sdjax import images as images_lib
+from sdjax.data import shapes
+from sdjax.evaluation import judge as judge_lib
+from sdjax.evaluation import metrics
+
+AXES = ("sampler", "steps", "variant", "cfg_scale", "prompt", "seed")
+CELL_FIELDS = ("sampler", "steps", "variant", "cfg_scale")
+JUDGE_COLUMNS = tuple(f"acc_{a}" for a in judge_lib.ATTRIBUTES) + ("all_correct",)
+RECORDS = "records.jsonl"
+SWEEP_MANIFEST = "sweep.json"
+# What an image depends on besides its cell, prompt and seed: a restart must agree on these.
+_FINGERPRINT_FIELDS = ("model", "vae", "prediction_type", "dtype", "height", "width",
+                       "negative_prompt", "clip_skip", "microbatch")
+
+
+# --- the sweep -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A guidance variant: `cfg` (plain), `rescale=φ`, `interval=start:end` (guidance only while
+    the progress 1 − t/T lies in [start, end]), or several joined by commas."""
+    name: str
+    rescale: float = 0.0
+    interval: Optional[tuple[float, float]] = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Variant":
+        text = text.strip()
+        rescale, interval = 0.0, None
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, _, value = part.partition("=")
+            try:
+                if part == "cfg":
+                    continue
+                if key == "rescale":
+                    rescale = float(value)
+                elif key == "interval":
+                    start, end = (float(v) for v in value.split(":"))
+                    interval = (start, end)
+                else:
+                    raise ValueError(f"unknown setting {key!r}")
+            except ValueError as err:
+                raise ValueError(f"guidance variant {text!r}: {err}; use 'cfg', 'rescale=PHI', "
+                                 f"'interval=START:END' or a comma-joined combination") from None
+        if not 0.0 <= rescale <= 1.0:
+            raise ValueError(f"guidance variant {text!r}: rescale must be in [0, 1]")
+        if interval is not None and not 0.0 <= interval[0] < interval[1] <= 1.0:
+            raise ValueError(f"guidance variant {text!r}: interval must satisfy 0 <= start < end <= 1")
+        return cls(name=text or "cfg", rescale=rescale,
+                   interval=None if interval == (0.0, 1.0) else interval)
+
+
+def parse_sampler(text: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    """`NAME` or `NAME:option=value,...` (e.g. `dpmpp_2m:karras=true`) -> (name, options)."""
+    name, _, rest = text.strip().partition(":")
+    options = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"sampler {text!r}: option {part!r} is not key=value")
+        options[key.strip()] = _literal(value.strip())
+    return name, tuple(sorted(options.items()))
+
+
+def _literal(value: str) -> Any:
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One setting of the sweep: a row of the metrics table, a tile of a grid."""
+    sampler: str
+    steps: int
+    variant: str
+    cfg_scale: float
+
+    @property
+    def key(self) -> str:
+        """A file-name-safe id, unique within a sweep."""
+        return _slug(f"{self.sampler}_{self.steps}steps_{self.variant}_cfg{self.cfg_scale:g}")
+
+
+def _slug(text: str, limit: int = 80) -> str:
+    return re.sub(r"[^A-Za-z0-9.=+-]+", "-", text).strip("-")[:limit] or "x"
+
+
+def prompt_id(prompt: str) -> str:
+    """A readable, file-name-safe id of a prompt (its start and a hash)."""
+    return f"{_slug(prompt, 40)}-{hashlib.sha1(prompt.encode('utf-8')).hexdigest()[:8]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    samplers: tuple[str, ...]
+    steps: tuple[int, ...]
+    variants: tuple[Variant, ...]
+    cfg_scales: tuple[float, ...]
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    height: int
+    width: int
+    negative_prompt: str = ""
+    clip_skip: int = 0
+    microbatch: int = 1
+
+    @classmethod
+    def from_config(cls, config) -> "Sweep":
+        def distinct(values, what):
+            values = tuple(values)
+            if not values:
+                raise ValueError(f"config.{what} is empty")
+            if len(set(values)) != len(values):
+                raise ValueError(f"config.{what} repeats a value: {values}")
+            return values
+
+        samplers = distinct((s.strip() for s in config.samplers), "samplers")
+        steps = distinct((int(s) for s in config.steps), "steps")
+        if min(steps) < 1:
+            raise ValueError(f"config.steps must be >= 1, got {steps}")
+        variants = tuple(Variant.parse(v) for v in distinct(config.variants, "variants"))
+        scales = distinct((float(s) for s in config.cfg_scales), "cfg_scales")
+        if int(config.num_seeds) < 1:
+            raise ValueError(f"config.num_seeds must be >= 1, got {config.num_seeds}")
+        return cls(samplers=samplers, steps=steps, variants=variants, cfg_scales=scales,
+                   prompts=distinct(select_prompts(config), "prompts"),
+                   seeds=tuple(int(config.seed) + i for i in range(int(config.num_seeds))),
+                   height=int(config.height), width=int(config.width),
+                   negative_prompt=config.negative_prompt, clip_skip=int(config.clip_skip),
+                   microbatch=int(config.microbatch))
+
+    def variant(self, name: str) -> Variant:
+        return next(v for v in self.variants if v.name == name)
+
+    def cells(self) -> list[Cell]:
+        return [Cell(s, n, v.name, g) for s, n, v, g in
+                itertools.product(self.samplers, self.steps, self.variants, self.cfg_scales)]
+
+    def spec(self, cell: Cell):
+        """The compiled program's static settings: the scale and rescale φ are data."""
+        from sdjax.sampling import SamplingSpec
+
+        name, options = parse_sampler(cell.sampler)
+        return SamplingSpec(sampler=name, steps=cell.steps, height=self.height, width=self.width,
+                            sampler_options=options,
+                            # One program per sweep setting: scale 1 cells run it with scale 1.
+                            guidance=any(g != 1.0 for g in self.cfg_scales),
+                            guidance_interval=self.variant(cell.variant).interval,
+                            clip_skip=self.clip_skip, microbatch=self.microbatch)
+
+    def programs(self) -> dict:
+        """SamplingSpec -> the cells it runs, in sweep order."""
+        out: dict = {}
+        for cell in self.cells():
+            out.setdefault(self.spec(cell), []).append(cell)
+        return out
+
+
+def select_prompts(config) -> list[str]:
+    """config.prompts, else config.prompt_file (one per line, # comments), else the shapes world's
+    held-out prompts; then `num_prompts` of them evenly spaced (0: all)."""
+    if config.prompts:
+        prompts = [str(p) for p in config.prompts]
+    elif config.prompt_file:
+        path = os.path.expanduser(config.prompt_file)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"prompt file {path!r} does not exist")
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        if not prompts:
+            raise ValueError(f"{path}: no prompts (every line is blank or a # comment)")
+    else:
+        prompts = list(shapes.heldout_prompts())
+    n = int(config.num_prompts)
+    if 0 < n < len(prompts):
+        # Evenly spaced, so a subset of the held-out list still covers its shapes and colours.
+        prompts = [prompts[int(i * len(prompts) / n)] for i in range(n)]
+    return prompts
+
+
+def is_shapes_prompt(prompt: str) -> bool:
+    try:
+        shapes.parse_caption(prompt)
+    except ValueError:
+        return False
+    return True
+
+
+# --- records ---------------------------------------------------------------------------------------
+
+def read_records(out_dir: str) -> list[dict]:
+    """The finished (cell, prompt) records; a torn last line (a crash mid-write) is dropped."""
+    path = os.path.join(out_dir, RECORDS)
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                logging.warning("%s:%d: unreadable record dropped (interrupted write?)", path, number)
+    return records
+
+
+def _record_key(cell: Cell, prompt: str) -> tuple:
+    return (cell.sampler, cell.steps, cell.variant, cell.cfg_scale, prompt)
+
+
+def _key_of_record(record: dict) -> tuple:
+    return (record["sampler"], record["steps"], record["variant"], record["cfg_scale"],
+            record["prompt"])
+
+
+def _write_records(out_dir: str, records: Sequence[dict]) -> None:
+    path = os.path.join(out_dir, RECORDS)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def _append_record(out_dir: str, record: dict) -> None:
+    with open(os.path.join(out_dir, RECORDS), "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _check_fingerprint(config, out_dir: str) -> None:
+    fingerprint = {k: config[k] for k in _FINGERPRINT_FIELDS}
+    path = os.path.join(out_dir, SWEEP_MANIFEST)
+    if config.resume and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            before = json.load(f)
+        changed = {k: (before.get(k), v) for k, v in fingerprint.items() if before.get(k) != v}
+        if changed:
+            detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(f"{path}: the out dir holds a sweep with other settings ({detail}); "
+                             f"use another out_dir, or config.resume=False to start it over")
+    elif not config.resume and os.path.exists(os.path.join(out_dir, RECORDS)):
+        os.remove(os.path.join(out_dir, RECORDS))
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(fingerprint, f, indent=2, sort_keys=True)
+
+
+# --- per (cell, prompt) metrics --------------------------------------------------------------------
+
+def evaluate_group(images: np.ndarray, prompt: str, clip: Optional[metrics.ClipScorer]) -> dict:
+    """Judge results (shapes prompts only), diversity across the seeds, CLIP scores."""
+    out: dict = {"judge": None, "diversity": None, "clip_model": None, "clip_scores": None}
+    if is_shapes_prompt(prompt):
+        out["judge"] = [judge_lib.judge(image, prompt) for image in images]
+    if len(images) >= 2:
+        out["diversity"] = metrics.diversity(images)
+    if clip is not None:
+        out["clip_model"] = clip.source
+        out["clip_scores"] = [float(s) for s in clip(images, prompt)]
+    return out
+
+
+def _load_images(out_dir: str, record: dict) -> np.ndarray:
+    from PIL import Image
+
+    arrays = []
+    for name in record["files"]:
+        with Image.open(os.path.join(out_dir, name)) as image:
+            arrays.append(np.asarray(image.convert("RGB")))
+    return np.stack(arrays)
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+def run_sweep(config, model=None, clip: Optional[metrics.ClipScorer] = None,
+              generator=None) -> dict:
+    """Run (or resume) the sweep of `config` (configs/ablate.py) and write its outputs.
+
+    `model`: a loaded `Pretrained` (else `config.model` is loaded); `generator`: a `Generator` to
+    draw with instead (its compiled programs are reused across sweeps; config.dtype, parallel and
+    fsdp are then its own); `clip`: a `ClipScorer` (else `config.clip_model` is loaded if set).
+    Returns {"rows", "columns", "csv", "markdown", "grids", "plots", "traces", "programs",
+    "generated", "skipped"}: `traces` counts the compilations this run caused, `programs` the
+    static settings that had work to do.
+    """
+    from sdjax.generate import DTYPES, load_model
+    from sdjax.sampling import Generator, Request, enable_compilation_cache
+
+    sweep = Sweep.from_config(config)
+    out_dir = os.path.expanduser(config.out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    _check_fingerprint(config, out_dir)
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(config.to_json(indent=2))
+    if config.compilation_cache:
+        enable_compilation_cache(os.path.expanduser(config.compilation_cache))
+    if clip is None and config.clip_model:
+        clip = metrics.load_clip_scorer(os.path.expanduser(config.clip_model))
+
+    previous = read_records(out_dir)
+    _write_records(out_dir, previous)  # drop a torn last line before appending after it
+    records = {_key_of_record(r): r for r in previous if tuple(r["seeds"]) == sweep.seeds}
+    programs = sweep.programs()
+    todo = {spec: [(c, p) for c in cells for p in sweep.prompts
+                   if _record_key(c, p) not in records]
+            for spec, cells in programs.items()}
+    todo = {spec: jobs for spec, jobs in todo.items() if jobs}
+    skipped = len(sweep.cells()) * len(sweep.prompts) - sum(len(j) for j in todo.values())
+    logging.info("ablation: %d cells x %d prompts x %d seeds in %d programs; %d (cell, prompt) "
+                 "pairs already done", len(sweep.cells()), len(sweep.prompts), len(sweep.seeds),
+                 len(programs), skipped)
+
+    traces = 0
+    if todo:
+        if generator is None:
+            generator = Generator(model or load_model(config),
+                                  dtype=None if config.dtype == "float32" else DTYPES[config.dtype],
+                                  parallel_mode=config.parallel, fsdp=int(config.fsdp))
+        traces_before = generator.traces
+        model_name = os.path.basename(os.path.normpath(generator.model.source)) or "model"
+        for spec, jobs in todo.items():
+            for index, (cell, prompt) in enumerate(jobs):
+                variant = sweep.variant(cell.variant)
+                request = Request(prompt=prompt, negative_prompt=sweep.negative_prompt or None,
+                                  seed=sweep.seeds[0], num_images=len(sweep.seeds),
+                                  cfg_scale=cell.cfg_scale, guidance_rescale=variant.rescale)
+                if index == 0 and config.warmup:
+                    # Compile outside the timed call, so seconds per image are the sampler's.
+                    started = time.perf_counter()
+                    generator(request, spec, check_finite=False)
+                    logging.info("compiled %s, %d steps, interval %s in %.1f s", spec.sampler,
+                                 spec.steps, spec.guidance_interval, time.perf_counter() - started)
+                started = time.perf_counter()
+                out = generator(request, spec, check_finite=False)
+                seconds = time.perf_counter() - started
+                # Non-finite images (flagged in `finite`) are stored black, not as cast garbage.
+                images = images_lib.to_uint8(np.nan_to_num(out["images"], nan=-1.0))
+                record = {"sampler": cell.sampler, "steps": cell.steps, "variant": cell.variant,
+                          "cfg_scale": cell.cfg_scale, "prompt": prompt,
+                          "seeds": list(sweep.seeds), "seconds": seconds,
+                          "finite": [bool(f) for f in out["finite"]],
+                          "files": _save_images(out_dir, cell, prompt, images, sweep, variant,
+                                                model_name)}
+                record.update(evaluate_group(images, prompt, clip))
+                _append_record(out_dir, record)
+                records[_record_key(cell, prompt)] = record
+                logging.info("%s | %s: %.2f s for %d images", cell.key, prompt, seconds,
+                             len(images))
+        traces = generator.traces - traces_before
+        if traces > len(todo):
+            logging.warning("ablation compiled %d times for %d programs: something recompiled",
+                            traces, len(todo))
+
+    ordered = [records[_record_key(c, p)] for c in sweep.cells() for p in sweep.prompts]
+    if clip is not None and any(r.get("clip_model") != clip.source for r in ordered):
+        # Resumed records scored with another (or no) CLIP model: score them from their PNGs.
+        for record in ordered:
+            if record.get("clip_model") != clip.source:
+                record["clip_model"] = clip.source
+                record["clip_scores"] = [float(s) for s in
+                                         clip(_load_images(out_dir, record), record["prompt"])]
+        others = [r for r in previous if tuple(r["seeds"]) != sweep.seeds]
+        _write_records(out_dir, others + list(records.values()))
+
+    columns, rows = aggregate(sweep, ordered, with_clip=clip is not None)
+    csv_path = os.path.join(out_dir, "metrics.csv")
+    write_csv(csv_path, columns, rows)
+    grids = write_grids(out_dir, sweep, ordered, config.grid.x, config.grid.y,
+                        int(config.grid.max_prompts))
+    plots = write_plots(os.path.join(out_dir, "plots"), sweep, rows, columns)
+    md_path = os.path.join(out_dir, "metrics.md")
+    write_markdown(md_path, config, sweep, columns, rows, grids, plots, out_dir)
+    return {"rows": rows, "columns": columns, "csv": csv_path, "markdown": md_path,
+            "grids": grids, "plots": plots, "traces": traces, "programs": len(todo),
+            "generated": sum(len(j) for j in todo.values()), "skipped": skipped}
+
+
+def _save_images(out_dir: str, cell: Cell, prompt: str, images: np.ndarray, sweep: Sweep,
+                 variant: Variant, model_name: str) -> list[str]:
+    folder = os.path.join("images", cell.key)
+    os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
+    settings = {"Steps": cell.steps, "Sampler": cell.sampler, "CFG scale": cell.cfg_scale,
+                "Size": f"{sweep.width}x{sweep.height}", "Model": model_name}
+    if variant.rescale:
+        settings["Guidance rescale"] = variant.rescale
+    if variant.interval:
+        settings["Guidance interval"] = f"{variant.interval[0]:g}-{variant.interval[1]:g}"
+    names = []
+    for image, seed in zip(images, sweep.seeds):
+        name = os.path.join(folder, f"{prompt_id(prompt)}-{seed}.png")
+        text = images_lib.format_parameters(prompt, sweep.negative_prompt,
+                                            {**settings, "Seed": seed})
+        images_lib.save_png(image, os.path.join(out_dir, name), text)
+        names.append(name)
+    return names
+
+
+def _clear(folder: str, prefix: str) -> None:
+    """Remove a previous run's PNGs, so the folder holds only what this run's tables describe."""
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):
+        if name.startswith(prefix) and name.endswith(".png"):
+            os.remove(os.path.join(folder, name))
+
+
+# --- tables ----------------------------------------------------------------------------------------
+
+def aggregate(sweep: Sweep, records: Sequence[dict], with_clip: bool) -> tuple[list[str], list[dict]]:
+    """One row per cell (sweep order): images, non-finite count, judge accuracies (when some
+    prompt is a shapes prompt), diversity (when >= 2 seeds), CLIP score, seconds per image."""
+    judged = any(is_shapes_prompt(p) for p in sweep.prompts)
+    columns = list(CELL_FIELDS) + ["images", "nonfinite"]
+    if judged:
+        columns += ["judged", *JUDGE_COLUMNS]
+    if len(sweep.seeds) >= 2:
+        columns.append("diversity")
+    if with_clip:
+        columns.append("clip_score")
+    columns.append("sec_per_image")
+    by_cell: dict = {}
+    for record in records:
+        by_cell.setdefault(tuple(record[f] for f in CELL_FIELDS), []).append(record)
+    rows = []
+    for cell in sweep.cells():
+        group = by_cell[(cell.sampler, cell.steps, cell.variant, cell.cfg_scale)]
+        row = dataclasses.asdict(cell)
+        row["images"] = sum(len(r["files"]) for r in group)
+        row["nonfinite"] = sum(not f for r in group for f in r["finite"])
+        if judged:
+            results = [j for r in group if r["judge"] for j in r["judge"]]
+            row["judged"] = len(results)
+            for attribute, column in zip(judge_lib.ATTRIBUTES + ("all_correct",), JUDGE_COLUMNS):
+                row[column] = float(np.mean([j[attribute] for j in results])) if results else math.nan
+        if "diversity" in columns:
+            row["diversity"] = float(np.mean([r["diversity"] for r in group]))
+        if with_clip:
+            row["clip_score"] = float(np.mean([s for r in group for s in r["clip_scores"]]))
+        row["sec_per_image"] = float(np.mean([r["seconds"] / len(r["files"]) for r in group]))
+        rows.append(row)
+    return columns, rows
+
+
+def write_csv(path: str, columns: Sequence[str], rows: Sequence[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: row[c] for c in columns})
+
+
+def _format(value: Any, column: str) -> str:
+    if isinstance(value, float) and column not in ("cfg_scale",):
+        if math.isnan(value):
+            return "–"
+        return f"{value:.3g}" if column == "sec_per_image" else f"{value:.3f}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[dict]) -> str:
+    lines = ["| " + " | ".join(columns) + " |",
+             "|" + "|".join("---" if c in ("sampler", "variant") else "---:" for c in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_format(row[c], c) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_markdown(path: str, config, sweep: Sweep, columns, rows, grids, plots, out_dir) -> None:
+    judged = [p for p in sweep.prompts if is_shapes_prompt(p)]
+    text = [f"# Ablation: {config.model or 'model'}", "",
+            f"{len(sweep.prompts)} prompts ({len(judged)} judged as shapes prompts), seeds "
+            f"{', '.join(map(str, sweep.seeds))}, {sweep.width}x{sweep.height}"
+            + (f", negative prompt {sweep.negative_prompt!r}" if sweep.negative_prompt else "")
+            + (f", CLIP score by {config.clip_model}" if "clip_score" in columns else "") + ".",
+            "",
+            "Columns: `acc_*` share of judged images with that attribute right, `all_correct` "
+            "all of them; `diversity` mean pairwise RMS pixel distance across seeds (0 = "
+            "identical); `clip_score` 100·max(cos, 0); `sec_per_image` after compilation.", "",
+            markdown_table(columns, rows), ""]
+    if plots:
+        text += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})"
+                                    for p in plots] + [""]
+    if grids:
+        text += ["## Grids", ""] + [f"- [{os.path.basename(g['file'])}]({g['file']})" for g in grids]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(text) + "\n")
+
+
+# --- grids -----------------------------------------------------------------------------------------
+
+def _axis_values(sweep: Sweep, axis: str) -> list:
+    return {"sampler": list(sweep.samplers), "steps": list(sweep.steps),
+            "variant": [v.name for v in sweep.variants], "cfg_scale": list(sweep.cfg_scales),
+            "prompt": list(sweep.prompts), "seed": list(sweep.seeds)}[axis]
+
+
+def axis_label(axis: str, value: Any, limit: int = 48) -> str:
+    if axis == "steps":
+        return f"{value} steps"
+    if axis == "cfg_scale":
+        return f"CFG {value:g}"
+    if axis == "seed":
+        return f"seed {value}"
+    text = str(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def write_grids(out_dir: str, sweep: Sweep, records: Sequence[dict], x: str, y: str,
+                max_prompts: int = 0) -> list[dict]:
+    """X/Y plots: columns are values of `x`, rows values of `y`; one file per combination of the
+    other settings (prompts in subsets of `max_prompts` when the prompt is an axis). A tile shows
+    every seed side by side unless the seed is an axis. Also writes grids/grids.json."""
+    for axis in (x, y):
+        if axis not in AXES:
+            raise ValueError(f"grid axis {axis!r} is not one of {', '.join(AXES)}")
+    if x == y:
+        raise ValueError(f"grid axes must differ, both are {x!r}")
+    index = {(r["sampler"], r["steps"], r["variant"], r["cfg_scale"], r["prompt"]): r
+             for r in records}
+    fixed_axes = [a for a in AXES if a not in (x, y) and a != "seed"]
+    prompt_subsets = [list(sweep.prompts)]
+    if "prompt" in (x, y) and max_prompts > 0:
+        prompt_subsets = [list(sweep.prompts[i:i + max_prompts])
+                          for i in range(0, len(sweep.prompts), max_prompts)]
+    folder = os.path.join(out_dir, "grids")
+    _clear(folder, "grid_")
+    grids = []
+    for subset_index, prompts in enumerate(prompt_subsets):
+        values = {a: _axis_values(sweep, a) for a in AXES}
+        values["prompt"] = prompts
+        for fixed in itertools.product(*(values[a] for a in fixed_axes)):
+            setting = dict(zip(fixed_axes, fixed))
+            tiles = []
+            for row_value in values[y]:
+                for col_value in values[x]:
+                    where = {**setting, y: row_value, x: col_value}
+                    record = index[tuple(where[a] for a in ("sampler", "steps", "variant",
+                                                            "cfg_scale", "prompt"))]
+                    images = _load_images(out_dir, record)
+                    if "seed" in where:
+                        tiles.append(images[sweep.seeds.index(where["seed"])])
+                    else:  # every seed, side by side
+                        tiles.append(images_lib.grid(list(images), rows=1, pad=0))
+            col_labels = [axis_label(x, v, limit=max(4, tiles[0].shape[1] // 6)) for v in values[x]]
+            row_labels = [axis_label(y, v) for v in values[y]]
+            canvas = images_lib.grid(tiles, rows=len(values[y]), row_labels=row_labels,
+                                     col_labels=col_labels)
+            name_parts = [f"{a}-{prompt_id(v) if a == 'prompt' else _slug(str(v), 32)}"
+                          for a, v in setting.items()]
+            if "prompt" in (x, y) and len(prompt_subsets) > 1:
+                name_parts.append(f"prompts{subset_index}")
+            name = f"grid_{y}_x_{x}" + "".join("_" + p for p in name_parts) + ".png"
+            path = os.path.join(folder, name)
+            images_lib.save_png(canvas, path)
+            grids.append({"file": os.path.relpath(path, out_dir), "x": x, "y": y,
+                          "fixed": setting, "rows": len(values[y]), "cols": len(values[x]),
+                          "row_labels": row_labels, "col_labels": col_labels,
+                          "tiles": len(tiles), "seeds_per_tile": 1 if "seed" in (x, y)
+                          else len(sweep.seeds), "tile_size": list(tiles[0].shape[:2])})
+    with open(os.path.join(folder, "grids.json"), "w", encoding="utf-8") as f:
+        json.dump(grids, f, indent=2)
+    return grids
+
+
+# --- plots -----------------------------------------------------------------------------------------
+
+def write_plots(folder: str, sweep: Sweep, rows: Sequence[dict], columns: Sequence[str]) -> list[str]:
+    """all_correct (else clip_score) and diversity against the guidance scale (a panel per step
+    count) and against steps (a panel per scale), a line per sampler and variant. Needs
+    matplotlib; without it, a warning and no plots."""
+    metrics_to_plot = [m for m in ("all_correct", "clip_score", "diversity") if m in columns]
+    if "all_correct" in metrics_to_plot and "clip_score" in metrics_to_plot:
+        metrics_to_plot.remove("clip_score")
+    if not metrics_to_plot:
+        return []
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        logging.warning("matplotlib is not installed: no plots written (pip install matplotlib)")
+        return []
+    _clear(folder, "")
+    paths = []
+    for metric in metrics_to_plot:
+        for x, panel in (("cfg_scale", "steps"), ("steps", "cfg_scale")):
+            panels = _axis_values(sweep, panel)
+            figure = Figure(figsize=(4 * len(panels), 3.4), layout="constrained")
+            FigureCanvasAgg(figure)
+            axes = figure.subplots(1, len(panels), squeeze=False)[0]
+            for ax, panel_value in zip(axes, panels):
+                for sampler, variant in itertools.product(sweep.samplers, sweep.variants):
+                    line = sorted((r[x], r[metric]) for r in rows if r["sampler"] == sampler
+                                  and r["variant"] == variant.name and r[panel] == panel_value)
+                    label = sampler if len(sweep.variants) == 1 else f"{sampler} / {variant.name}"
+                    ax.plot([p[0] for p in line], [p[1] for p in line], marker="o", label=label)
+                ax.set_title(axis_label(panel, panel_value))
+                ax.set_xlabel("guidance scale" if x == "cfg_scale" else "steps")
+                ax.set_ylabel(metric)
+                ax.grid(alpha=0.3)
+                if metric != "clip_score":  # shares and distances live in [0, 1]
+                    ax.set_ylim(-0.03, 1.03)
+            axes[-1].legend(fontsize="small")
+            name = f"{metric}_vs_{'guidance' if x == 'cfg_scale' else 'steps'}.png"
+            path = os.path.join(folder, name)
+            figure.savefig(path, dpi=100)
+            paths.append(path)
+    return paths

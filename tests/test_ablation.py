@@ -1,0 +1,282 @@
+"""The ablation runner on the random tiny model: tables, grids, plots, compilation count, resume.
+
+One Generator serves every sweep of the module, so each (sampler, steps, interval) program is
+compiled once for the whole file.
+"""
+import csv
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import ablate as ablate_config
+from sdjax import images as images_lib
+from sdjax.evaluation import ablation, metrics
+from sdjax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+from sdjax.presets import random_pretrained
+from sdjax.sampling import Generator
+from sdjax.text import CLIPTokenizer
+
+SIZE = 32
+SAMPLERS = ("euler", "ddim")
+STEPS = (2, 3)
+SCALES = (1.0, 7.5)
+VARIANTS = ("cfg", "rescale=0.7")        # rescale is data: both share a program
+OTHER_PROMPTS = ("a photo of a cat", "a lighthouse at dusk, oil painting")
+
+
+def _config(out_dir, **overrides):
+    config = ablate_config.get_config("tiny")
+    with config.unlocked():
+        config.samplers, config.steps, config.cfg_scales, config.variants = (
+            SAMPLERS, STEPS, SCALES, VARIANTS)
+        config.num_prompts, config.num_seeds = 2, 2
+        config.height = config.width = SIZE
+        config.out_dir = str(out_dir)
+        config.compilation_cache = ""
+        for key, value in overrides.items():
+            if "." in key:
+                group, field = key.split(".")
+                config[group][field] = value
+            else:
+                config[key] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def generator():
+    return Generator(random_pretrained("tiny"))
+
+
+@pytest.fixture(scope="module")
+def shapes_sweep(tmp_path_factory, generator):
+    """2 samplers x 2 step counts x 2 variants x 2 scales over 2 shapes prompts x 2 seeds."""
+    out_dir = tmp_path_factory.mktemp("shapes_sweep")
+    config = _config(out_dir)
+    return config, ablation.run_sweep(config, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    """A random sdjax CLIP saved as a native folder (what --clip_model points at)."""
+    text = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_layers=2,
+                          num_heads=2, projection_dim=16)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                              image_size=24, patch_size=8, projection_dim=16)
+    config = CLIPConfig(text=text, vision=vision)
+    params = CLIPModel(config).init(jax.random.key(0), np.zeros((1, 77), np.int32),
+                                    np.zeros((1, 24, 24, 3), np.float32))["params"]
+    folder = tmp_path_factory.mktemp("clip") / "clip"
+    metrics.save_clip_native(folder, config, params, CLIPTokenizer.default())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def other_sweep(tmp_path_factory, generator, clip_folder):
+    """Prompts that are not shapes prompts, a CLIP model, guidance-interval variants."""
+    out_dir = tmp_path_factory.mktemp("other_sweep")
+    config = _config(out_dir, samplers=("euler",), steps=(2,), prompts=OTHER_PROMPTS,
+                     variants=("cfg", "interval=0.2:0.8", "rescale=0.5,interval=0.2:0.8"),
+                     clip_model=str(clip_folder), **{"grid.x": "variant", "grid.y": "prompt"})
+    return config, ablation.run_sweep(config, generator=generator)
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def test_tables_have_a_row_per_cell_and_judge_columns(shapes_sweep):
+    config, result = shapes_sweep
+    columns, rows = _read_csv(result["csv"])
+    assert columns == ["sampler", "steps", "variant", "cfg_scale", "images", "nonfinite", "judged",
+                       "acc_colour", "acc_shape", "acc_position", "acc_size", "acc_background",
+                       "acc_count", "all_correct", "diversity", "sec_per_image"]
+    cells = [(s, str(n), v, str(g)) for s in SAMPLERS for n in STEPS for v in VARIANTS for g in SCALES]
+    assert [(r["sampler"], r["steps"], r["variant"], r["cfg_scale"]) for r in rows] == cells
+    records = ablation.read_records(config.out_dir)
+    assert len(records) == len(cells) * 2
+    for row in rows:
+        assert row["images"] == "4" and row["judged"] == "4"
+        for column in columns[7:15]:
+            assert 0.0 <= float(row[column]) <= 1.0, column
+        assert float(row["sec_per_image"]) > 0
+        mine = [r for r in records if (r["sampler"], str(r["steps"]), r["variant"],
+                                       str(r["cfg_scale"])) == tuple(list(row.values())[:4])]
+        assert int(row["nonfinite"]) == sum(not f for r in mine for f in r["finite"])
+        judged = [j["all_correct"] for r in mine for j in r["judge"]]
+        assert float(row["all_correct"]) == pytest.approx(np.mean(judged))
+    with open(result["markdown"]) as f:
+        table = [line for line in f if line.startswith("|")]
+    assert table[0] == "| " + " | ".join(columns) + " |\n"
+    assert len(table) == 2 + len(cells)
+
+
+def test_compiles_one_program_per_sampler_and_steps(shapes_sweep, generator):
+    _, result = shapes_sweep
+    assert result["programs"] == len(SAMPLERS) * len(STEPS)
+    assert result["traces"] == len(SAMPLERS) * len(STEPS)
+    assert result["generated"] == len(SAMPLERS) * len(STEPS) * len(VARIANTS) * len(SCALES) * 2
+
+
+def test_guidance_scales_change_the_images(shapes_sweep):
+    config, _ = shapes_sweep
+    records = ablation.read_records(config.out_dir)
+    prompt = records[0]["prompt"]
+    by_scale = {r["cfg_scale"]: r for r in records
+                if (r["sampler"], r["steps"], r["variant"], r["prompt"]) == ("euler", 2, "cfg", prompt)}
+    assert all(by_scale[1.0]["finite"] + by_scale[7.5]["finite"])
+    assert not np.array_equal(ablation._load_images(config.out_dir, by_scale[1.0]),
+                              ablation._load_images(config.out_dir, by_scale[7.5]))
+
+
+def test_grids_have_one_tile_per_cell_with_labels(shapes_sweep):
+    config, result = shapes_sweep
+    grids = result["grids"]
+    # x = cfg_scale, y = sampler: one grid per (steps, variant, prompt).
+    assert len(grids) == len(STEPS) * len(VARIANTS) * 2
+    assert {(g["fixed"]["steps"], g["fixed"]["variant"]) for g in grids} == {
+        (n, v) for n in STEPS for v in VARIANTS}
+    with open(os.path.join(config.out_dir, "grids", "grids.json")) as f:
+        assert json.load(f) == grids
+    records = {ablation._key_of_record(r): r for r in ablation.read_records(config.out_dir)}
+    for entry in grids:
+        assert (entry["rows"], entry["cols"], entry["tiles"]) == (2, 2, 4)
+        assert entry["row_labels"] == list(SAMPLERS)
+        assert entry["col_labels"] == ["CFG 1", "CFG 7.5"]
+        assert entry["tile_size"] == [SIZE, 2 * SIZE]       # the two seeds side by side
+        canvas = np.asarray(Image.open(os.path.join(config.out_dir, entry["file"])))
+        expected = images_lib.grid([np.zeros((SIZE, 2 * SIZE, 3), np.uint8)] * 4, rows=2,
+                                   row_labels=entry["row_labels"], col_labels=entry["col_labels"])
+        assert canvas.shape == expected.shape
+        pad = 2
+        left = canvas.shape[1] - 2 * (2 * SIZE + pad) - pad
+        top = canvas.shape[0] - 2 * (SIZE + pad) - pad
+        assert left > 0 and top > 0                          # room for the labels
+        for r, sampler in enumerate(SAMPLERS):
+            for c, scale in enumerate(SCALES):
+                key = (sampler, entry["fixed"]["steps"], entry["fixed"]["variant"], scale,
+                       entry["fixed"]["prompt"])
+                want = np.concatenate(list(ablation._load_images(config.out_dir, records[key])), axis=1)
+                y, x = top + pad + r * (SIZE + pad), left + pad + c * (2 * SIZE + pad)
+                np.testing.assert_array_equal(canvas[y:y + SIZE, x:x + 2 * SIZE], want)
+
+
+def test_plots_are_written(shapes_sweep):
+    pytest.importorskip("matplotlib")
+    _, result = shapes_sweep
+    names = sorted(os.path.basename(p) for p in result["plots"])
+    assert names == ["all_correct_vs_guidance.png", "all_correct_vs_steps.png",
+                     "diversity_vs_guidance.png", "diversity_vs_steps.png"]
+    for path in result["plots"]:
+        assert Image.open(path).size[0] > 300
+
+
+def test_plots_without_matplotlib_warn(shapes_sweep, tmp_path, monkeypatch, caplog):
+    config, result = shapes_sweep
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    sweep = ablation.Sweep.from_config(config)
+    with caplog.at_level("WARNING"):
+        assert ablation.write_plots(str(tmp_path), sweep, result["rows"], result["columns"]) == []
+    assert "matplotlib is not installed" in caplog.text
+
+
+def test_resume_skips_finished_pairs(shapes_sweep, generator):
+    config, first = shapes_sweep
+    again = ablation.run_sweep(config, generator=generator)
+    assert (again["generated"], again["traces"]) == (0, 0)
+    assert again["skipped"] == first["generated"]
+    assert again["rows"] == first["rows"]
+    # Lose the last record, as if the run had stopped before it: only that pair is drawn again.
+    path = os.path.join(config.out_dir, ablation.RECORDS)
+    with open(path) as f:
+        lines = f.readlines()
+    with open(path, "w") as f:
+        f.writelines(lines[:-1] + [lines[-1][:20]])         # and a torn last line
+    resumed = ablation.run_sweep(config, generator=generator)
+    assert (resumed["generated"], resumed["traces"]) == (1, 0)
+    assert len(ablation.read_records(config.out_dir)) == len(lines)
+    assert [r["all_correct"] for r in resumed["rows"]] == [r["all_correct"] for r in first["rows"]]
+
+
+def test_resume_refuses_other_settings(shapes_sweep):
+    config, _ = shapes_sweep
+    changed = _config(config.out_dir, height=48)
+    with pytest.raises(ValueError, match=r"sweep.json.*height: 32 -> 48"):
+        ablation.run_sweep(changed)
+
+
+def test_other_prompts_get_clip_scores_and_no_judge(other_sweep, clip_folder):
+    config, result = other_sweep
+    columns, rows = _read_csv(result["csv"])
+    assert columns == ["sampler", "steps", "variant", "cfg_scale", "images", "nonfinite",
+                       "diversity", "clip_score", "sec_per_image"]
+    assert len(rows) == 3 * len(SCALES)
+    scorer = metrics.load_clip_scorer(clip_folder)
+    for record in ablation.read_records(config.out_dir):
+        assert record["judge"] is None
+        want = scorer(ablation._load_images(config.out_dir, record), record["prompt"])
+        np.testing.assert_allclose(record["clip_scores"], want, rtol=1e-6)
+    for row in result["rows"]:
+        assert row["clip_score"] >= 0.0
+
+
+def test_interval_variants_compile_their_own_program(other_sweep):
+    _, result = other_sweep
+    # Programs: euler/2 steps without and with the interval; the first was compiled by the
+    # shapes sweep on the same Generator, so only the interval program is new.
+    assert result["programs"] == 2
+    assert result["traces"] == 1
+
+
+def test_grid_with_prompt_and_variant_axes(other_sweep):
+    _, result = other_sweep
+    grids = result["grids"]
+    assert len(grids) == len(SCALES)                          # one per scale (sampler, steps fixed)
+    for entry in grids:
+        assert (entry["rows"], entry["cols"]) == (2, 3)
+        assert entry["row_labels"] == list(OTHER_PROMPTS)
+        assert entry["col_labels"][0] == "cfg"
+
+
+def test_sweep_plans_programs_without_running():
+    config = _config("/nonexistent", variants=("cfg", "rescale=0.7", "interval=0.1:0.9",
+                                               "rescale=0.7,interval=0.1:0.9"),
+                     samplers=("euler", "dpmpp_2m:karras=true"))
+    sweep = ablation.Sweep.from_config(config)
+    assert len(sweep.cells()) == 2 * 2 * 4 * 2
+    assert len(sweep.programs()) == 2 * 2 * 2
+    spec = sweep.spec(ablation.Cell("dpmpp_2m:karras=true", 3, "interval=0.1:0.9", 7.5))
+    assert (spec.sampler, spec.sampler_options, spec.guidance_interval) == (
+        "dpmpp_2m", (("karras", True),), (0.1, 0.9))
+    assert all(ablation.is_shapes_prompt(p) for p in sweep.prompts) and len(sweep.prompts) == 2
+
+
+def test_variant_and_sampler_parsing():
+    assert ablation.Variant.parse("cfg") == ablation.Variant("cfg")
+    assert ablation.Variant.parse("rescale=0.7,interval=0.25:0.75") == ablation.Variant(
+        "rescale=0.7,interval=0.25:0.75", 0.7, (0.25, 0.75))
+    assert ablation.Variant.parse("interval=0:1").interval is None
+    for bad in ("rescale=2", "interval=0.8:0.2", "scale=3", "interval=0.5"):
+        with pytest.raises(ValueError, match="guidance variant"):
+            ablation.Variant.parse(bad)
+    assert ablation.parse_sampler("euler_a") == ("euler_a", ())
+    assert ablation.parse_sampler("dpmpp_2m:karras=true,order=2") == (
+        "dpmpp_2m", (("karras", True), ("order", 2)))
+    with pytest.raises(ValueError, match="key=value"):
+        ablation.parse_sampler("euler:karras")
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="config.steps repeats"):
+        ablation.Sweep.from_config(_config(tmp_path, steps=(2, 2)))
+    with pytest.raises(ValueError, match="grid axis 'colour'"):
+        ablation.write_grids(str(tmp_path), ablation.Sweep.from_config(_config(tmp_path)), [],
+                             "colour", "sampler")
