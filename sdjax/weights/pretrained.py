@@ -186,6 +186,7 @@ def save_pretrained(model: Pretrained, path: str | os.PathLike) -> None:
     """
     import shutil
 
+    import jax
     import orbax.checkpoint as ocp
 
     path = pathlib.Path(path).absolute()
@@ -199,7 +200,13 @@ def save_pretrained(model: Pretrained, path: str | os.PathLike) -> None:
         "text_encoders": [c.to_dict() for c in model.text_configs],
         "scheduler": model.scheduler_config,
     }
-    checkpointer = ocp.StandardCheckpointer()
+    options = ocp.options.MultiprocessingOptions()
+    if jax.process_count() > 1:
+        # Host arrays, written by the calling process alone (no barrier with the other hosts).
+        me = jax.process_index()
+        options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                                     barrier_sync_key_prefix=f"save_pretrained_{me}")
+    checkpointer = ocp.StandardCheckpointer(multiprocessing_options=options)
     checkpointer.save(staging / "params", model.params)
     checkpointer.wait_until_finished()
     for tokenizer, name in zip(model.tokenizers, TOKENIZER_NAMES):
