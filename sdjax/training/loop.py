@@ -170,6 +170,9 @@ def export(setup: Setup, state: TrainState, path: str, use_ema: bool = True) -> 
                                     source=path)
         save_pretrained(model, path)
         logging.info("exported %s", path)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"export {path}")
     return path
 
 
@@ -244,9 +247,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     mesh = parallel.make_mesh(fsdp=config.fsdp)
     parallel.check_batch_divides(config.data.batch_size, mesh, "data.batch_size")
     shardings = step_lib.state_sharding(mesh, setup.state)
-    # A copy: the step donates the state, which must not free buffers shared with the host
-    # arrays it was built from.
-    state = jax.device_put(setup.state, shardings, may_alias=False)
+    state = step_lib.place(setup.state, shardings)
     setup.state = None
     dataset = make_dataset(config, setup.tokenizer)
     ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.every,

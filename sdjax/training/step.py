@@ -212,6 +212,20 @@ def make_train_step(task, mesh: jax.sharding.Mesh, state_shardings: TrainState,
                    donate_argnums=(0,))
 
 
+def place(tree: Any, shardings: Any) -> Any:
+    """Host (or single-device) arrays -> fresh global arrays with `shardings`, on any number of
+    hosts (every host holds the whole tree). Fresh buffers: the train step may donate them."""
+    def put(x, sharding):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding),
+                                            impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding,
+                                            lambda index: np.array(host[index]))
+
+    return jax.tree.map(put, tree, shardings)
+
+
 def device_batch(local: dict, mesh: jax.sharding.Mesh) -> dict:
     """This host's rows of the global batch -> global arrays split over the mesh (every host
     passes its own contiguous slice, in process order). Non-array entries (captions) are dropped."""
