@@ -1,0 +1,143 @@
+"""Compile time of the whole sampling program (text encoders, the denoising scan, VAE decode) at
+several step counts, each in a fresh process, and a second launch that finds the program in the
+persistent compilation cache.
+
+    python -m benchmarks.compile_time                  # SD 1.5, 512 px, dpmpp_2m with guidance
+    python -m benchmarks.compile_time --preset=tiny    # seconds; what CI runs
+
+Params are abstract (shapes only): compiling does not need their values, so a launch measures
+tracing + lowering and XLA compilation, not weight loading. The program is the one `Generator`
+builds (jit over the batch on the device mesh).
+Targets: 50 steps <= 1.2x 1 step (the scan body is compiled once, whatever the step count); the
+second launch <= 10% of the first.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+from benchmarks import timing
+
+flags.DEFINE_string("preset", "sd15", "architecture preset (sdjax.presets)")
+flags.DEFINE_list("steps", ["1", "10", "50"], "step counts, each compiled in a fresh process "
+                  "with the persistent cache disabled")
+flags.DEFINE_integer("size", 0, "image height and width in pixels (default: 512; tiny: 32)")
+flags.DEFINE_integer("cache_steps", 50, "step count of the two launches sharing a persistent cache")
+flags.DEFINE_string("launch", None, "internal: compile once in this process, print JSON "
+                    "('' = no persistent cache, else its folder)")
+FLAGS = flags.FLAGS
+
+
+def abstract_pretrained(name: str):
+    """A `Pretrained` of the preset's architecture whose params are shapes only."""
+    from sdjax.models.clip import CLIPTextConfig
+    from sdjax.models.unet import UNetConfig
+    from sdjax.models.vae import VAEConfig
+    from sdjax.presets import preset
+    from sdjax.text import CLIPTokenizer
+    from sdjax.weights import clip as clip_weights
+    from sdjax.weights import unet as unet_weights
+    from sdjax.weights import vae as vae_weights
+    from sdjax.weights.pretrained import TEXT_ENCODER_NAMES, Pretrained, family_of
+
+    configs = preset(name)
+    unet_config = UNetConfig.from_diffusers(configs["unet"])
+    vae_config = VAEConfig.from_diffusers(configs["vae"])
+    text_configs = tuple(
+        CLIPTextConfig.from_transformers(configs[n], with_projection=n == "text_encoder_2")
+        for n in TEXT_ENCODER_NAMES if n in configs)
+    params = {"unet": unet_weights.unet_shapes(unet_config),
+              "vae": vae_weights.vae_shapes(vae_config)}
+    for n, config in zip(TEXT_ENCODER_NAMES, text_configs):
+        params[n] = clip_weights.clip_text_shapes(config)
+    tokenizers = tuple(CLIPTokenizer.default(pad_token="!" if c.hidden_act == "gelu"
+                                             else "<|endoftext|>") for c in text_configs)
+    return Pretrained(family=family_of(text_configs), unet_config=unet_config,
+                      vae_config=vae_config, text_configs=text_configs, tokenizers=tokenizers,
+                      params=params, scheduler_config=configs["scheduler"],
+                      source=f"abstract:{name}")
+
+
+def launch(preset_name: str, steps: int, size: int, cache_dir: str) -> dict:
+    """Trace, lower and compile the program once in this process; seconds and cache events."""
+    import jax
+
+    events = []
+    jax.monitoring.register_event_listener(lambda name, **kwargs: events.append(name))
+    from sdjax import parallel
+    from sdjax.sampling import (Architecture, Generator, Request, SamplingSpec,
+                                enable_compilation_cache)
+
+    class AbstractGenerator(Generator):
+        """Generator's program and batch layout, over abstract params (nothing placed)."""
+
+        def __init__(self, model):  # noqa: super().__init__ would place the params
+            self.model, self.arch, self.parallel_mode = model, Architecture.of(model), "jit"
+            self.mesh = parallel.make_mesh()
+            self.params, self._programs, self.traces = model.params, {}, 0
+
+    if cache_dir:
+        enable_compilation_cache(cache_dir)
+    generator = AbstractGenerator(abstract_pretrained(preset_name))
+    spec = SamplingSpec(sampler="dpmpp_2m", steps=steps, height=size, width=size)
+    batch = generator.prepare(Request(prompt="a cat"), spec)
+    program = generator._program(spec, tuple(sorted(batch)))
+    start = time.perf_counter()
+    lowered = program.lower(generator.params, parallel.shard_batch(batch, generator.mesh))
+    lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    lowered.compile()
+    compile_s = time.perf_counter() - start
+    return {"lower_s": lower_s, "compile_s": compile_s,
+            "hits": events.count("/jax/compilation_cache/cache_hits"),
+            "misses": events.count("/jax/compilation_cache/cache_misses")}
+
+
+def _fresh_process(steps: int, size: int, cache_dir: str) -> dict:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "benchmarks.compile_time",
+                          f"--preset={FLAGS.preset}", f"--size={size}", f"--steps={steps}",
+                          f"--launch={cache_dir}"],
+                         cwd=root, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"compile launch (steps={steps}) failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(_):
+    size = FLAGS.size or (32 if FLAGS.preset == "tiny" else 512)
+    if FLAGS.launch is not None:
+        print(json.dumps(launch(FLAGS.preset, int(FLAGS.steps[0]), size, FLAGS.launch)))
+        return
+    import jax
+
+    rows = []
+    by_steps = {}
+    for steps in map(int, FLAGS.steps):
+        r = _fresh_process(steps, size, "")
+        by_steps[steps] = r["lower_s"] + r["compile_s"]
+        rows.append([f"{steps} steps, no persistent cache", r["lower_s"], r["compile_s"],
+                     by_steps[steps], by_steps[steps] / by_steps[min(by_steps)], "—"])
+        print(f"done {steps} steps", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as cache:
+        launches = [_fresh_process(FLAGS.cache_steps, size, cache) for _ in range(2)]
+    first = launches[0]["lower_s"] + launches[0]["compile_s"]
+    for label, r in zip(("first launch, empty cache", "second launch, cache filled"), launches):
+        total = r["lower_s"] + r["compile_s"]
+        rows.append([f"{FLAGS.cache_steps} steps, {label}", r["lower_s"], r["compile_s"], total,
+                     total / first, f"{r['hits']} hit / {r['misses']} miss"])
+    print(f"compile time of the sampling program, preset {FLAGS.preset}, {size}x{size} px, "
+          f"dpmpp_2m with guidance, {timing.num_cores()} cores, jax {jax.__version__}; each row a "
+          f"fresh process; 'ratio' is to the fewest steps (no-cache rows) or to the first launch")
+    print(timing.table(["launch", "trace+lower s", "compile s", "total s", "ratio",
+                        "persistent cache"], rows))
+
+
+if __name__ == "__main__":
+    app.run(main)
