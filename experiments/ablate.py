@@ -12,8 +12,10 @@ from sdjax.evaluation import ablation
 
 config_flags.DEFINE_config_file("config", "configs/ablate.py", "ablation config file",
                                 lock_config=True)
-flags.DEFINE_string("model", None, "checkpoint: diffusers folder, .safetensors, sdjax folder or random:PRESET")
-flags.DEFINE_string("clip_model", None, "CLIP for the CLIP score: transformers CLIPModel or sdjax CLIP folder")
+flags.DEFINE_string("model", None,
+                    "checkpoint: diffusers folder, .safetensors, sdjax folder or random:PRESET")
+flags.DEFINE_string("clip_model", None,
+                    "CLIP for the CLIP score: transformers CLIPModel or sdjax CLIP folder")
 flags.DEFINE_string("out_dir", None, "where images, grids, tables and plots go")
 FLAGS = flags.FLAGS
 SHORTCUTS = ("model", "clip_model", "out_dir")

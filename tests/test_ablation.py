@@ -101,7 +101,8 @@ def test_tables_have_a_row_per_cell_and_judge_columns(shapes_sweep):
     assert columns == ["sampler", "steps", "variant", "cfg_scale", "images", "nonfinite", "judged",
                        "acc_colour", "acc_shape", "acc_position", "acc_size", "acc_background",
                        "acc_count", "all_correct", "diversity", "sec_per_image"]
-    cells = [(s, str(n), v, str(g)) for s in SAMPLERS for n in STEPS for v in VARIANTS for g in SCALES]
+    cells = [(s, str(n), v, str(g))
+             for s in SAMPLERS for n in STEPS for v in VARIANTS for g in SCALES]
     assert [(r["sampler"], r["steps"], r["variant"], r["cfg_scale"]) for r in rows] == cells
     records = ablation.read_records(config.out_dir)
     assert len(records) == len(cells) * 2
@@ -133,7 +134,8 @@ def test_guidance_scales_change_the_images(shapes_sweep):
     records = ablation.read_records(config.out_dir)
     prompt = records[0]["prompt"]
     by_scale = {r["cfg_scale"]: r for r in records
-                if (r["sampler"], r["steps"], r["variant"], r["prompt"]) == ("euler", 2, "cfg", prompt)}
+                if (r["sampler"], r["steps"], r["variant"], r["prompt"])
+                == ("euler", 2, "cfg", prompt)}
     assert all(by_scale[1.0]["finite"] + by_scale[7.5]["finite"])
     assert not np.array_equal(ablation._load_images(config.out_dir, by_scale[1.0]),
                               ablation._load_images(config.out_dir, by_scale[7.5]))
@@ -166,7 +168,8 @@ def test_grids_have_one_tile_per_cell_with_labels(shapes_sweep):
             for c, scale in enumerate(SCALES):
                 key = (sampler, entry["fixed"]["steps"], entry["fixed"]["variant"], scale,
                        entry["fixed"]["prompt"])
-                want = np.concatenate(list(ablation._load_images(config.out_dir, records[key])), axis=1)
+                seeds = ablation._load_images(config.out_dir, records[key])
+                want = np.concatenate(list(seeds), axis=1)
                 y, x = top + pad + r * (SIZE + pad), left + pad + c * (2 * SIZE + pad)
                 np.testing.assert_array_equal(canvas[y:y + SIZE, x:x + 2 * SIZE], want)
 

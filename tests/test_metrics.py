@@ -14,8 +14,10 @@ transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4  # on scores (100 x cosine)
 PROMPTS = ["a red circle on the left, blue background", "a photo of a cat",
-           "a large green square at the top and a small yellow cross at the bottom, black background",
-           "(emphasis:1.3) is plain text to CLIP", "", "a " * 90 + "prompt past the 77-token context"]
+           "a large green square at the top and a small yellow cross at the bottom, "
+           "black background",
+           "(emphasis:1.3) is plain text to CLIP", "",
+           "a " * 90 + "prompt past the 77-token context"]
 TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
             bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
@@ -42,7 +44,8 @@ def reference(tmp_path_factory):
     with torch.no_grad():  # beyond the init's unit norms and zero biases, so nothing hides
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1.0 + 0.2 * noise if "norm" in name and name.endswith("weight") else 0.2 * noise)
+            is_scale = "norm" in name and name.endswith("weight")
+            p.copy_(1.0 + 0.2 * noise if is_scale else 0.2 * noise)
     model.eval()
     vocab, merges = _shipped_vocab()
     tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
@@ -157,7 +160,8 @@ def test_diversity_known_values():
 def test_diversity_orders_different_from_similar():
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, (1, 16, 16, 3)).astype(np.uint8)
-    similar = np.clip(base.astype(int) + rng.integers(-5, 6, (3, 16, 16, 3)), 0, 255).astype(np.uint8)
+    jitter = rng.integers(-5, 6, (3, 16, 16, 3))
+    similar = np.clip(base.astype(int) + jitter, 0, 255).astype(np.uint8)
     different = rng.integers(0, 256, (3, 16, 16, 3)).astype(np.uint8)
     low, high = metrics.diversity(similar), metrics.diversity(different)
     assert 0.0 < low < 0.03 < 0.3 < high < 0.5  # uniform noise pairs: RMS ~ 0.41

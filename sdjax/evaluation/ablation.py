@@ -82,7 +82,8 @@ class Variant:
         if not 0.0 <= rescale <= 1.0:
             raise ValueError(f"guidance variant {text!r}: rescale must be in [0, 1]")
         if interval is not None and not 0.0 <= interval[0] < interval[1] <= 1.0:
-            raise ValueError(f"guidance variant {text!r}: interval must satisfy 0 <= start < end <= 1")
+            raise ValueError(f"guidance variant {text!r}: interval must satisfy "
+                             f"0 <= start < end <= 1")
         return cls(name=text or "cfg", rescale=rescale,
                    interval=None if interval == (0.0, 1.0) else interval)
 
@@ -244,7 +245,8 @@ def read_records(out_dir: str) -> list[dict]:
             try:
                 records.append(json.loads(line))
             except ValueError:
-                logging.warning("%s:%d: unreadable record dropped (interrupted write?)", path, number)
+                logging.warning("%s:%d: unreadable record dropped (interrupted write?)", path,
+                                number)
     return records
 
 
@@ -449,7 +451,8 @@ def _clear(folder: str, prefix: str) -> None:
 
 # --- tables ----------------------------------------------------------------------------------------
 
-def aggregate(sweep: Sweep, records: Sequence[dict], with_clip: bool) -> tuple[list[str], list[dict]]:
+def aggregate(sweep: Sweep, records: Sequence[dict],
+              with_clip: bool) -> tuple[list[str], list[dict]]:
     """One row per cell (sweep order): images, non-finite count, judge accuracies (when some
     prompt is a shapes prompt), diversity (when >= 2 seeds), CLIP score, seconds per image."""
     judged = any(is_shapes_prompt(p) for p in sweep.prompts)
@@ -474,7 +477,8 @@ def aggregate(sweep: Sweep, records: Sequence[dict], with_clip: bool) -> tuple[l
             results = [j for r in group if r["judge"] for j in r["judge"]]
             row["judged"] = len(results)
             for attribute, column in zip(judge_lib.ATTRIBUTES + ("all_correct",), JUDGE_COLUMNS):
-                row[column] = float(np.mean([j[attribute] for j in results])) if results else math.nan
+                row[column] = (float(np.mean([j[attribute] for j in results])) if results
+                               else math.nan)
         if "diversity" in columns:
             row["diversity"] = float(np.mean([r["diversity"] for r in group]))
         if with_clip:
@@ -502,7 +506,8 @@ def _format(value: Any, column: str) -> str:
 
 def markdown_table(columns: Sequence[str], rows: Sequence[dict]) -> str:
     lines = ["| " + " | ".join(columns) + " |",
-             "|" + "|".join("---" if c in ("sampler", "variant") else "---:" for c in columns) + "|"]
+             "|" + "|".join("---" if c in ("sampler", "variant") else "---:" for c in columns)
+             + "|"]
     for row in rows:
         lines.append("| " + " | ".join(_format(row[c], c) for c in columns) + " |")
     return "\n".join(lines)
@@ -524,7 +529,8 @@ def write_markdown(path: str, config, sweep: Sweep, columns, rows, grids, plots,
         text += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})"
                                     for p in plots] + [""]
     if grids:
-        text += ["## Grids", ""] + [f"- [{os.path.basename(g['file'])}]({g['file']})" for g in grids]
+        text += ["## Grids", ""] + [f"- [{os.path.basename(g['file'])}]({g['file']})"
+                                    for g in grids]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(text) + "\n")
 
@@ -607,7 +613,8 @@ def write_grids(out_dir: str, sweep: Sweep, records: Sequence[dict], x: str, y: 
 
 # --- plots -----------------------------------------------------------------------------------------
 
-def write_plots(folder: str, sweep: Sweep, rows: Sequence[dict], columns: Sequence[str]) -> list[str]:
+def write_plots(folder: str, sweep: Sweep, rows: Sequence[dict],
+                columns: Sequence[str]) -> list[str]:
     """all_correct (else clip_score) and diversity against the guidance scale (a panel per step
     count) and against steps (a panel per scale), a line per sampler and variant. Needs
     matplotlib; without it, a warning and no plots."""

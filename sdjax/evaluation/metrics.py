@@ -84,9 +84,10 @@ def clip_preprocess(images: np.ndarray, preprocessing: ClipPreprocessing) -> np.
     crop_h, crop_w = preprocessing.crop_size
     for image in images:
         h, w = image.shape[:2]
-        # transformers: the shorter side becomes `shortest_edge`, the longer one int(size·long/short).
+        # As transformers: shorter side -> shortest_edge, longer -> int(size * long / short).
         short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = preprocessing.shortest_edge, int(preprocessing.shortest_edge * long / short)
+        new_short = preprocessing.shortest_edge
+        new_long = int(new_short * long / short)
         new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
         resized = image
         if (new_h, new_w) != (h, w):
@@ -162,7 +163,8 @@ class ClipScorer:
 def load_clip_scorer(path: str | os.PathLike, dtype: Any = None) -> ClipScorer:
     """A transformers CLIPModel folder (config.json with text_config/vision_config, safetensors
     weights, optionally the tokenizer and preprocessor_config.json of a CLIPProcessor) or a native
-    sdjax CLIP folder (`save_clip_native`). Without tokenizer files the OpenAI vocabulary is used."""
+    sdjax CLIP folder (`save_clip_native`). Without tokenizer files the OpenAI vocabulary is
+    used."""
     folder = pathlib.Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"CLIP model {os.fspath(path)!r} is not a folder")
@@ -176,7 +178,8 @@ def load_clip_scorer(path: str | os.PathLike, dtype: Any = None) -> ClipScorer:
         raise WeightsError(f"{folder}: neither a transformers CLIPModel folder (config.json) nor "
                            f"an sdjax CLIP folder ({NATIVE_CLIP_MANIFEST})")
     has_tokenizer = any((tokenizer_dir / f).is_file() for f in ("tokenizer.json", "vocab.json"))
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir) if has_tokenizer else CLIPTokenizer.default()
+    tokenizer = (CLIPTokenizer.from_pretrained(tokenizer_dir) if has_tokenizer
+                 else CLIPTokenizer.default())
     preprocessing = ClipPreprocessing.for_config(config)
     processor_file = folder / "preprocessor_config.json"
     if processor_file.is_file():
@@ -219,8 +222,9 @@ def _load_clip_native(folder: pathlib.Path, dtype) -> tuple[CLIPConfig, dict]:
     manifest_file = folder / NATIVE_CLIP_MANIFEST
     try:
         manifest = json.loads(manifest_file.read_text())
-        if manifest.get("format") != "sdjax-clip" or manifest.get("version") != NATIVE_CLIP_FORMAT_VERSION:
-            raise ValueError(f"format={manifest.get('format')!r}, version={manifest.get('version')!r}")
+        found = (manifest.get("format"), manifest.get("version"))
+        if found != ("sdjax-clip", NATIVE_CLIP_FORMAT_VERSION):
+            raise ValueError(f"format={found[0]!r}, version={found[1]!r}")
         config = CLIPConfig.from_dict(manifest["config"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise WeightsError(f"{manifest_file}: not an sdjax CLIP v{NATIVE_CLIP_FORMAT_VERSION} "
@@ -258,6 +262,7 @@ def diversity(images: np.ndarray) -> float:
     one prompt across seeds. 0 = identical images; 1 = black vs white."""
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[0] < 2:
-        raise ValueError(f"diversity needs at least 2 images (N, H, W, C), got shape {images.shape}")
+        raise ValueError(f"diversity needs at least 2 images (N, H, W, C), got shape "
+                         f"{images.shape}")
     n = images.shape[0]
     return float(pairwise_distances(images)[np.triu_indices(n, 1)].mean())
