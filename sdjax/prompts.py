@@ -129,10 +129,20 @@ def tokenize_batch(tokenizer, prompts: Sequence[str], min_chunks: int = 1) -> tu
 
 def apply_emphasis(hidden: "jax.Array", weights: "jax.Array") -> "jax.Array":
     """Scale token embeddings (B, L, D) by their weights (B, L), then restore each image's mean, as
-    the WebUI does (per image here, so an image never depends on the rest of its batch)."""
+    the WebUI does (per image here, so an image never depends on the rest of its batch).
+
+    Rows with every weight 1 are returned unchanged. The mean is not restored where it is (near)
+    zero — e.g. a final layer norm without bias — since the ratio would then be noise or 0/0.
+    """
     import jax.numpy as jnp
 
     axes = tuple(range(1, hidden.ndim))
     original_mean = jnp.mean(hidden, axis=axes, keepdims=True)
     scaled = hidden * weights[..., None].astype(hidden.dtype)
-    return scaled * (original_mean / jnp.mean(scaled, axis=axes, keepdims=True))
+    new_mean = jnp.mean(scaled, axis=axes, keepdims=True)
+    scale_of_values = jnp.mean(jnp.abs(hidden), axis=axes, keepdims=True)
+    meaningful = jnp.abs(new_mean) > 1e-3 * scale_of_values
+    ratio = jnp.where(meaningful, original_mean / jnp.where(meaningful, new_mean, 1.0), 1.0)
+    emphasised = jnp.any(weights != 1.0, axis=tuple(range(1, weights.ndim)))
+    emphasised = emphasised.reshape(emphasised.shape + (1,) * (hidden.ndim - 1))
+    return jnp.where(emphasised, scaled * ratio, hidden)

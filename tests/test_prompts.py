@@ -83,3 +83,15 @@ def test_apply_emphasis_keeps_mean_and_is_identity_without_weights():
     np.testing.assert_array_equal(out[1], hidden[1])  # the other image is untouched
     ratio = out[0, 3] / out[0, 4]
     np.testing.assert_allclose(ratio, 1.5 * hidden[0, 3] / hidden[0, 4], rtol=1e-4)
+
+
+def test_apply_emphasis_is_finite_when_the_mean_is_zero():
+    rng = np.random.RandomState(1)
+    hidden = rng.randn(2, 77, 16).astype(np.float32)
+    hidden -= hidden.mean(axis=-1, keepdims=True)  # like a layer norm without bias: mean exactly ~0
+    weights = np.ones((2, 77), np.float32)
+    weights[0, 5] = 1.3
+    out = np.asarray(apply_emphasis(hidden, weights))
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out[0, 5], 1.3 * hidden[0, 5], rtol=1e-6)
+    np.testing.assert_array_equal(out[1], hidden[1])
