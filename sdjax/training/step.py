@@ -175,7 +175,7 @@ def train_step(task, state: TrainState, batch: dict, key: jax.Array) -> tuple[Tr
     # Frozen models take zero gradients, which the optimizer discards unread (dead code to XLA).
     full_grads = {name: grads[name] if name in grads else jax.tree.map(jnp.zeros_like, sub)
                   for name, sub in state.params.items()}
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     rates = learning_rates(state)
     new = state.apply_gradients(full_grads)
@@ -185,7 +185,7 @@ def train_step(task, state: TrainState, batch: dict, key: jax.Array) -> tuple[Tr
                           ema_params=(None if state.ema_params is None else
                                       _select(finite, new.ema_params, state.ema_params)))
     metrics = {"loss": loss.astype(jnp.float32), "grad_norm": grad_norm,
-               "param_norm": optax.global_norm({n: state.params[n] for n in trainable}),
+               "param_norm": optax.tree.norm({n: state.params[n] for n in trainable}),
                "finite": finite.astype(jnp.int32), **aux}
     metrics.update({f"lr/{name}": rate for name, rate in rates.items()})
     return state, metrics
