@@ -31,7 +31,10 @@ def _state_tree(state: TrainState) -> dict:
 
 
 def _abstract(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+    # Host (numpy) leaves, e.g. a frozen model of an unplaced state, restore onto one device.
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=getattr(x, "sharding", default)), tree)
 
 
 class Checkpoints:

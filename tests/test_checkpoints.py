@@ -1,0 +1,141 @@
+"""Train checkpoints: round trip, keep-last-N, interrupted writes never win, restore across device
+counts (8 simulated CPU devices in a subprocess <-> this process's one)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from sdjax import parallel
+from sdjax.training import state as state_lib
+from sdjax.training import step as step_lib
+from sdjax.training.checkpoints import Checkpoints
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A state with one leaf large enough (>= parallel.FSDP_MIN_SIZE) to be split over fsdp.
+MAKE_STATE = textwrap.dedent("""
+    import jax, numpy as np
+    from sdjax.training import state as state_lib
+
+    def make_state(seed):
+        rng = np.random.default_rng(seed)
+        params = {"unet": {"big": rng.standard_normal((256, 512), dtype=np.float32),
+                           "bias": rng.standard_normal((8,), dtype=np.float32)},
+                  "vae": {"w": rng.standard_normal((4, 4), dtype=np.float32)}}
+        optimizer = state_lib.make_optimizer({"unet": {"lr": 1e-3}, "vae": {"frozen": True}}, 10)
+        state = state_lib.init_train_state(params, optimizer, jax.random.key(seed), use_ema=True)
+        # Moments and EMA different from the params, as after some steps.
+        grads = jax.tree.map(lambda x: np.full(x.shape, 0.1, np.float32), params)
+        return state.apply_gradients(grads)
+""")
+exec(MAKE_STATE)  # defines make_state here too
+
+
+def _leaves(state):
+    return jax.tree.leaves(jax.device_get((state.step, state.params, state.opt_state,
+                                           state.ema_params, jax.random.key_data(state.rng))))
+
+
+def _assert_same(a, b):
+    for x, y in zip(_leaves(a), _leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_round_trip_keeps_last_n_and_only_due_steps(tmp_path):
+    ckpt = Checkpoints(tmp_path, save_every=2, keep=2, async_save=True)
+    states = {}
+    for step in range(1, 7):
+        states[step] = make_state(step)
+        ckpt.save(step, states[step], {"step": step, "data": {"epoch": 0, "index": step}})
+    ckpt.wait()
+    assert ckpt.all_steps() == [4, 6]
+    restored, meta = ckpt.restore(make_state(0))
+    assert meta == {"step": 6, "data": {"epoch": 0, "index": 6}}
+    _assert_same(restored, states[6])
+    restored, _ = ckpt.restore(make_state(0), step=4)
+    _assert_same(restored, states[4])
+    ckpt.close()
+
+
+def test_interrupted_write_never_replaces_the_last_complete_checkpoint(tmp_path):
+    ckpt = Checkpoints(tmp_path, save_every=1, async_save=False)
+    good = make_state(3)
+    ckpt.save(3, good, {"step": 3})
+    ckpt.wait()
+    ckpt.close()
+    # What a write killed mid-way leaves: orbax's temporary folder, never renamed into place.
+    partial = tmp_path / "7.orbax-checkpoint-tmp-1732530000000000"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "garbage").write_bytes(b"\x00" * 100)
+    ckpt = Checkpoints(tmp_path, save_every=1)
+    assert ckpt.latest_step() == 3
+    restored, meta = ckpt.restore(make_state(0))
+    assert meta["step"] == 3
+    _assert_same(restored, good)
+    ckpt.close()
+
+
+def test_restore_checks_the_structure(tmp_path):
+    ckpt = Checkpoints(tmp_path, save_every=1, async_save=False)
+    ckpt.save(1, make_state(1), {"step": 1})
+    ckpt.wait()
+    params = {"unet": {"big": np.zeros((256, 512), np.float32)}, "vae": {"w": np.zeros((4, 4), np.float32)}}
+    optimizer = state_lib.make_optimizer({"unet": {"lr": 1e-3}, "vae": {"frozen": True}}, 10)
+    other = state_lib.init_train_state(params, optimizer, jax.random.key(0), use_ema=True)
+    with pytest.raises(ValueError, match="does not match"):
+        ckpt.restore(other)
+    ckpt.close()
+
+
+def _run_on_8_devices(code: str) -> None:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", MAKE_STATE + textwrap.dedent(code)], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_checkpoint_moves_between_8_devices_and_1(tmp_path):
+    # 1 device -> 8 (fsdp 2): the big leaf and its moments come back split over fsdp.
+    ckpt = Checkpoints(tmp_path / "from1", save_every=1, async_save=False)
+    ckpt.save(5, make_state(5), {"step": 5})
+    ckpt.wait()
+    ckpt.close()
+    _run_on_8_devices(f"""
+        import numpy as np, jax
+        from sdjax import parallel
+        from sdjax.training import step as step_lib
+        from sdjax.training.checkpoints import Checkpoints
+        assert jax.device_count() == 8
+        mesh = parallel.make_mesh(fsdp=2)
+        template = make_state(0)
+        shardings = step_lib.state_sharding(mesh, template)
+        template = step_lib.place(template, shardings)
+        restored, _ = Checkpoints({str(tmp_path / 'from1')!r}).restore(template)
+        big = restored.params["unet"]["big"]
+        assert big.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp"), big.sharding
+        assert len(big.addressable_shards) == 8 and big.addressable_shards[0].data.shape == (256, 256)
+        paths = jax.tree_util.tree_flatten_with_path(restored.opt_state)[0]
+        moments = [x for p, x in paths if "big" in jax.tree_util.keystr(p)]
+        assert len(moments) == 2 and all(m.sharding.spec == big.sharding.spec for m in moments)
+        expected = make_state(5)
+        np.testing.assert_array_equal(np.asarray(big), expected.params["unet"]["big"])
+        np.testing.assert_array_equal(np.asarray(restored.ema_params["unet"]["big"]),
+                                      np.asarray(expected.ema_params["unet"]["big"]))
+        # 8 devices -> written for the 1-device restore below.
+        ckpt = Checkpoints({str(tmp_path / 'from8')!r}, save_every=1)
+        nine = make_state(9)
+        ckpt.save(9, step_lib.place(nine, step_lib.state_sharding(mesh, nine)), {{"step": 9}})
+        ckpt.wait()
+    """)
+    mesh = parallel.make_mesh()
+    template = make_state(0)
+    template = step_lib.place(template, step_lib.state_sharding(mesh, template))
+    restored, meta = Checkpoints(tmp_path / "from8").restore(template)
+    assert meta["step"] == 9
+    assert restored.params["unet"]["big"].sharding.device_set == set(jax.devices())
+    _assert_same(restored, make_state(9))
