@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+import torch
+import diffusers
+import transformers
 
 import sdjax  # noqa: E402
 from benchmarks.checkpoints import save_diffusers_folder  # noqa: E402
@@ -66,7 +66,8 @@ def sd1_parts(**unet_overrides) -> dict:
     return {
         "unet": randomise(diffusers.UNet2DConditionModel(**{**UNET, **unet_overrides}), 1),
         "vae": randomise(diffusers.AutoencoderKL(**VAE), 2),
-        "text_encoder": randomise(transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP_TEXT)), 3),
+        "text_encoder": randomise(
+            transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP_TEXT)), 3),
     }
 
 
@@ -91,7 +92,8 @@ def sdxl_parts() -> dict:
     return {
         "unet": randomise(diffusers.UNet2DConditionModel(**unet), 7),
         "vae": randomise(diffusers.AutoencoderKL(**VAE, scaling_factor=0.13025), 8),
-        "text_encoder": randomise(transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP_TEXT)), 9),
+        "text_encoder": randomise(
+            transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP_TEXT)), 9),
         "text_encoder_2": randomise(transformers.CLIPTextModelWithProjection(
             transformers.CLIPTextConfig(**text_2)), 10),
     }
@@ -167,22 +169,22 @@ def assert_parity(case: str, ours: np.ndarray, theirs: np.ndarray) -> None:
     assert value >= MIN_PSNR_DB, f"{case}: PSNR {value:.1f} dB < {MIN_PSNR_DB} dB"
 
 
-def test_image():
+def smooth_image() -> np.ndarray:
     """A smooth (H, W, 3) image in [0, 1]."""
     y, x = np.mgrid[0:IMAGE, 0:IMAGE].astype(np.float32) / IMAGE
     return np.stack([0.5 + 0.4 * np.sin(6 * x), 0.5 + 0.4 * np.cos(5 * y), x * y], axis=-1)
 
 
-test_image.__test__ = False
-
-
 # --- 1. SD 1.x parity ------------------------------------------------------------------------------
 
+# One compiled program per sampler: in the default run SD 1.x covers DDIM, and Euler and DPM-Solver++
+# run end to end through the SDXL and SD 2.x cases; `-m slow` adds them for SD 1.x too.
+slow = pytest.mark.slow
 TXT2IMG_CASES = [  # sampler, guidance scale, negative prompt, guidance rescale
-    ("ddim", 1.0, None, 0.0), ("ddim", 7.5, "blurry, low quality", 0.0),
-    ("euler", 1.0, None, 0.0), ("euler", 7.5, None, 0.0),
-    ("dpmpp_2m", 1.0, None, 0.0), ("dpmpp_2m", 7.5, "blurry, low quality", 0.0),
-    ("ddim", 7.5, None, 0.7),
+    ("ddim", 1.0, None, 0.0), ("ddim", 7.5, "blurry, low quality", 0.0), ("ddim", 7.5, None, 0.7),
+    pytest.param("euler", 1.0, None, 0.0, marks=slow), pytest.param("euler", 7.5, None, 0.0, marks=slow),
+    pytest.param("dpmpp_2m", 1.0, None, 0.0, marks=slow),
+    pytest.param("dpmpp_2m", 7.5, "blurry, low quality", 0.0, marks=slow),
 ]
 
 
@@ -214,10 +216,11 @@ def deterministic_img2img(monkeypatch):
     return noise
 
 
-@pytest.mark.parametrize("sampler,scale", [("ddim", 7.5), ("euler", 7.5), ("dpmpp_2m", 1.0)])
+@pytest.mark.parametrize("sampler,scale", [
+    ("ddim", 7.5), pytest.param("euler", 7.5, marks=slow), pytest.param("dpmpp_2m", 1.0, marks=slow)])
 def test_img2img_matches_diffusers(sd1, sd1_reference, deterministic_img2img, sampler, scale):
     seed, strength = 9, 0.6
-    image = test_image()
+    image = smooth_image()
     ours = sd1(Request(PROMPT, seed=seed, cfg_scale=scale, init_image=2 * image - 1),
                spec_of(sampler, mode="img2img", strength=strength))["images"]
     deterministic_img2img["value"] = seeded_noise(seed)
@@ -362,7 +365,7 @@ def test_inpaint_with_mask_blending_keeps_the_unmasked_region(sd1):
     """The kept latents end as the init image's (scaled) posterior mode, exactly. In pixels that is
     exact with nothing to repaint; with a half mask the VAE decoder's mid-block attention mixes
     every latent into every pixel, so the kept half is only closer to the reconstruction."""
-    image = 2 * test_image() - 1
+    image = 2 * smooth_image() - 1
     spec = spec_of("ddim", mode="inpaint")
     recon = np.clip(_reconstruction(sd1, image), -1, 1)
     nothing = sd1(Request(PROMPT, seed=80, init_image=image, mask=np.zeros((IMAGE, IMAGE))), spec)
@@ -394,7 +397,8 @@ def deterministic_inpaint(monkeypatch):
     return noise
 
 
-@pytest.mark.parametrize("unet,strength", [("blend", 1.0), ("blend", 0.75), ("nine", 1.0)])
+@pytest.mark.parametrize("unet,strength", [
+    ("blend", 1.0), ("nine", 1.0), pytest.param("blend", 0.75, marks=slow)])
 def test_inpaint_matches_diffusers(sd1, sd1_inpaint, folders, deterministic_inpaint, unet, strength):
     """Ordinary U-Net with mask blending, and the 9-channel inpainting U-Net. The mask is aligned
     to the latent grid: diffusers resizes it (nearest), sdjax repaints a latent if any pixel is."""
@@ -402,7 +406,7 @@ def test_inpaint_matches_diffusers(sd1, sd1_inpaint, folders, deterministic_inpa
 
     generator = sd1 if unet == "blend" else sd1_inpaint
     seed, scale = 11, 7.5
-    image = test_image()
+    image = smooth_image()
     mask = np.zeros((IMAGE, IMAGE), np.float32)
     mask[8:24, 4:20] = 1
     ours = generator(Request(PROMPT, seed=seed, cfg_scale=scale, init_image=2 * image - 1, mask=mask),
