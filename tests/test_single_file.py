@@ -8,9 +8,9 @@ import struct
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+import torch
+import diffusers
+import transformers
 
 from sdjax.weights import single_file as sf  # noqa: E402
 from sdjax.weights.common import SafetensorsFile, WeightsError  # noqa: E402

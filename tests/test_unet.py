@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+import torch
+import diffusers
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from sdjax import presets  # noqa: E402
