@@ -6,12 +6,11 @@
 See configs/ablate.py for every setting; the flags below are shortcuts that override the config.
 """
 from absl import app, flags, logging
-from ml_collections import config_flags
 
+from sdjax import cli
 from sdjax.evaluation import ablation
 
-config_flags.DEFINE_config_file("config", "configs/ablate.py", "ablation config file",
-                                lock_config=True)
+cli.define_config_file("config", "configs/ablate.py", "ablation config file")
 flags.DEFINE_string("model", None,
                     "checkpoint: diffusers folder, .safetensors, sdjax folder or random:PRESET")
 flags.DEFINE_string("clip_model", None,
@@ -39,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

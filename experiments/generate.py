@@ -7,12 +7,11 @@ Every config field can be overridden as --config.FIELD=value; the flags below ar
 most used fields and, when given, override the config.
 """
 from absl import app, flags, logging
-from ml_collections import config_flags
 
+from sdjax import cli
 from sdjax import generate
 
-config_flags.DEFINE_config_file("config", "configs/sd15.py", "generation config file",
-                                lock_config=True)
+cli.define_config_file("config", "configs/sd15.py", "generation config file")
 flags.DEFINE_string("prompt", None, "what to draw")
 flags.DEFINE_string("negative_prompt", None, "what to steer away from")
 flags.DEFINE_integer("seed", None, "seed of the first image; image i uses seed + i")
@@ -50,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

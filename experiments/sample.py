@@ -13,12 +13,11 @@ Several hosts: start the same command on each with --coordinator_address=host0:p
 --num_processes=N --process_id=i (on TPU pods and managed clusters JAX finds its peers without them).
 """
 from absl import app, flags, logging
-from ml_collections import config_flags
 
+from sdjax import cli
 from sdjax import batch_sampling, parallel
 
-config_flags.DEFINE_config_file("config", "configs/sd15.py", "generation config file",
-                                lock_config=True)
+cli.define_config_file("config", "configs/sd15.py", "generation config file")
 flags.DEFINE_string("prompts", None, "prompt file: text, one prompt per line, or .jsonl", required=True)
 flags.DEFINE_string("out_dir", None, "where the PNGs and manifest.jsonl go")
 flags.DEFINE_integer("images_per_prompt", None, "images per prompt (config.num_images)")
@@ -51,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -202,19 +202,11 @@ def host_jobs(batches: Iterable[Batch], process_index: int, num_processes: int) 
 
 def spec_for(base: SamplingSpec, prompt: Prompt) -> SamplingSpec:
     """The static settings of one prompt: the config's, with the prompt file's overrides."""
-    options = dict(base.sampler_options)
-    # An option that is off (karras=False) is meaningless, not wrong, for a sampler without it.
-    valid = _sampler_options(prompt.sampler)
-    options = {k: v for k, v in options.items() if k in valid or v}
     return dataclasses.replace(base, sampler=prompt.sampler, steps=prompt.steps, width=prompt.width,
-                               height=prompt.height, sampler_options=tuple(sorted(options.items())),
+                               height=prompt.height,
+                               sampler_options=samplers_lib.options_for(prompt.sampler,
+                                                                        dict(base.sampler_options)),
                                guidance=prompt.cfg_scale != 1.0, progress=False)
-
-
-@functools.lru_cache(maxsize=None)
-def _sampler_options(name: str) -> frozenset:
-    sampler = samplers_lib.get_sampler(name)
-    return frozenset(f.name for f in dataclasses.fields(sampler))
 
 
 class BatchSampler:

@@ -10,6 +10,7 @@ import numpy as np
 from absl import logging
 
 from sdjax import images as images_lib
+from sdjax.diffusion import samplers as samplers_lib
 from sdjax.sampling import (Generator, Request, SamplingSpec, enable_compilation_cache)
 
 DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
@@ -22,9 +23,12 @@ def spec_from_config(config) -> SamplingSpec:
     elif config.mask:
         raise ValueError("--mask needs --init_image (the image to inpaint)")
     interval = tuple(config.guidance_interval)
+    # `--config.sampler=dpmpp_2m:karras=true` and `--config.sampler_options.karras=true` both work.
+    name, inline = samplers_lib.parse_sampler(config.sampler)
+    options = samplers_lib.options_for(name, {**config.sampler_options.to_dict(), **dict(inline)})
     return SamplingSpec(
-        sampler=config.sampler, steps=int(config.steps), height=int(config.height),
-        width=int(config.width), sampler_options=tuple(sorted(config.sampler_options.items())),
+        sampler=name, steps=int(config.steps), height=int(config.height),
+        width=int(config.width), sampler_options=options,
         mode=mode, strength=float(config.strength) if mode != "txt2img" else 1.0,
         guidance=float(config.cfg_scale) != 1.0,
         guidance_interval=None if interval == (0.0, 1.0) else interval,

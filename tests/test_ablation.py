@@ -15,6 +15,7 @@ from PIL import Image
 
 from configs import ablate as ablate_config
 from sdjax import images as images_lib
+from sdjax.diffusion.samplers import parse_sampler
 from sdjax.evaluation import ablation, metrics
 from sdjax.models.clip import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from sdjax.presets import random_pretrained
@@ -274,11 +275,11 @@ def test_variant_and_sampler_parsing():
     for bad in ("rescale=2", "interval=0.8:0.2", "scale=3", "interval=0.5"):
         with pytest.raises(ValueError, match="guidance variant"):
             ablation.Variant.parse(bad)
-    assert ablation.parse_sampler("euler_a") == ("euler_a", ())
-    assert ablation.parse_sampler("dpmpp_2m:karras=true,order=2") == (
+    assert parse_sampler("euler_a") == ("euler_a", ())
+    assert parse_sampler("dpmpp_2m:karras=true,order=2") == (
         "dpmpp_2m", (("karras", True), ("order", 2)))
     with pytest.raises(ValueError, match="key=value"):
-        ablation.parse_sampler("euler:karras")
+        parse_sampler("euler:karras")
 
 
 def test_config_errors_name_the_field(tmp_path):

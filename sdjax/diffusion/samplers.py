@@ -127,6 +127,44 @@ def get_sampler(name: str, **options: Any) -> "Sampler":
     return cls(**fixed, **options)
 
 
+def parse_sampler(text: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    """`NAME` or `NAME:option=value,...` (e.g. `dpmpp_2m:karras=true`) -> (name, options)."""
+    name, _, rest = text.strip().partition(":")
+    options = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"sampler {text!r}: option {part!r} is not key=value")
+        options[key.strip()] = _literal(value.strip())
+    return name, tuple(sorted(options.items()))
+
+
+def _literal(value: str) -> Any:
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def options_for(name: str, options) -> tuple[tuple[str, Any], ...]:
+    """The subset of `options` (a mapping) that sampler `name` takes, as a sorted tuple.
+
+    An option that is off (False, 0) means nothing to a sampler without it and is dropped, so one
+    config (`karras=False`) serves every sampler; an option that is on but unknown is an error.
+    """
+    if name not in _REGISTRY:
+        get_sampler(name)  # raises, listing the valid names
+    cls, fixed = _REGISTRY[name]
+    valid = {f.name for f in dataclasses.fields(cls)} - set(fixed)
+    kept = {k: v for k, v in dict(options).items() if k in valid or v}
+    get_sampler(name, **kept)  # unknown options that are on: the registry's error names them
+    return tuple(sorted(kept.items()))
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     """Base: a hashable bundle of static options plus plan / init / step / add_noise."""

@@ -37,6 +37,7 @@ from absl import logging
 
 from sdjax import images as images_lib
 from sdjax.data import shapes
+from sdjax.diffusion.samplers import parse_sampler
 from sdjax.evaluation import judge as judge_lib
 from sdjax.evaluation import metrics
 
@@ -86,29 +87,6 @@ class Variant:
                              f"0 <= start < end <= 1")
         return cls(name=text or "cfg", rescale=rescale,
                    interval=None if interval == (0.0, 1.0) else interval)
-
-
-def parse_sampler(text: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
-    """`NAME` or `NAME:option=value,...` (e.g. `dpmpp_2m:karras=true`) -> (name, options)."""
-    name, _, rest = text.strip().partition(":")
-    options = {}
-    for part in filter(None, (p.strip() for p in rest.split(","))):
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise ValueError(f"sampler {text!r}: option {part!r} is not key=value")
-        options[key.strip()] = _literal(value.strip())
-    return name, tuple(sorted(options.items()))
-
-
-def _literal(value: str) -> Any:
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
 
 
 @dataclasses.dataclass(frozen=True)
