@@ -274,18 +274,20 @@ def _generate_microbatch(arch: Architecture, spec: SamplingSpec, params: dict, b
         if uncond is not None:
             uncond["time_ids"] = batch["time_ids"]
 
-    vae = AutoencoderKL(arch.vae, dtype=arch.dtype)
+    # VAEs marked force_upcast (SDXL's) overflow in float16: they decode in float32.
+    vae_dtype = jnp.float32 if arch.vae.force_upcast and arch.dtype == jnp.float16 else arch.dtype
+    vae = AutoencoderKL(arch.vae, dtype=vae_dtype)
     unet = UNet(arch.unet, dtype=arch.dtype)
     x0 = mask = masked_latents = None
     if spec.mode != "txt2img":
-        posterior = vae.apply({"params": params["vae"]}, batch["init_image"].astype(arch.dtype),
+        posterior = vae.apply({"params": params["vae"]}, batch["init_image"].astype(vae_dtype),
                               method=AutoencoderKL.encode)
         x0 = scale_latents(posterior.mode().astype(jnp.float32), arch.vae)
     if spec.mode == "inpaint":
         mask = _downsample_mask(batch["mask"], arch.latent_factor)
         if arch.unet.in_channels != latent_channels:
             masked = batch["init_image"] * (1.0 - batch["mask"])
-            masked_posterior = vae.apply({"params": params["vae"]}, masked.astype(arch.dtype),
+            masked_posterior = vae.apply({"params": params["vae"]}, masked.astype(vae_dtype),
                                          method=AutoencoderKL.encode)
             masked_latents = scale_latents(masked_posterior.mode().astype(jnp.float32), arch.vae)
 
@@ -320,7 +322,7 @@ def _generate_microbatch(arch: Architecture, spec: SamplingSpec, params: dict, b
         sampler, model_fn, noise, plan, jax.vmap(lambda k: jax.random.fold_in(k, _SAMPLER_STREAM))(keys),
         x0=start_x0, start=start, after_step=after_step, on_step=on_step)
     finite = jnp.all(jnp.isfinite(latents), axis=(1, 2, 3))
-    images = vae.apply({"params": params["vae"]}, unscale_latents(latents, arch.vae).astype(arch.dtype),
+    images = vae.apply({"params": params["vae"]}, unscale_latents(latents, arch.vae).astype(vae_dtype),
                        method=AutoencoderKL.decode).astype(jnp.float32)
     return {"images": jnp.clip(images, -1.0, 1.0), "finite": finite}
 
