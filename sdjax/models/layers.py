@@ -8,9 +8,15 @@ import jax
 import jax.numpy as jnp
 
 # Attention implementations selectable by config. "xla" is jax.nn.dot_product_attention's
-# portable path; "cudnn" asks for the fused GPU kernel; "reference" is plain einsum + softmax
-# in float32, the yardstick for the others.
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "reference")
+# portable path, except on the CPU backend, where it runs "blocked"; "cudnn" asks for the fused GPU
+# kernel; "reference" is plain einsum + softmax in float32, the yardstick for the others;
+# "blocked" computes the same float32 logits and softmax one (batch, head, query block) at a time
+# (masked or causal attention, CLIP's 77 tokens, takes the "reference" path instead).
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "reference", "blocked")
+# Query rows per block of "blocked": the block's logits (rows x keys, float32) stay within a few MiB,
+# i.e. in cache, where XLA's CPU softmax over whole (B, H, Lq, Lk) logits streams them through
+# memory several times (5x slower for SD's 4096-token self-attention, 256-512 rows measured best).
+_BLOCK_ROWS_LONG_KEYS, _BLOCK_ROWS = 512, 256
 
 
 def dot_product_attention(
@@ -30,7 +36,11 @@ def dot_product_attention(
         raise ValueError(
             f"unknown attention implementation {implementation!r}; "
             f"choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
-    if implementation == "reference":
+    if implementation == "xla" and jax.default_backend() == "cpu":
+        implementation = "blocked"
+    if implementation == "blocked" and mask is None and not is_causal:
+        return _blocked_attention(query, key, value)
+    if implementation in ("reference", "blocked"):
         scale = query.shape[-1] ** -0.5
         logits = jnp.einsum("bqhd,bkhd->bhqk", query, key,
                             preferred_element_type=jnp.float32) * scale
@@ -45,6 +55,36 @@ def dot_product_attention(
     return jax.nn.dot_product_attention(
         query, key, value, mask=mask, is_causal=is_causal,
         implementation=None if implementation == "xla" else implementation)
+
+
+def _blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+    """Unmasked attention with the numerics of "reference", one (batch x head, query block) at a
+    time: each block's logits stay small enough to be reused from cache by the softmax and the
+    second matmul."""
+    b, lq, h, d = query.shape
+    lk = key.shape[1]
+    rows = min(lq, _BLOCK_ROWS_LONG_KEYS if lk >= 2048 else _BLOCK_ROWS)
+    blocks = -(-lq // rows)
+    # Padded query rows are independent of the real ones and are dropped at the end.
+    query = jnp.pad(query, ((0, 0), (0, blocks * rows - lq), (0, 0), (0, 0)))
+    heads_first = lambda x: jnp.transpose(x, (0, 2, 1, 3)).reshape((b * h,) + x.shape[1:2] + (d,))
+    q = heads_first(query).reshape(b * h, blocks, rows, d)
+    k, v = heads_first(key), heads_first(value)
+    scale = d ** -0.5
+
+    def one_head(args):
+        q_head, k_head, v_head = args
+
+        def one_block(q_block):
+            logits = jnp.einsum("qd,kd->qk", q_block, k_head,
+                                preferred_element_type=jnp.float32) * scale
+            weights = jax.nn.softmax(logits, axis=-1).astype(v_head.dtype)
+            return jnp.einsum("qk,kd->qd", weights, v_head)
+
+        return jax.lax.map(one_block, q_head)
+
+    out = jax.lax.map(one_head, (q, k, v)).reshape(b, h, blocks * rows, d)[:, :, :lq]
+    return jnp.transpose(out, (0, 2, 1, 3))
 
 
 import math  # noqa: E402
