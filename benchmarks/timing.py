@@ -50,9 +50,10 @@ def matmul_ceiling(n: int = 4096, repeats: int = 5) -> float:
     return 2 * n ** 3 / seconds / 1e9
 
 
-def compiled_flops(compiled) -> float:
-    """FLOPs of a compiled XLA program by its cost analysis (0 where the backend gives none)."""
-    analysis = compiled.cost_analysis()
+def xla_flops(program) -> float:
+    """FLOPs of a lowered or compiled XLA program by its cost analysis (0 where none is given).
+    XLA counts a loop's body once, not once per trip: count loop-free programs."""
+    analysis = program.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older jax: one dict per device program
         analysis = analysis[0] if analysis else {}
     return float((analysis or {}).get("flops", 0.0))
