@@ -70,6 +70,10 @@ class LDMTask:
     clip_skip: int = 0
     remat: bool = False
 
+    @property
+    def dtype(self):
+        return self.arch.dtype
+
     def __post_init__(self):
         objectives._check_prediction_type(self.prediction_type)
         if not 0.0 <= self.caption_dropout <= 1.0:
@@ -121,6 +125,10 @@ class VAETask:
     reconstruction_loss: str = "l1"
     remat: bool = False
 
+    @property
+    def dtype(self):
+        return self.arch.dtype
+
     def loss(self, params: dict, batch: dict, key: jax.Array):
         vae = AutoencoderKL(self.arch.vae, dtype=self.arch.dtype, remat=self.remat)
         pixels = batch["pixels"]
@@ -158,16 +166,16 @@ def train_step(task, state: TrainState, batch: dict, key: jax.Array) -> tuple[Tr
     """One micro-step of `task` on the global `batch` (unjitted; see `make_train_step`).
 
     Gradients flow only into the optimizer's trainable models, w.r.t. float32 masters; the forward
-    pass sees the params cast to the task's compute dtype. Metrics: loss, grad_norm (global, after
-    accumulation's averaging is not applied: this micro-batch's), param_norm, lr/<model>, finite,
-    plus the objective's own."""
+    pass sees the params cast to the task's compute dtype. Metrics: loss, grad_norm (global norm of
+    this micro-batch's gradients, before clipping), param_norm (trainable models, after the
+    step), lr/<model> (the rate this step applied), finite (0: the update was skipped), plus the
+    objective's own."""
     trainable = state.optimizer.trainable
-    compute_dtype = task.dtype if isinstance(task, CLIPTask) else task.arch.dtype
 
     def loss_of(trained):
         params = {**state.params, **trained}
-        if jnp.dtype(compute_dtype) != jnp.float32:
-            params = cast_for_compute(params, compute_dtype)
+        if jnp.dtype(task.dtype) != jnp.float32:
+            params = cast_for_compute(params, task.dtype)
         return task.loss(params, batch, key)
 
     trained = {name: state.params[name] for name in trainable}
