@@ -37,6 +37,24 @@ PRESETS = {
                          "num_hidden_layers": 2, "num_attention_heads": 2, "projection_dim": 32},
         "scheduler": _SD_SCHEDULER,
     },
+    # The embedded default model (sdjax/assets/default_model), trained on the shapes world at
+    # 32 px: a factor-2 VAE (16x16x4 latents), cross-attention at 8x8 and 4x4, and the text tower
+    # of the shapes CLIP (configs/shapes_clip.py), whose shape it must match.
+    "shapes": {
+        "unet": {"sample_size": 16, "in_channels": 4, "out_channels": 4,
+                 "block_out_channels": [32, 64, 128], "layers_per_block": 1,
+                 "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D",
+                                      "CrossAttnDownBlock2D"],
+                 "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                 "attention_head_dim": 4, "cross_attention_dim": 64, "norm_num_groups": 8,
+                 "norm_eps": 1e-5, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu"},
+        "vae": {**_VAE, "block_out_channels": [32, 64], "layers_per_block": 1,
+                "down_block_types": ["DownEncoderBlock2D"] * 2,
+                "up_block_types": ["UpDecoderBlock2D"] * 2, "norm_num_groups": 8, "sample_size": 32},
+        "text_encoder": {**_OPENAI_CLIP_L_TEXT, "hidden_size": 64, "intermediate_size": 256,
+                         "num_hidden_layers": 3, "num_attention_heads": 4, "projection_dim": 64},
+        "scheduler": {**_SD_SCHEDULER, "timestep_spacing": "trailing"},
+    },
     "sd15": {
         "unet": {"sample_size": 64, "in_channels": 4, "out_channels": 4,
                  "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
