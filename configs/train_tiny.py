@@ -17,7 +17,7 @@ def get_config(arg=None):
     c.init_from = ""             # any checkpoint load_pretrained reads; "" = random `preset`
     c.preset = "tiny"            # architecture of a random init (sdjax.presets)
     c.vae = ""                   # optional standalone VAE replacing the checkpoint's
-    c.total_steps = 20           # train_step calls (steps whose update was skipped count too)
+    c.total_steps = 20           # train_step calls (skipped non-finite steps count too)
     c.compute_dtype = "float32"  # float32 | bfloat16 (forward/backward); masters stay float32
     c.remat = False              # recompute blocks in the backward pass (memory for time)
     c.fsdp = 1                   # >1: split large params and optimizer moments over this many devices
@@ -58,7 +58,8 @@ def get_config(arg=None):
     c.ema.warmup = "default"     # default | power | none
 
     c.ldm = ml_collections.ConfigDict()
-    c.ldm.prediction_type = ""   # "" = the checkpoint's scheduler config; epsilon | v_prediction | sample
+    # "" = the checkpoint scheduler's; epsilon | v_prediction | sample
+    c.ldm.prediction_type = ""
     c.ldm.snr_gamma = 0.0        # min-SNR-gamma weighting; 0 = off
     c.ldm.offset_noise = 0.0
     c.ldm.caption_dropout = 0.1
@@ -79,7 +80,8 @@ def get_config(arg=None):
     c.checkpoint.every = 10
     c.checkpoint.keep = 3
     c.checkpoint.async_save = True
-    c.checkpoint.export_every = 0  # also write a native folder (save_pretrained) every K steps; 0 = at the end only
+    # Also write a native folder (save_pretrained) every K steps; 0 = at the end only.
+    c.checkpoint.export_every = 0
 
     c.sample = ml_collections.ConfigDict()
     c.sample.every = 0           # sample grid every K steps (and at the end); 0 = never

@@ -242,7 +242,7 @@ def test_finetune_from_a_loaded_checkpoint_exports_a_folder_that_samples(setting
     assert out["images"].shape == (1, 32, 32, 3) and np.isfinite(out["images"]).all()
 
 
-@pytest.mark.slow  # about a minute: several subprocess runs
+@pytest.mark.slow  # a measurement (the reference run takes ~40 s)
 def test_reference_throughput(reference):
     with open(os.path.join(reference, "metrics.jsonl")) as f:
         rates = [r["examples_per_sec"] for r in map(json.loads, f)][5:]  # after compilation
