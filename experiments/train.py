@@ -10,10 +10,10 @@ import logging as pylogging
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", "configs/train_tiny.py", "training config file",
-                                lock_config=True)
+from sdjax import cli
+
+cli.define_config_file("config", "configs/train_tiny.py", "training config file")
 flags.DEFINE_string("workdir", None, "checkpoints, metrics, samples and exports go here",
                     required=True)
 flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of process 0")
@@ -49,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -25,10 +25,10 @@ import optax
 
 from sdjax import parallel
 from sdjax.diffusion.schedules import add_noise
-from sdjax.models.clip import CLIPConfig, CLIPModel, CLIPTextModel, text_hidden_state
+from sdjax.models.clip import CLIPConfig, CLIPModel
 from sdjax.models.unet import UNet
 from sdjax.models.vae import AutoencoderKL, scale_latents
-from sdjax.sampling import Architecture, sdxl_time_ids
+from sdjax.sampling import Architecture, encode_text, sdxl_time_ids
 from sdjax.training import objectives
 from sdjax.training.state import TrainState, cast_for_compute, learning_rates
 
@@ -36,25 +36,11 @@ OBJECTIVES = ("ldm", "vae", "clip")
 
 
 def text_conditioning(arch: Architecture, params: dict, ids: jax.Array, clip_skip: int = 0) -> dict:
-    """ids (B, encoders, 77) -> {"context": (B, 77, D)[, "text_embeds": (B, P) for SDXL]}, the
-    conditioning `sampling.encode_text` builds, without prompt emphasis: training captions carry
-    none, and its mean restoration is 0/0 on the zero-mean states of a freshly initialised encoder."""
-    sdxl = arch.family == "sdxl"
-    contexts, pooled = [], None
-    for index, config in enumerate(arch.text_encoders):
-        name = "text_encoder" if index == 0 else "text_encoder_2"
-        model = CLIPTextModel(config, dtype=arch.dtype)
-        output = model.apply({"params": params[name]}, ids[:, index])
-        # SDXL conditions on the penultimate layer without the final norm (diffusers' convention).
-        contexts.append(text_hidden_state(model, params[name], output,
-                                          clip_skip=clip_skip + 1 if sdxl else clip_skip,
-                                          apply_final_norm=not sdxl))
-        if sdxl and output.text_embeds is not None:
-            pooled = output.text_embeds
-    cond = {"context": jnp.concatenate(contexts, axis=-1)}
-    if sdxl:
-        cond["text_embeds"] = pooled
-    return cond
+    """ids (B, encoders, 77) -> {"context": (B, 77, D)[, "text_embeds": (B, P) for SDXL]}: the
+    conditioning sampling builds (`sampling.encode_text`) for one 77-token chunk, no emphasis."""
+    ids = ids[:, :, None, :]
+    return encode_text(arch, params, ids, jnp.ones((ids.shape[0],) + ids.shape[2:], jnp.float32),
+                       clip_skip)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
