@@ -51,6 +51,9 @@ def _run_stage(config, workdir: pathlib.Path, progress: bool):
 
     started = time.perf_counter()
     result = loop.train(config, str(workdir), progress=progress)
+    if result["stopped"] != "done":
+        raise SystemExit(f"{workdir}: stopped ({result['stopped']}) at step {result['step']}; "
+                         f"run the same command again to continue")
     stage = StageResult(seconds=time.perf_counter() - started,
                         train_seconds=logged_train_seconds(workdir / "metrics.jsonl"),
                         steps=result["step"], metrics=dict(result["metrics"]),
@@ -111,7 +114,7 @@ def assemble_ldm_init(vae_export: pathlib.Path, clip_config, clip_params: dict, 
 
 def build(workdir: str, out: str, *, num_examples: int = 50_000,
           clip_steps: Optional[int] = None, vae_steps: Optional[int] = None,
-          ldm_steps: Optional[int] = None, num_eval_prompts: int = 0,
+          ldm_steps: Optional[int] = None, num_eval_prompts: int = 0, num_eval_images: int = 256,
           progress: bool = True, overrides: Optional[dict] = None) -> dict:
     """Run every stage; returns the build record (also written to `out`/build.json).
 
@@ -201,17 +204,53 @@ def build(workdir: str, out: str, *, num_examples: int = 50_000,
                 shutil.copy(src, staging / "logs" / f"{name}_{log}")
     started = time.perf_counter()
     results = evaluation.evaluate(str(staging), str(staging / "clip"),
-                                  num_prompts=num_eval_prompts,
+                                  num_prompts=num_eval_prompts, num_images=num_eval_images,
                                   out=str(staging / "evaluation.json"),
                                   grid=str(staging / "heldout_samples.png"))
     record["stages"]["evaluate"] = {"seconds": time.perf_counter() - started}
     record["total_seconds"] = sum(s["seconds"] for s in record["stages"].values())
     (staging / "build.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+    (staging / "README.md").write_text(_readme(record, results))
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
     record["evaluation"] = results
     return record
+
+
+def _readme(record: dict, results: dict) -> str:
+    from experiments.evaluate_default_model import format_results
+
+    stages = "\n".join(
+        f"| {name} | {stage.get('steps', '')} | {stage.get('train_seconds', stage['seconds']):.0f} |"
+        for name, stage in record["stages"].items())
+    return f"""# sdjax's embedded default model
+
+A tiny latent-diffusion model of the shapes world (`sdjax/data/shapes.py`), 32x32 px, trained
+from scratch with sdjax's own training loop by
+
+    python -m experiments.build_default_model
+
+(configs/shapes_clip.py, configs/shapes_vae.py, configs/shapes_ldm.py; generation defaults in
+configs/shapes.py). `python -m experiments.generate --prompt "..."` uses it when no --model is
+given; `python -m experiments.evaluate_default_model` re-measures the figures below.
+
+Contents: `sdjax.json`, `params/`, `tokenizer/` (the native model folder), `clip/` (the shapes
+CLIP, native CLIP folder), `logs/` (each stage's config and metrics), `evaluation.json`,
+`build.json` (stage timings), `heldout_samples.png` (the first 64 held-out prompts).
+
+## Evaluation
+
+```
+{format_results(results)}
+```
+
+## Build ({record['devices'][0]}, started {record['started']})
+
+| stage | steps | seconds |
+|---|---|---|
+{stages}
+"""
 
 
 def main(argv):
