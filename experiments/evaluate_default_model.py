@@ -206,7 +206,7 @@ def evaluate(model_dir: Optional[str] = None, clip_dir: Optional[str] = None, *,
     results["seconds_per_image_batched"] = heldout["seconds_per_image"]
     train_prompts = []
     stream = shapes.train_examples(99, two_object_prob=0.0)
-    while len(train_prompts) < min(len(prompts), 112):
+    while len(train_prompts) < min(len(prompts), 56):
         train_prompts.append(next(stream).caption)
     seen, _, _ = generate_and_judge(model, train_prompts, config, seed=10_000)
     results["train_prompt_accuracy"] = seen["accuracy"]
