@@ -121,6 +121,43 @@ class TimestepEmbedding(nn.Module):
         return nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_2")(emb)
 
 
+# Spatial positions per image up to which a stride-1 conv runs as one matmul over its patches
+# (im2col): XLA's CPU convolution reaches a quarter of matmul speed on the U-Net's small, wide maps
+# (8x8x1280: 116 ms vs 36 ms as a matmul) but wins from 32x32 up.
+_IM2COL_MAX_POSITIONS = 16 * 16
+
+
+class Conv2D(nn.Module):
+    """`nn.Conv` on NHWC with HWIO `kernel` and `bias` params (same names, shapes and init), that
+    runs small stride-1 maps as a matmul over their patches."""
+    features: int
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kh, kw = self.kernel_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (kh, kw, x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        b, h, w, c = x.shape
+        if tuple(self.strides) == (1, 1) and h * w <= _IM2COL_MAX_POSITIONS:
+            x = jnp.pad(x, ((0, 0),) + tuple(self.padding) + ((0, 0),))
+            out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+            # Patch channels in (row, column, input channel) order: the HWIO kernel's flat order.
+            patches = jnp.concatenate([x[:, i:i + out_h, j:j + out_w]
+                                       for i in range(kh) for j in range(kw)], axis=-1)
+            y = jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * c, self.features))
+        else:
+            y = jax.lax.conv_general_dilated(x, kernel, tuple(self.strides), tuple(self.padding),
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias
+
+
 class ResnetBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, (+ projected time embedding), GroupNorm -> SiLU -> conv, plus a
     1x1-conv shortcut when the width changes. `temb` None means no time conditioning (VAE)."""
@@ -133,8 +170,8 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: Optional[jax.Array] = None, deterministic: bool = True) -> jax.Array:
-        conv = lambda feats, k, name: nn.Conv(feats, (k, k), padding=((k // 2, k // 2),) * 2,
-                                              dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        conv = lambda feats, k, name: Conv2D(feats, (k, k), padding=((k // 2, k // 2),) * 2,
+                                             dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         norm = lambda name: nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype,
                                          param_dtype=self.param_dtype, name=name)
         h = conv(self.out_channels, 3, "conv1")(nn.silu(norm("norm1")(x)))
@@ -160,8 +197,8 @@ class Downsample(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         padding = ((0, 1), (0, 1)) if self.asymmetric_padding else ((1, 1), (1, 1))
-        return nn.Conv(self.out_channels, (3, 3), strides=(2, 2), padding=padding,
-                       dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+        return Conv2D(self.out_channels, (3, 3), strides=(2, 2), padding=padding,
+                      dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
 
 
 class Upsample(nn.Module):
@@ -182,8 +219,8 @@ class Upsample(nn.Module):
             rows = np.minimum(np.floor(np.arange(out_h) * (h / out_h)).astype(np.int32), h - 1)
             cols = np.minimum(np.floor(np.arange(out_w) * (w / out_w)).astype(np.int32), w - 1)
             x = x[:, rows][:, :, cols]
-        return nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)),
-                       dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+        return Conv2D(self.out_channels, (3, 3), padding=((1, 1), (1, 1)),
+                      dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
 
 
 class GEGLUFeedForward(nn.Module):
