@@ -36,8 +36,9 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-def matmul_ceiling(n: int = 4096, repeats: int = 5) -> float:
-    """GFLOP/s of a jitted n x n float32 matmul on the default device (median of `repeats`)."""
+def matmul_run(n: int = 4096) -> tuple[Callable[[], object], float]:
+    """(one blocking run of a jitted n x n float32 matmul, its FLOPs): time it among the others
+    so that the ceiling is read under the same load."""
     import jax
     import jax.numpy as jnp
 
@@ -45,9 +46,7 @@ def matmul_ceiling(n: int = 4096, repeats: int = 5) -> float:
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     matmul = jax.jit(jnp.matmul)
     matmul(a, b).block_until_ready()
-    seconds = median(interleaved({"matmul": lambda: matmul(a, b).block_until_ready()},
-                                 repeats)["matmul"])
-    return 2 * n ** 3 / seconds / 1e9
+    return (lambda: matmul(a, b).block_until_ready()), 2.0 * n ** 3
 
 
 def xla_flops(program) -> float:

@@ -5,7 +5,7 @@ inputs, and diffusers 0.39 Flax when its venv exists, all timed in turn in one r
     python -m benchmarks.unet_forward --preset=tiny    # seconds; what CI runs
 
 Also printed: sdjax's achieved GFLOP/s (FLOPs from XLA's cost analysis of the forward) and
-its fraction of a jitted n x n float32 matmul measured in the same run, and the largest difference
+its fraction of a jitted n x n float32 matmul timed in turn with the forwards, and the largest difference
 between sdjax's and PyTorch's outputs (a check that both ran the same network).
 Targets: 32² <= 0.8x PyTorch and <= 0.75x diffusers-Flax; 64² <= 0.95x PyTorch and <= 0.6x
 diffusers-Flax; >= 75% of the matmul ceiling at both (float32).
@@ -89,7 +89,8 @@ def main(_):
     torch.set_num_threads(cores)
     flax_py = flax_python(FLAGS.flax_venv)
 
-    ceiling = timing.matmul_ceiling(FLAGS.matmul or (256 if tiny else 4096))
+    matmul_n = FLAGS.matmul or (256 if tiny else 4096)
+    run_matmul, matmul_flops = timing.matmul_run(matmul_n)
     config_dict = preset(FLAGS.preset)["unet"]
     torch.manual_seed(0)
     reference = UNet2DConditionModel(**config_dict).eval()
@@ -126,7 +127,8 @@ def main(_):
             # count the same maths with whole-matrix attention instead.
             flops = timing.xla_flops(flops_forward.lower(params, x_j, t_j, c_j))
             out = compiled(params, x_j, t_j, c_j)
-            runs = {"sdjax": lambda: compiled(params, x_j, t_j, c_j).block_until_ready()}
+            runs = {"sdjax": lambda: compiled(params, x_j, t_j, c_j).block_until_ready(),
+                    "matmul": run_matmul}
             diff = None
             if FLAGS.reference:
                 x_t = torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()).to(torch_dtype)
@@ -148,6 +150,7 @@ def main(_):
             times = timing.interleaved(runs, FLAGS.repeats)
             if flax_ref is not None:
                 flax_ref.close()
+            ceiling = matmul_flops / timing.median(times.pop("matmul")) / 1e9
             ours = timing.median(times["sdjax"])
             gflops = flops / ours / 1e9
             for name, values in times.items():
@@ -155,6 +158,7 @@ def main(_):
                 rows.append([f"{size}x{size}", dtype_name, name, t_med, min(values),
                              ours / t_med if name != "sdjax" else None,
                              gflops if name == "sdjax" else None,
+                             ceiling if name == "sdjax" else None,
                              gflops / ceiling if name == "sdjax" else None,
                              compile_s if name == "sdjax" else (
                                  flax_ref.compile_s if flax_ref and "Flax" in name else None),
@@ -164,13 +168,13 @@ def main(_):
     print(f"U-Net forward, preset {FLAGS.preset}, batch {FLAGS.batch}, {cores} cores "
           f"(torch threads {torch.get_num_threads()}), jax {jax.__version__} on "
           f"{jax.devices()[0].platform}, median of {FLAGS.repeats}")
-    print(f"matmul ceiling (jitted {FLAGS.matmul or (256 if tiny else 4096)}² float32): "
-          f"{ceiling:.1f} GFLOP/s")
+    print(f"matmul ceiling: a jitted {matmul_n}² float32 matmul, timed in turn with the others")
     if not flax_py:
         print(f"diffusers 0.39 (Flax): not run (no venv at {FLAGS.flax_venv!r}; "
               f"benchmarks/setup_references.sh makes it)")
     print(timing.table(["latents", "dtype", "implementation", "median s", "min s",
-                        "sdjax / this", "GFLOP/s", "of ceiling", "compile s", "max |Δ| vs sdjax"],
+                        "sdjax / this", "GFLOP/s", "ceiling GFLOP/s", "of ceiling", "compile s",
+                        "max |Δ| vs sdjax"],
                        rows))
 
 
