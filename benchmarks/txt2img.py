@@ -25,6 +25,8 @@ flags.DEFINE_integer("steps", 20, "denoising steps")
 flags.DEFINE_integer("size", 0, "image height and width in pixels (default: 256; tiny: 32)")
 flags.DEFINE_integer("repeats", 3, "timed runs of each implementation (median reported)")
 flags.DEFINE_bool("reference", True, "also time diffusers' StableDiffusionPipeline (PyTorch)")
+flags.DEFINE_bool("warmup", True, "run the reference once untimed first (sdjax's first call "
+                  "compiles and is never timed)")
 FLAGS = flags.FLAGS
 
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -66,7 +68,8 @@ def main(_):
                             guidance_scale=7.5, generator=torch.Generator().manual_seed(0),
                             output_type="np").images
 
-        run_reference()  # warm-up, as sdjax's first call
+        if FLAGS.warmup:
+            run_reference()
         runs["diffusers StableDiffusionPipeline (PyTorch)"] = run_reference
 
     times = timing.interleaved(runs, FLAGS.repeats)
