@@ -26,24 +26,24 @@ ROOT = pathlib.Path(__file__).absolute().parent.parent
 @dataclasses.dataclass
 class StageResult:
     seconds: float        # this invocation (a resumed, finished stage takes only its restore)
-    train_seconds: float  # the whole training, from the stage's metrics log (compiles included)
+    train_seconds: float  # the whole training: steps at the median logged rate
     steps: int
     metrics: dict
     examples_per_sec: float
 
 
 def logged_train_seconds(metrics_file: pathlib.Path) -> float:
-    """Wall time of the steps a metrics.jsonl records: each line covers the steps since the
-    previous one at its `steps_per_sec`."""
-    seconds, previous = 0.0, 0
+    """Training time of a stage from its metrics.jsonl: its steps at the median logged rate.
+    Compiles are left out, and so are the windows a resumed run logs from its checkpoint, whose
+    length the log does not record."""
+    rates, steps = [], 0
     if metrics_file.is_file():
         for line in metrics_file.read_text().splitlines():
             record = json.loads(line)
-            # A resumed run logs again from its checkpoint: count each step once.
-            if record["step"] > previous and record.get("steps_per_sec"):
-                seconds += (record["step"] - previous) / record["steps_per_sec"]
-            previous = max(previous, record["step"])
-    return seconds
+            steps = max(steps, record["step"])
+            if record.get("steps_per_sec"):
+                rates.append(record["steps_per_sec"])
+    return steps / float(np.median(rates)) if rates else 0.0
 
 
 def _run_stage(config, workdir: pathlib.Path, progress: bool):

@@ -1,5 +1,10 @@
 """Text-to-image, image-to-image and inpainting from the command line.
 
+    python -m experiments.generate --prompt "a red circle on the left, blue background"
+
+draws with the embedded shapes-world model (configs/shapes.py, 32 px, CPU in seconds). Any other
+checkpoint:
+
     python -m experiments.generate --config=configs/sd15.py --model=/path/to/checkpoint \
         --prompt="a photo of a cat" --config.sampler=dpmpp_2m --config.steps=25
 
@@ -11,7 +16,7 @@ from absl import app, flags, logging
 from sdjax import cli
 from sdjax import generate
 
-cli.define_config_file("config", "configs/sd15.py", "generation config file")
+cli.define_config_file("config", "configs/shapes.py", "generation config file")
 flags.DEFINE_string("prompt", None, "what to draw")
 flags.DEFINE_string("negative_prompt", None, "what to steer away from")
 flags.DEFINE_integer("seed", None, "seed of the first image; image i uses seed + i")
@@ -19,7 +24,8 @@ flags.DEFINE_integer("num_images", None, "how many images")
 flags.DEFINE_float("cfg_scale", None, "classifier-free guidance scale")
 flags.DEFINE_integer("height", None, "image height in pixels (a multiple of 8)")
 flags.DEFINE_integer("width", None, "image width in pixels (a multiple of 8)")
-flags.DEFINE_string("model", None, "checkpoint: diffusers folder, .safetensors file or sdjax folder")
+flags.DEFINE_string("model", None, "checkpoint: diffusers folder, .safetensors file or sdjax folder "
+                    "(default: the embedded shapes-world model)")
 flags.DEFINE_string("vae", None, "standalone VAE replacing the checkpoint's (folder or file)")
 flags.DEFINE_string("init_image", None, "image to start from (img2img; with --mask, inpainting)")
 flags.DEFINE_float("strength", None, "img2img strength in (0, 1]: how much of the image is redrawn")

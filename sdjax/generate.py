@@ -51,17 +51,20 @@ def request_from_config(config, spec: SamplingSpec, num_images: int, seed: int) 
 
 
 RANDOM_PREFIX = "random:"
+# The embedded model (experiments/build_default_model.py): what an empty `model` loads.
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "default_model")
 
 
 def load_model(config):
     """The config's checkpoint; `random:PRESET` (e.g. random:tiny) builds a random-weight model of
-    a preset architecture, which runs the whole pipeline without any file."""
+    a preset architecture, which runs the whole pipeline without any file; "" is the embedded
+    shapes-world model (DEFAULT_MODEL)."""
     from sdjax.presets import random_pretrained
     from sdjax.weights.pretrained import load_pretrained
 
     if not config.model:
-        raise ValueError("no model given: pass --model (a diffusers folder, a .safetensors file, "
-                         "an sdjax folder, or random:PRESET)")
+        return load_pretrained(DEFAULT_MODEL, vae=config.vae or None,
+                               prediction_type=config.prediction_type or None)
     if config.model.startswith(RANDOM_PREFIX):
         return random_pretrained(config.model[len(RANDOM_PREFIX):])
     return load_pretrained(config.model, vae=config.vae or None,

@@ -1,0 +1,131 @@
+"""The embedded default model: the shipped folder (size, loading, a quick 32 px drawing, its recorded
+evaluation) and the build pipeline end to end at toy size (one step of each stage through the same
+code path, export, evaluation)."""
+import json
+import os
+import pathlib
+import time
+
+import numpy as np
+import pytest
+
+from sdjax.generate import DEFAULT_MODEL
+
+REQUIRED_FIGURES = ("heldout_accuracy", "clip_zero_shot_accuracy", "vae_psnr_db")
+
+
+def _folder_bytes(path) -> int:
+    return sum(p.stat().st_size for p in pathlib.Path(path).rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from configs import shapes as shapes_config
+    from sdjax.generate import load_model
+
+    config = shapes_config.get_config()
+    return config, load_model(config)
+
+
+def test_shipped_folder_is_at_most_25_mb():
+    assert os.path.isfile(os.path.join(DEFAULT_MODEL, "sdjax.json")), DEFAULT_MODEL
+    assert _folder_bytes(DEFAULT_MODEL) <= 25 * 2 ** 20
+
+
+def test_empty_model_loads_the_embedded_one(shipped):
+    config, model = shipped
+    assert config.model == "" and os.path.samefile(model.source, DEFAULT_MODEL)
+    assert (config.height, config.width) == (32, 32)
+    assert model.family == "sd1" and model.vae_config.latent_channels == 4
+    # The scaling factor was measured from the trained VAE, not left at SD's 0.18215.
+    assert model.vae_config.scaling_factor != pytest.approx(0.18215)
+
+
+def test_draws_a_heldout_prompt_quickly_on_cpu(shipped):
+    from sdjax import images as images_lib
+    from sdjax.data import shapes
+    from sdjax.generate import request_from_config, spec_from_config
+    from sdjax.sampling import Generator
+
+    config, model = shipped
+    prompt = next(shapes.heldout_prompts())
+    with config.unlocked():
+        config.prompt = prompt
+        config.progress = False
+    spec = spec_from_config(config)
+    generator = Generator(model)
+    generator(request_from_config(config, spec, 1, 0), spec)  # compiles
+    started = time.perf_counter()
+    out = generator(request_from_config(config, spec, 1, 1), spec)
+    seconds = time.perf_counter() - started
+    image = images_lib.to_uint8(out["images"])[0]
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+    assert out["finite"].all()
+    assert image.std() > 5  # not a flat or blank picture
+    assert seconds < 10, f"one 32 px image took {seconds:.1f} s after compiling"
+
+
+def test_recorded_evaluation_and_build_log():
+    results = json.loads((pathlib.Path(DEFAULT_MODEL) / "evaluation.json").read_text())
+    for key in REQUIRED_FIGURES:
+        assert isinstance(results[key], float), key
+    assert 0.0 <= results["heldout_accuracy"] <= 1.0
+    assert results["heldout_prompts"] == 280
+    assert results["settings"]["size"] == "32x32"
+    build = json.loads((pathlib.Path(DEFAULT_MODEL) / "build.json").read_text())
+    for stage in ("clip", "vae", "ldm"):
+        assert build["stages"][stage]["seconds"] > 0 and build["stages"][stage]["steps"] > 0
+    assert os.path.isfile(os.path.join(DEFAULT_MODEL, "logs", "ldm_metrics.jsonl"))
+
+
+# --- the build pipeline at toy size ----------------------------------------------------------------
+
+TOY = {
+    # The `tiny` preset's U-Net and VAE, and a CLIP whose text tower matches its context width.
+    "clip": {"clip.hidden_size": 32, "clip.layers": 1, "clip.heads": 2, "clip.projection_dim": 16,
+             "clip.patch_size": 8, "data.batch_size": 8, "checkpoint.async_save": False},
+    "vae": {"preset": "tiny", "data.batch_size": 8, "checkpoint.async_save": False},
+    "ldm": {"data.batch_size": 8, "checkpoint.async_save": False},
+}
+
+
+@pytest.fixture(scope="module")
+def toy_build(tmp_path_factory):
+    from experiments import build_default_model
+
+    root = tmp_path_factory.mktemp("build")
+    record = build_default_model.build(str(root / "work"), str(root / "model"), num_examples=16,
+                                       clip_steps=1, vae_steps=1, ldm_steps=1, num_eval_prompts=2,
+                                       num_eval_images=8, progress=False, overrides=TOY)
+    return root, record
+
+
+def test_toy_build_trains_each_stage_once_and_writes_the_folder(toy_build):
+    root, record = toy_build
+    model_dir = root / "model"
+    for stage in ("clip", "vae", "ldm"):
+        assert record["stages"][stage]["steps"] == 1
+        assert np.isfinite(record["stages"][stage]["metrics"]["loss"])
+    for name in ("sdjax.json", "evaluation.json", "build.json", "clip/sdjax_clip.json",
+                 "logs/ldm_metrics.jsonl", "heldout_samples.png"):
+        assert (model_dir / name).is_file(), name
+    results = json.loads((model_dir / "evaluation.json").read_text())
+    assert set(REQUIRED_FIGURES) <= set(results) and results["heldout_prompts"] == 2
+
+
+def test_toy_build_text_encoder_is_the_clip_text_tower(toy_build):
+    from sdjax.evaluation.metrics import load_clip_scorer
+    from sdjax.weights.pretrained import load_pretrained
+
+    root, record = toy_build
+    model = load_pretrained(root / "model")
+    clip = load_clip_scorer(root / "model" / "clip")
+    assert model.text_configs[0].hidden_size == clip.config.text.hidden_size == 32
+    assert model.text_configs[0].projection_dim is None
+    assert model.vae_config.scaling_factor == pytest.approx(
+        record["stages"]["assemble"]["vae_scaling_factor"])
+    # Rows of tokens the shapes world never uses are zero; its words' rows are not.
+    embedding = np.asarray(model.params["text_encoder"]["token_embedding"]["embedding"])
+    used = np.abs(embedding).sum(-1) > 0
+    words = model.tokenizers[0](["a red circle on the left, blue background"])[0]
+    assert used[words].all() and used.sum() < 100
