@@ -6,7 +6,7 @@ setuptools.setup(
     version="0.1.0",
     description="Latent diffusion (Stable Diffusion) in JAX/Flax: sampling, training, checkpoints.",
     packages=setuptools.find_packages(include=["sdjax", "sdjax.*"]),
-    package_data={"sdjax": ["assets/*"]},
+    package_data={"sdjax": ["assets/*", "assets/**/*"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7,<0.11",
