@@ -21,6 +21,7 @@ setuptools.setup(
         "pillow>=10,<14",
         "tqdm>=4.66,<5",
         "matplotlib>=3.7",
+        "tensorboardX>=2.6",
         "regex>=2023.0",
     ],
     extras_require={

@@ -8,8 +8,8 @@ were applied (they differ only by the skipped non-finite steps). Step i's key is
 resumed run continues bit-identically.
 
 Only process 0 writes logs, metrics, samples and exports; every process computes and takes part in
-checkpoints. Metrics go to stdout (absl logging) and `<workdir>/metrics.jsonl` (TensorBoard's
-writer needs tensorflow, which this environment lacks).
+checkpoints. Metrics go to stdout (absl logging), `<workdir>/metrics.jsonl` and TensorBoard event
+files in `<workdir>/tensorboard` (tensorboardX: no tensorflow needed).
 """
 from __future__ import annotations
 
@@ -40,6 +40,28 @@ from sdjax.training.state import EMAConfig, TrainState, init_train_state, make_o
 from sdjax.weights.pretrained import Pretrained, load_pretrained, save_pretrained
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class MetricsWriter:
+    """One metrics record per logging step to `metrics.jsonl` and to TensorBoard scalars."""
+
+    def __init__(self, workdir: str):
+        from tensorboardX import SummaryWriter
+
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, record: dict) -> None:
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for name, value in record.items():
+            if name != "step":
+                self._tensorboard.add_scalar(name, value, step)
+        self._tensorboard.flush()
+
+    def close(self) -> None:
+        self._jsonl.close()
+        self._tensorboard.close()
 
 
 class TrainingDiverged(RuntimeError):
@@ -270,7 +292,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
             sampler = _Sampler(setup, config, mesh, workdir)
         else:
             logging.warning("sample grids are written in single-process runs only")
-    metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if main else None
+    metrics_file = MetricsWriter(workdir) if main else None
     bar = None
     if progress and main:
         from tqdm.auto import tqdm
@@ -317,8 +339,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
                     window_start, window_steps = time.perf_counter(), 0
                     if main:
                         record = {"step": step, **last, **rates, "nonfinite_steps": nonfinite_total}
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
+                        metrics_file.write(step, record)
                         logging.info("step %d: %s", step, ", ".join(
                             f"{k} {v:.4g}" for k, v in record.items() if k != "step"))
                 if ckpt.save(step, state, meta()):
