@@ -208,6 +208,8 @@ def build(workdir: str, out: str, *, num_examples: int = 50_000,
                                   out=str(staging / "evaluation.json"),
                                   grid=str(staging / "heldout_samples.png"))
     record["stages"]["evaluate"] = {"seconds": time.perf_counter() - started}
+    results["model"] = str(out)  # evaluated in its staging folder
+    (staging / "evaluation.json").write_text(json.dumps(results, indent=2, sort_keys=True))
     record["total_seconds"] = sum(s["seconds"] for s in record["stages"].values())
     (staging / "build.json").write_text(json.dumps(record, indent=2, sort_keys=True))
     (staging / "README.md").write_text(_readme(record, results))
