@@ -24,10 +24,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = FLAGS.config
-    with config.unlocked():
-        for name in SHORTCUTS:
-            if FLAGS[name].value is not None:
-                setattr(config, name, FLAGS[name].value)
+    cli.apply_shortcuts(config, SHORTCUTS)
     try:
         result = ablation.run_sweep(config)
     except (ValueError, FileNotFoundError) as err:

@@ -37,10 +37,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     config = FLAGS.config
-    with config.unlocked():
-        for flag, field in SHORTCUTS.items():
-            if FLAGS[flag].value is not None:
-                setattr(config, field, FLAGS[flag].value)
+    cli.apply_shortcuts(config, SHORTCUTS)
     try:
         stats = batch_sampling.sample_to_dir(config, FLAGS.prompts)
     except (ValueError, FileNotFoundError) as err:

@@ -45,3 +45,13 @@ def _culprits(name: str, err: Exception) -> str:
              if quoted & set(re.split(r"[.=]", a.split("=", 1)[0][len(name) + 3:]))]
     chosen = named or overrides
     return f" ({', '.join(chosen)})" if chosen else ""
+
+
+def apply_shortcuts(config, shortcuts) -> None:
+    """Copy the shortcut flags that were given onto their config fields. `shortcuts`: flag names
+    equal to their fields, or a {flag: field} mapping."""
+    mapping = shortcuts if isinstance(shortcuts, dict) else {name: name for name in shortcuts}
+    with config.unlocked():
+        for flag, field in mapping.items():
+            if flags.FLAGS[flag].value is not None:
+                setattr(config, field, flags.FLAGS[flag].value)

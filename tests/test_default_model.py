@@ -100,6 +100,7 @@ def toy_build(tmp_path_factory):
     return root, record
 
 
+@pytest.mark.slow  # trains every stage for a step: ~95 s of CPU
 def test_toy_build_trains_each_stage_once_and_writes_the_folder(toy_build):
     root, record = toy_build
     model_dir = root / "model"
@@ -113,6 +114,7 @@ def test_toy_build_trains_each_stage_once_and_writes_the_folder(toy_build):
     assert set(REQUIRED_FIGURES) <= set(results) and results["heldout_prompts"] == 2
 
 
+@pytest.mark.slow  # trains every stage for a step: ~95 s of CPU
 def test_toy_build_text_encoder_is_the_clip_text_tower(toy_build):
     from sdjax.evaluation.metrics import load_clip_scorer
     from sdjax.weights.pretrained import load_pretrained
