@@ -209,12 +209,14 @@ class MidBlock(nn.Module):
         return ResnetBlock(self.channels, groups=self.groups, eps=_NORM_EPS, name="resnets_1", **kw)(x)
 
 
-class DownEncoderBlock(nn.Module):
-    """`num_layers` resnets, then (except at the last level) a stride-2 conv."""
+class ResnetLevel(nn.Module):
+    """One level of the encoder or decoder: `num_layers` resnets, then an optional resampler —
+    "down" (stride-2 conv, the reference's DownEncoderBlock2D) or "up" (nearest 2x and a conv,
+    UpDecoderBlock2D)."""
     out_channels: int
     num_layers: int
     groups: int
-    add_downsample: bool
+    resample: Optional[str] = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -224,28 +226,10 @@ class DownEncoderBlock(nn.Module):
         for i in range(self.num_layers):
             x = ResnetBlock(self.out_channels, groups=self.groups, eps=_NORM_EPS,
                             name=f"resnets_{i}", **kw)(x)
-        if self.add_downsample:
+        if self.resample == "down":
             # The reference pads bottom/right only, then convolves without padding.
             x = Downsample(self.out_channels, asymmetric_padding=True, name="downsample", **kw)(x)
-        return x
-
-
-class UpDecoderBlock(nn.Module):
-    """`num_layers` resnets, then (except at the last level) nearest 2x upsampling and a conv."""
-    out_channels: int
-    num_layers: int
-    groups: int
-    add_upsample: bool
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        for i in range(self.num_layers):
-            x = ResnetBlock(self.out_channels, groups=self.groups, eps=_NORM_EPS,
-                            name=f"resnets_{i}", **kw)(x)
-        if self.add_upsample:
+        elif self.resample == "up":
             x = Upsample(self.out_channels, name="upsample", **kw)(x)
         return x
 
@@ -267,10 +251,11 @@ class Encoder(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         channels = cfg.block_out_channels
         x = nn.Conv(channels[0], (3, 3), padding=((1, 1), (1, 1)), name="conv_in", **kw)(x)
-        down_block = _maybe_remat(DownEncoderBlock, self.remat)
+        level = _maybe_remat(ResnetLevel, self.remat)
         for i, out_channels in enumerate(channels):
-            x = down_block(out_channels, cfg.layers_per_block, cfg.norm_num_groups,
-                           add_downsample=i < len(channels) - 1, name=f"down_blocks_{i}", **kw)(x)
+            x = level(out_channels, cfg.layers_per_block, cfg.norm_num_groups,
+                      resample="down" if i < len(channels) - 1 else None,
+                      name=f"down_blocks_{i}", **kw)(x)
         x = _maybe_remat(MidBlock, self.remat)(
             channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, cfg.attention,
             name="mid_block", **kw)(x)
@@ -296,11 +281,12 @@ class Decoder(nn.Module):
         x = _maybe_remat(MidBlock, self.remat)(
             channels[0], cfg.norm_num_groups, cfg.mid_block_add_attention, cfg.attention,
             name="mid_block", **kw)(x)
-        up_block = _maybe_remat(UpDecoderBlock, self.remat)
+        level = _maybe_remat(ResnetLevel, self.remat)
         for i, out_channels in enumerate(channels):
             # One resnet more per level than the encoder, as in the reference.
-            x = up_block(out_channels, cfg.layers_per_block + 1, cfg.norm_num_groups,
-                         add_upsample=i < len(channels) - 1, name=f"up_blocks_{i}", **kw)(x)
+            x = level(out_channels, cfg.layers_per_block + 1, cfg.norm_num_groups,
+                      resample="up" if i < len(channels) - 1 else None,
+                      name=f"up_blocks_{i}", **kw)(x)
         x = nn.GroupNorm(cfg.norm_num_groups, epsilon=_NORM_EPS, name="conv_norm_out", **kw)(x)
         x = nn.silu(x)
         return nn.Conv(cfg.out_channels, (3, 3), padding=((1, 1), (1, 1)), name="conv_out", **kw)(x)
