@@ -264,16 +264,22 @@ def _k_levels(sampler, schedule: NoiseSchedule, num_steps: int, karras: bool):
     return ts, sigmas, init_sigma
 
 
-@register_sampler("euler")
 @dataclasses.dataclass(frozen=True)
-class Euler(Sampler):
-    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022, Alg. 1 w/o churn)."""
+class _KarrasODE(Sampler):
+    """The plan shared by the deterministic k-diffusion ODE solvers: diffusers' Euler levels, with
+    optional Karras sigmas."""
 
     karras: bool = False
 
     def plan(self, schedule, num_steps):
         ts, sigmas, init = _k_levels(self, schedule, num_steps, self.karras)
         return _plan(ts, sigmas, init, schedule.prediction_type)
+
+
+@register_sampler("euler")
+@dataclasses.dataclass(frozen=True)
+class Euler(_KarrasODE):
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022, Alg. 1 w/o churn)."""
 
     def step(self, plan, denoise, state, i, keys):
         x, sigma, sigma_next = state["x"], plan.sigmas[i], plan.sigmas[i + 1]
@@ -305,14 +311,8 @@ class EulerAncestral(Sampler):
 
 @register_sampler("heun")
 @dataclasses.dataclass(frozen=True)
-class Heun(Sampler):
+class Heun(_KarrasODE):
     """Heun's 2nd-order method (Karras et al. 2022, Alg. 1); the last step, to sigma=0, is Euler."""
-
-    karras: bool = False
-
-    def plan(self, schedule, num_steps):
-        ts, sigmas, init = _k_levels(self, schedule, num_steps, self.karras)
-        return _plan(ts, sigmas, init, schedule.prediction_type)
 
     def step(self, plan, denoise, state, i, keys):
         x, sigma, sigma_next = state["x"], plan.sigmas[i], plan.sigmas[i + 1]
