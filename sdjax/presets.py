@@ -4,6 +4,7 @@ build a model from scratch with a known shape."""
 from __future__ import annotations
 
 import copy
+import re
 
 _SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                  "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
@@ -111,9 +112,15 @@ def preset(name: str) -> dict:
     return copy.deepcopy(PRESETS[name])
 
 
-def random_pretrained(name: str, seed: int = 0, dtype=None):
+def random_pretrained(name: str, seed: int = 0, dtype=None, for_training: bool = False):
     """A `Pretrained` of the preset's architecture with sdjax's random initialisation: for
-    benchmarks and smoke runs of the whole pipeline without any checkpoint file."""
+    benchmarks and smoke runs of the whole pipeline without any checkpoint file.
+
+    Default: N(0, 0.02) weights everywhere, so every layer contributes (what parity-style smoke
+    runs want). `for_training`: the start of a training run instead: kernels N(0, 1/fan_in) (flax's
+    lecun_normal, which keeps activations at unit scale in narrow models too) and, as the original
+    latent-diffusion U-Net does, the last layer of every U-Net residual branch (resnet conv2,
+    transformer proj_out) and its conv_out zero, so each block starts as the identity."""
     import jax
     import numpy as np
 
@@ -141,7 +148,8 @@ def random_pretrained(name: str, seed: int = 0, dtype=None):
         # N(0, 0.02) weights, zero biases, unit norm scales: a well-scaled network of the right
         # shape; numpy draws them far faster than tracing one init per layer would.
         params[part] = jax.tree_util.tree_map_with_path(
-            lambda path, s: _random_leaf(rng, jax.tree_util.keystr(path), s.shape, dtype), part_shapes)
+            lambda path, s: _random_leaf(rng, f"{part}{jax.tree_util.keystr(path)}", s.shape, dtype,
+                                         for_training), part_shapes)
     tokenizers = tuple(CLIPTokenizer.default(pad_token="!" if c.hidden_act == "gelu" else "<|endoftext|>")
                        for c in text_configs)
     return Pretrained(family=family_of(text_configs), unet_config=unet_config, vae_config=vae_config, text_configs=text_configs,
@@ -149,13 +157,25 @@ def random_pretrained(name: str, seed: int = 0, dtype=None):
                       source=f"random:{name}")
 
 
-def _random_leaf(rng, path: str, shape, dtype):
+# U-Net kernels that end a residual branch: zero in a training init (see random_pretrained).
+_ZERO_INIT_FOR_TRAINING = re.compile(
+    r"^unet(\['conv_out'\]|.*\['resnets_\d+'\]\['conv2'\]|.*\['attentions_\d+'\]\['proj_out'\])"
+    r"\['kernel'\]$")
+
+
+def _random_leaf(rng, path: str, shape, dtype, for_training: bool = False):
     import numpy as np
 
     if path.endswith("['scale']"):
         value = np.ones(shape, np.float32)
     elif len(shape) <= 1:
         value = np.zeros(shape, np.float32)
+    elif for_training and _ZERO_INIT_FOR_TRAINING.match(path):
+        value = np.zeros(shape, np.float32)
+    elif for_training and path.endswith("['kernel']"):
+        # Flax layout (..., in, out): fan_in is every axis but the last.
+        fan_in = int(np.prod(shape[:-1]))
+        value = rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(fan_in))
     else:
         value = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
     return value.astype(dtype or np.float32)

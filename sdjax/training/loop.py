@@ -114,7 +114,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
         if config.init_from:
             model = load_pretrained(config.init_from, vae=config.vae or None)
         else:
-            model = random_pretrained(config.preset, seed=config.seed)
+            model = random_pretrained(config.preset, seed=config.seed, for_training=True)
         arch = Architecture.of(model, dtype)
         if config.objective == "vae":
             params = {"vae": model.params["vae"]}
