@@ -13,7 +13,7 @@ from configs import train_tiny
 def get_config(arg=None):
     c = train_tiny.get_config("clip")
     c.seed = 0
-    c.total_steps = int(arg) if arg else 600
+    c.total_steps = int(arg) if arg else 1500
     c.log_every = 25
     c.clip.hidden_size = 64
     c.clip.layers = 3

@@ -14,7 +14,7 @@ def get_config(arg=None):
     c = train_tiny.get_config("vae")
     c.seed = 1
     c.preset = "shapes"
-    c.total_steps = int(arg) if arg else 1100
+    c.total_steps = int(arg) if arg else 1500
     c.log_every = 25
     c.data.batch_size = 32
     c.data.num_workers = 2
@@ -26,6 +26,6 @@ def get_config(arg=None):
     c.vae_loss.reconstruction = "l2"
     c.vae_loss.kl_weight = 1e-6
     c.ema.decay = 0.99
-    c.checkpoint.every = 200
+    c.checkpoint.every = 250
     c.checkpoint.keep = 1
     return c
