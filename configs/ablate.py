@@ -5,6 +5,11 @@
 
     python -m experiments.ablate --config=configs/ablate.py:tiny   # random weights, ~1 min on a CPU
 
+The study of the embedded default model (docs/ablation_default_model.md) is two runs:
+
+    python -m experiments.ablate --config=configs/ablate.py:default_steps
+    python -m experiments.ablate --config=configs/ablate.py:default_guidance
+
 Any field can be overridden, e.g. --config.samplers="('euler_a','dpmpp_2m:karras=true')"
 --config.cfg_scales="(1.0,5.0,9.0)" --config.grid.x=steps --config.grid.y=cfg_scale.
 Run the same command again after an interruption: finished (cell, prompt) pairs are skipped.
@@ -57,7 +62,32 @@ def get_config(arg=None):
         c.num_seeds = 2
         c.height = c.width = 32
         c.out_dir = "ablations/tiny"
+    elif arg in ("default_steps", "default_guidance"):
+        # The embedded shapes-world model at its native 32 px, judged on its held-out prompts,
+        # CLIP score from the shapes CLIP shipped beside it.
+        from sdjax.generate import DEFAULT_MODEL
+
+        c.model = ""
+        c.clip_model = DEFAULT_MODEL + "/clip"
+        c.height = c.width = 32
+        c.num_prompts = 16
+        c.num_seeds = 4
+        c.microbatch = 64
+        if arg == "default_steps":  # samplers x steps x guidance scale, plain guidance
+            c.samplers = ("euler", "euler_a", "ddim", "dpmpp_2m", "heun")
+            c.steps = (3, 5, 10, 20, 50)
+            c.cfg_scales = (1.0, 2.0, 4.0, 7.0, 10.0)
+            c.variants = ("cfg",)
+            c.grid.x, c.grid.y = "cfg_scale", "sampler"
+        else:  # guidance variants at the default sampler and steps
+            c.samplers = ("dpmpp_2m",)
+            c.steps = (20,)
+            c.cfg_scales = (2.0, 4.0, 7.0, 10.0)
+            c.variants = ("cfg", "rescale=0.7", "interval=0.2:0.8", "interval=0.0:0.5")
+            c.grid.x, c.grid.y = "cfg_scale", "variant"
+        c.out_dir = f"ablations/{arg}"
     elif arg:
-        raise ValueError(f"configs/ablate.py: unknown variant {arg!r} (known: tiny)")
+        raise ValueError(f"configs/ablate.py: unknown variant {arg!r} "
+                         "(known: tiny, default_steps, default_guidance)")
     c.lock()
     return c
