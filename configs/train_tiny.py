@@ -75,6 +75,9 @@ def get_config(arg=None):
     c.clip.heads = 2
     c.clip.projection_dim = 16
     c.clip.patch_size = 8
+    # Per example, captions differing in one attribute that its image is also scored against
+    # (NegCLIP-style); shapes-world captions only (sdjax.data.shapes.hard_negative_captions).
+    c.clip.hard_negatives = 0
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 10

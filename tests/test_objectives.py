@@ -209,12 +209,13 @@ def _np_clip_loss(text, image, logit_scale):
 
 @pytest.mark.parametrize("logit_scale", [math.log(1 / 0.07), 2.0, 6.0])
 def test_clip_contrastive_loss_matches_numpy(logit_scale):
-    text = RNG.randn(6, 16).astype(np.float64)
-    image = text + 0.8 * RNG.randn(6, 16)
+    rng = np.random.RandomState(11)  # its own draws: near-tied logits would make argmax flaky
+    text = rng.randn(6, 16).astype(np.float64)
+    image = text + 0.8 * rng.randn(6, 16)
     loss, metrics = obj.clip_contrastive_loss(jnp.asarray(text, jnp.float32),
                                               jnp.asarray(image, jnp.float32), logit_scale)
     expected, logits = _np_clip_loss(text, image, logit_scale)
-    np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-4, atol=1e-6)
     labels = np.arange(6)
     t2i = np.mean(logits.argmax(axis=1) == labels)
     i2t = np.mean(logits.argmax(axis=0) == labels)
@@ -224,6 +225,38 @@ def test_clip_contrastive_loss_matches_numpy(logit_scale):
     # Above log(100) the scale is clamped (6.0 > log 100 = 4.605).
     np.testing.assert_allclose(float(metrics["logit_scale"]), min(math.exp(logit_scale), 100.0),
                                rtol=1e-5)
+
+
+def test_clip_hard_negatives_join_the_image_to_text_candidates():
+    text = RNG.randn(5, 8)
+    image = text + 0.5 * RNG.randn(5, 8)
+    negatives = RNG.randn(5, 3, 8)
+    scale = 2.5
+    loss, metrics = obj.clip_contrastive_loss(jnp.asarray(text, jnp.float32),
+                                              jnp.asarray(image, jnp.float32), scale,
+                                              jnp.asarray(negatives, jnp.float32))
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    candidates = np.concatenate([unit(text), unit(negatives.reshape(15, 8))])
+    logits_i = math.exp(scale) * unit(image) @ candidates.T          # (5, 20)
+    logits_t = math.exp(scale) * unit(text) @ unit(image).T
+
+    def ce(lg):
+        lg = lg - lg.max(axis=1, keepdims=True)
+        return -np.mean(np.diag(lg - np.log(np.exp(lg).sum(axis=1, keepdims=True))))
+
+    np.testing.assert_allclose(float(loss), 0.5 * (ce(logits_t) + ce(logits_i)), rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["image_to_text_accuracy"]),
+                               np.mean(logits_i.argmax(axis=1) == np.arange(5)))
+    # A negative identical to an image's own caption ties with it: that image's loss rises.
+    clash = negatives.copy()
+    clash[0, 0] = text[0]
+    worse, _ = obj.clip_contrastive_loss(jnp.asarray(text, jnp.float32),
+                                         jnp.asarray(image, jnp.float32), scale,
+                                         jnp.asarray(clash, jnp.float32))
+    assert float(worse) > float(loss)
+    with pytest.raises(ValueError, match="negative_text_embeds shape"):
+        obj.clip_contrastive_loss(jnp.asarray(text), jnp.asarray(image), scale,
+                                  jnp.asarray(negatives[:4]))
 
 
 def test_clip_loss_is_log_batch_for_identical_embeddings():

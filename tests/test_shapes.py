@@ -123,3 +123,45 @@ def test_train_examples_never_produce_a_held_out_scene(train):
     # Composition is testable: each held-out colour and shape is seen in training, just not together.
     for colour, shape in shapes.HELD_OUT_PAIRS:
         assert any(c == colour for c, _ in seen_pairs) and any(s == shape for _, s in seen_pairs)
+
+
+def _differences(a: Scene, b: Scene) -> list[str]:
+    diffs = [] if a.background == b.background else ["background"]
+    for x, y in zip(a.objects, b.objects):
+        diffs += [f for f in ("colour", "shape", "size", "position") if getattr(x, f) != getattr(y, f)]
+    return diffs
+
+
+def test_hard_negatives_differ_in_one_attribute_and_stay_in_the_world(train):
+    rng = np.random.default_rng(0)
+    seen = set()
+    for e in train[:400]:
+        negatives = shapes.hard_negative_captions(e.caption, rng, 3)
+        assert len(negatives) == 3 and e.caption not in negatives
+        for text in negatives:
+            scene = parse_caption(text)
+            assert scene.complete and len(scene.objects) == len(e.scene.objects)
+            colours = [o.colour for o in scene.objects] + [scene.background]
+            assert len(set(colours)) == len(colours), text
+            diffs = _differences(e.scene, scene)
+            a, b = (e.scene.objects * 2)[:2]
+            swapped = {(a.colour, a.shape, a.size, b.position), (b.colour, b.shape, b.size, a.position)}
+            if len(scene.objects) == 2 and len(diffs) > 1:
+                # a pair's positions swap, and nothing else changes
+                assert {(o.colour, o.shape, o.size, o.position) for o in scene.objects} == swapped
+                assert scene.background == e.scene.background
+                seen.add("swap")
+            else:
+                assert len(diffs) == 1, (e.caption, text)
+                seen.add(diffs[0])
+    assert seen == {"colour", "shape", "size", "position", "background", "swap"}
+
+
+def test_hard_negatives_follow_the_rng_and_reject_foreign_captions():
+    text = "a small red circle on the left, blue background"
+    a = shapes.hard_negative_captions(text, np.random.default_rng(5), 4)
+    assert a == shapes.hard_negative_captions(text, np.random.default_rng(5), 4)
+    with pytest.raises(ValueError, match="unknown words.*'photo'"):
+        shapes.hard_negative_captions("a photo of a cat", np.random.default_rng(0), 2)
+    with pytest.raises(ValueError, match="complete caption"):
+        shapes.hard_negative_captions("a red circle", np.random.default_rng(0), 2)

@@ -148,3 +148,15 @@ def test_clip_objective_learns_to_match_pairs():
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.5 * losses[0]
     assert float(metrics["accuracy"]) == 1.0
+
+    # Hard negatives: each image is also scored against captions of its own that match no image.
+    negatives = np.stack([np.roll(ids, 1, axis=1), np.roll(ids, 2, axis=1)], axis=1)
+    task = step_lib.CLIPTask(config)
+    with_negatives = step_lib.device_batch(
+        {"pixels": pixels, "input_ids": ids, "negative_input_ids": negatives}, mesh)
+    loss_plain, _ = task.loss(jax.device_get(state.params), jax.device_get(batch), None)
+    loss_neg, m = task.loss(jax.device_get(state.params), jax.device_get(with_negatives), None)
+    assert float(loss_neg) > float(loss_plain)  # more candidates, never an easier choice
+    fn = step_lib.make_train_step(task, mesh, shardings)
+    state, metrics = fn(state, with_negatives, jax.random.key(99))
+    assert float(metrics["finite"]) == 1.0

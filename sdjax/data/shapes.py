@@ -202,6 +202,45 @@ def _parse_object(words: list[str], text: str) -> ShapeAttrs:
     return ShapeAttrs(shape, colour, size, _PHRASE_POSITION[rest] if rest else None)
 
 
+NEGATIVE_ATTRIBUTES = ("colour", "shape", "size", "position", "background")
+
+
+def hard_negative_captions(text: str, rng: np.random.Generator, count: int) -> list[str]:
+    """`count` captions that each differ from `text` in exactly one attribute (one object's colour,
+    shape, size or position, or the background): the hard negatives of contrastive training, which
+    a batch of random scenes almost never contains (NegCLIP, Yuksekgonul et al. 2023). A pair's
+    positions are swapped rather than changed, so every negative is a scene the world can hold.
+    Raises ValueError for a caption outside the grammar (naming it)."""
+    scene = parse_caption(text)
+    if not scene.complete:
+        raise ValueError(f"hard negatives need a complete caption, got {text!r}")
+    out = []
+    while len(out) < count:
+        attribute = NEGATIVE_ATTRIBUTES[rng.integers(len(NEGATIVE_ATTRIBUTES))]
+        k = int(rng.integers(len(scene.objects)))
+        objects = list(scene.objects)
+        used = {o.colour for o in objects} | {scene.background}
+        background = scene.background
+        if attribute == "background":
+            background = str(rng.choice(sorted(set(COLOURS) - used)))
+        elif attribute == "colour":
+            objects[k] = dataclasses.replace(objects[k],
+                                             colour=str(rng.choice(sorted(set(COLOURS) - used))))
+        elif attribute == "position" and len(objects) == 2:
+            a, b = objects
+            objects = [dataclasses.replace(b, position=a.position),
+                       dataclasses.replace(a, position=b.position)]
+        else:
+            values = {"shape": SHAPES, "size": SIZES, "position": POSITIONS}[attribute]
+            current = getattr(objects[k], attribute)
+            new = str(rng.choice([v for v in values if v != current]))
+            objects[k] = dataclasses.replace(objects[k], **{attribute: new})
+        negative = caption(Scene(tuple(objects), background))
+        if negative != text:  # swapping two identical objects changes nothing
+            out.append(negative)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Rendering
 

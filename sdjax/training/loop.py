@@ -151,6 +151,16 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     return Setup(task=task, state=state, model=model, tokenizer=tokenizer)
 
 
+def hard_negative_ids(captions: list[str], tokenizer, count: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """(B, count, 77) token ids of shapes-world captions that each differ from their caption in
+    one attribute (`shapes.hard_negative_captions`): the CLIP objective's hard negatives."""
+    from sdjax.data.shapes import hard_negative_captions
+
+    negatives = [n for c in captions for n in hard_negative_captions(c, rng, count)]
+    return np.asarray(tokenizer(negatives)).reshape(len(captions), count, -1)
+
+
 def make_dataset(config: ml_collections.ConfigDict, tokenizer) -> ImageCaptionDataset:
     d = config.data
     kwargs = dict(batch_size=d.batch_size, resolution=d.resolution, crop=d.crop,
@@ -306,7 +316,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     try:
         with _Preemption() as preemption:
             while step < config.total_steps:
-                batch = step_lib.device_batch(next(dataset), mesh)
+                local = next(dataset)
+                if config.objective == "clip" and config.clip.hard_negatives:
+                    local["negative_input_ids"] = hard_negative_ids(
+                        local["captions"], setup.tokenizer, config.clip.hard_negatives,
+                        np.random.default_rng([config.seed, jax.process_index(), step]))
+                batch = step_lib.device_batch(local, mesh)
                 key = key_fn(state.rng, step)
                 state, metrics = train_fn(state, batch, key)
                 step += 1

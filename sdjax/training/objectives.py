@@ -141,8 +141,13 @@ def vae_loss(reconstruction: jax.Array, target: jax.Array, posterior_mean: jax.A
 
 # CLIP's symmetric InfoNCE loss (Radford et al. 2021, Figure 3), temperature learnt as log scale.
 def clip_contrastive_loss(text_embeds: jax.Array, image_embeds: jax.Array,
-                          logit_scale: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+                          logit_scale: jax.Array, negative_text_embeds: Optional[jax.Array] = None,
+                          ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Cross-entropy of text->image and image->text over the batch, matching pairs on the diagonal.
+
+    `negative_text_embeds` (B, K, D): extra captions that match no image (hard negatives, as in
+    NegCLIP); every image is scored against them too, so image->text must tell its caption from
+    captions that differ in one detail. Text->image is unchanged.
 
     `logit_scale` is the log of the inverse temperature; it is clamped at log(100) here (so it gets
     no gradient beyond), where CLIP clamps the parameter after each step. Returns (loss, metrics)
@@ -157,6 +162,14 @@ def clip_contrastive_loss(text_embeds: jax.Array, image_embeds: jax.Array,
     image = image / jnp.linalg.norm(image, axis=-1, keepdims=True)
     scale = jnp.exp(jnp.minimum(jnp.asarray(logit_scale, jnp.float32), MAX_LOGIT_SCALE))
     logits_per_text = scale * text @ image.T
+    logits_per_image = logits_per_text.T
+    if negative_text_embeds is not None:
+        if negative_text_embeds.ndim != 3 or negative_text_embeds.shape[0] != text.shape[0]:
+            raise ValueError(f"negative_text_embeds shape {negative_text_embeds.shape}: expected "
+                             f"({text.shape[0]}, K, {text.shape[1]})")
+        negatives = negative_text_embeds.reshape(-1, text.shape[1]).astype(jnp.float32)
+        negatives = negatives / jnp.linalg.norm(negatives, axis=-1, keepdims=True)
+        logits_per_image = jnp.concatenate([logits_per_image, scale * image @ negatives.T], 1)
     labels = jnp.arange(text.shape[0])
 
     def cross_entropy(logits):
@@ -164,9 +177,9 @@ def clip_contrastive_loss(text_embeds: jax.Array, image_embeds: jax.Array,
                                              labels[:, None], axis=-1))
 
     text_loss = cross_entropy(logits_per_text)
-    image_loss = cross_entropy(logits_per_text.T)
+    image_loss = cross_entropy(logits_per_image)
     loss = 0.5 * (text_loss + image_loss)
     t2i = jnp.mean(jnp.argmax(logits_per_text, axis=1) == labels)
-    i2t = jnp.mean(jnp.argmax(logits_per_text, axis=0) == labels)
+    i2t = jnp.mean(jnp.argmax(logits_per_image, axis=1) == labels)
     return loss, {"loss": loss, "accuracy": 0.5 * (t2i + i2t), "text_to_image_accuracy": t2i,
                   "image_to_text_accuracy": i2t, "logit_scale": scale}

@@ -129,18 +129,27 @@ class VAETask:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class CLIPTask:
-    """CLIP contrastive objective on params["clip"]; batch "pixels" (B, S, S, 3), "input_ids" (B, L)."""
+    """CLIP contrastive objective on params["clip"]; batch "pixels" (B, S, S, 3), "input_ids" (B, L)
+    and optionally "negative_input_ids" (B, K, L): hard-negative captions every image is also
+    scored against (`objectives.clip_contrastive_loss`)."""
     config: CLIPConfig
     dtype: Any = jnp.float32
     remat: bool = False
 
     def loss(self, params: dict, batch: dict, key: jax.Array):
         del key  # deterministic
-        out = CLIPModel(self.config, dtype=self.dtype, remat=self.remat).apply(
-            {"params": params["clip"]}, batch["input_ids"], batch["pixels"].astype(self.dtype))
+        model = CLIPModel(self.config, dtype=self.dtype, remat=self.remat)
+        out = model.apply({"params": params["clip"]}, batch["input_ids"],
+                          batch["pixels"].astype(self.dtype))
+        negatives = None
+        if "negative_input_ids" in batch:
+            ids = batch["negative_input_ids"]
+            negatives = model.apply({"params": params["clip"]}, ids.reshape(-1, ids.shape[-1]),
+                                    method=CLIPModel.get_text_features)
+            negatives = negatives.reshape(ids.shape[0], ids.shape[1], -1)
         loss, metrics = objectives.clip_contrastive_loss(
             out.text_output.text_embeds, out.vision_output.image_embeds,
-            params["clip"]["logit_scale"])
+            params["clip"]["logit_scale"], negatives)
         return loss, {k: v for k, v in metrics.items() if k != "loss"}
 
 
