@@ -12,7 +12,7 @@ from configs import train_tiny
 def get_config(arg=None):
     c = train_tiny.get_config("ldm")
     c.seed = 2
-    c.total_steps = int(arg) if arg else 6000
+    c.total_steps = int(arg) if arg else 4500
     c.log_every = 50
     c.data.batch_size = 64
     c.data.num_workers = 2
