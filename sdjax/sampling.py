@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import time
 from typing import Any, Optional, Sequence
 
 import jax
@@ -18,6 +19,7 @@ import numpy as np
 from absl import logging
 from jax import lax
 
+from sdjax import exported as exported_lib
 from sdjax import parallel, prompts
 from sdjax.diffusion import samplers as samplers_lib
 from sdjax.diffusion.guidance import classifier_free_guidance
@@ -31,6 +33,11 @@ MODES = ("txt2img", "img2img", "inpaint")
 # a stochastic sampler never changes the initial noise.
 _NOISE_STREAM, _SAMPLER_STREAM, _VAE_STREAM = 0, 1, 2
 DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sdjax", "xla")
+# The sdjax sources the sampling program is traced from (relative to the package): an exported
+# program is keyed by their digest, so editing them rebuilds it. tests/test_exported_programs.py
+# checks that importing this module imports nothing of sdjax outside them.
+PROGRAM_SOURCES = ("__init__.py", "sampling.py", "exported.py", "parallel.py", "prompts.py",
+                   "models", "diffusion")
 
 
 class NonFiniteLatentsError(RuntimeError):
@@ -343,7 +350,8 @@ def _downsample_mask(mask: jax.Array, factor: int) -> jax.Array:
 # --- running it ------------------------------------------------------------------------------------
 
 def enable_compilation_cache(path: Optional[str] = DEFAULT_COMPILATION_CACHE) -> None:
-    """Keep compiled programs on disk so a second launch loads instead of compiling."""
+    """Keep compiled programs on disk so a second launch loads instead of compiling; `Generator`
+    also keeps its lowered programs there (`<path>/sdjax_exported`), so it need not trace them."""
     if not path:
         return
     os.makedirs(path, exist_ok=True)
@@ -372,10 +380,16 @@ class Generator:
     """A loaded model bound to a mesh, with its compiled programs cached by static settings.
 
     A thin convenience: the params stay a pytree, the program is `generate_images`.
+
+    exported_programs: with the default True, when JAX's persistent compilation cache is enabled
+    (`enable_compilation_cache`), each lowered program is also kept there (`jax.export`,
+    `sdjax.exported`) and a later launch loads it instead of tracing; a path keeps them in that
+    folder whether or not the cache is on; False always traces. Only the jit mode without a
+    progress bar is exported (see `program_for`); the others trace on every launch.
     """
 
     def __init__(self, model, *, dtype: Any = None, parallel_mode: str = "jit", fsdp: int = 1,
-                 mesh: Optional[jax.sharding.Mesh] = None):
+                 mesh: Optional[jax.sharding.Mesh] = None, exported_programs: bool | str = True):
         if parallel_mode not in parallel.PARALLEL_MODES:
             raise ValueError(f"parallel mode {parallel_mode!r} is not one of "
                              f"{', '.join(parallel.PARALLEL_MODES)}")
@@ -390,8 +404,13 @@ class Generator:
             self.params = jax.device_put(params, parallel.param_sharding(self.mesh, params))
         else:
             self.params = params
+        self.exported_programs = exported_programs
         self._programs: dict = {}
+        self._exported: dict = {}
         self.traces = 0  # how many times a program was traced (compiles), for tests and logs
+        # One entry per exported program looked up: key, outcome (hit / miss / rebuilt /
+        # unsupported) and the seconds of each stage.
+        self.program_log: list[dict] = []
 
     @property
     def num_devices(self) -> int:
@@ -410,6 +429,92 @@ class Generator:
             else:
                 self._programs[key] = parallel.pmap_over_batch(counted)
         return self._programs[key]
+
+    def program_for(self, spec: SamplingSpec, batch: dict):
+        """The program to run on `batch` (padded to the device count; placed by
+        `parallel.shard_batch` in jit mode): the compiled exported program where one is kept on
+        disk (loaded, or traced and written now), else the traced program."""
+        store = self._exported_store()
+        # jax.export serializes jit programs only, and no host callbacks: pmap and the progress
+        # bar (a jax.debug.callback in the scan) trace on every launch. Multi-process runs too:
+        # untested with exported programs.
+        if (store is None or self.parallel_mode != "jit" or spec.progress
+                or jax.process_count() > 1):
+            return self._program(spec, tuple(sorted(batch)))
+        signature = tuple((k, np.shape(v), str(np.dtype(v.dtype))) for k, v in sorted(batch.items()))
+        key = (spec, signature)
+        if key not in self._exported:
+            self._exported[key] = (self._exported_program(store, spec, batch)
+                                   or self._program(spec, tuple(sorted(batch))))
+        return self._exported[key]
+
+    def _exported_store(self) -> Optional[exported_lib.ExportedStore]:
+        if self.exported_programs is False:
+            return None
+        if isinstance(self.exported_programs, (str, os.PathLike)):
+            return exported_lib.ExportedStore(os.fspath(self.exported_programs))
+        directory = exported_lib.default_directory()
+        return exported_lib.ExportedStore(directory) if directory else None
+
+    def program_description(self, spec: SamplingSpec, batch: dict) -> dict:
+        """Everything an exported program depends on, JSON-able; its digest is the entry's key."""
+        return {
+            "program": "sdjax.sampling.generate_images", "parallel_mode": self.parallel_mode,
+            "architecture": exported_lib.canonical(self.arch),
+            "spec": exported_lib.canonical(spec),
+            "batch": exported_lib.arrays_signature(batch),
+            "params": exported_lib.tree_signature(self.params),
+            "environment": exported_lib.environment(self.mesh, PROGRAM_SOURCES),
+        }
+
+    def _exported_program(self, store: exported_lib.ExportedStore, spec: SamplingSpec, batch: dict):
+        """Load the lowered program from `store`, or export and write it; either way compile it
+        (XLA's own persistent cache serves that). None where it cannot be exported."""
+        description = self.program_description(spec, batch)
+        key = exported_lib.key_of(description)
+        args = (self.params, batch)
+        entry = {"key": key, "directory": store.directory, "outcome": None, "seconds": {}}
+        self.program_log.append(entry)
+        start = time.perf_counter()
+        exported, status = store.load(key, args)
+        entry["seconds"]["load"] = time.perf_counter() - start
+        if exported is not None:
+            try:
+                compiled = self._compile_exported(exported, args, entry["seconds"])
+                entry["outcome"] = "hit"
+                logging.info("sampling program %s loaded from %s", key, store.directory)
+                return compiled
+            except Exception as error:  # noqa: BLE001 - a bad entry is rebuilt, never fatal
+                logging.warning("exported program %s in %s does not compile (%s: %s); tracing "
+                                "it again", key, store.directory, type(error).__name__, error)
+                store.remove(key)
+                status = "corrupt"
+        start = time.perf_counter()
+        try:
+            exported = jax.export.export(self._program(spec, tuple(sorted(batch))))(*args)
+        except Exception as error:  # noqa: BLE001 - the traced path runs it (or raises) instead
+            entry["outcome"] = "unsupported"
+            logging.warning("cannot export the sampling program (%s: %s); it is traced on every "
+                            "launch", type(error).__name__, error)
+            return None
+        entry["seconds"]["export"] = time.perf_counter() - start
+        store.save(key, description, exported, entry["seconds"]["export"])
+        entry["outcome"] = "miss" if status == "miss" else "rebuilt"
+        logging.info("sampling program %s traced and written to %s", key, store.directory)
+        return self._compile_exported(exported, args, entry["seconds"])
+
+    def _compile_exported(self, exported, args: tuple, seconds: dict):
+        # Same shardings as the traced program: the call runs on the same placed arrays.
+        data = parallel.batch_sharding(self.mesh)
+        runner = jax.jit(exported.call, in_shardings=(
+            parallel.param_sharding(self.mesh, self.params), data), out_shardings=data)
+        start = time.perf_counter()
+        lowered = runner.lower(*args)
+        seconds["lower"] = time.perf_counter() - start
+        start = time.perf_counter()
+        compiled = lowered.compile()
+        seconds["compile"] = time.perf_counter() - start
+        return compiled
 
     def prepare(self, request: Request, spec: SamplingSpec) -> dict:
         """Host-side: tokenize and lay out the batch arrays for `request`."""
@@ -478,10 +583,9 @@ class Generator:
             batch = {k: _pad_rows(v, padded) if k != "seeds" else
                      (np.uint64(request.seed) + np.arange(padded, dtype=np.uint64)).astype(np.uint32)
                      for k, v in batch.items()}
-        program = self._program(spec, tuple(sorted(batch)))
         if self.parallel_mode == "jit":
             batch = parallel.shard_batch(batch, self.mesh)
-        out = program(self.params, batch)
+        out = self.program_for(spec, batch)(self.params, batch)
         out = jax.tree.map(lambda x: np.asarray(x)[:n], out)
         out["seeds"] = (np.uint64(request.seed) + np.arange(n, dtype=np.uint64)).astype(np.uint32)
         if check_finite and not out["finite"].all():

@@ -1,0 +1,292 @@
+"""Lowered programs kept on disk (`jax.export`), next to JAX's persistent compilation cache.
+
+JAX's persistent cache is keyed by the lowered module, so a launch that finds its XLA executable
+there has still traced and lowered the Python program first, which for a Stable Diffusion sampling
+program is most of a second launch's time. An `ExportedStore` keeps the lowered program itself,
+keyed by everything that determines it, so that a later launch deserializes it instead of tracing;
+XLA's compilation of it then hits the persistent cache as before.
+
+Each entry is two files in the store's folder: `<key>.exported` (the serialized program) and
+`<key>.json` (readable: what the key was made of, the payload's format, size and sha256). An entry
+that cannot be read back is logged, removed and rebuilt by the caller; it never fails a run.
+
+Trust: the payload is a pickle when the `flatbuffers` package (which `jax.export`'s own format
+needs) is not installed. It is read only from the cache folder, which already holds the XLA
+executables that JAX loads and runs, so it asks for no more trust than the cache itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import pickle
+import sys
+import tempfile
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from absl import logging
+
+SUBDIR = "sdjax_exported"
+# Bump when the entry layout or the meaning of a key changes.
+LAYOUT_VERSION = 1
+# jax settings that change what tracing produces (random bits, dtypes, precision, partitioner).
+_TRACING_CONFIG = ("jax_enable_x64", "jax_default_prng_impl", "jax_threefry_partitionable",
+                   "jax_default_matmul_precision", "jax_numpy_dtype_promotion",
+                   "jax_numpy_rank_promotion", "jax_use_shardy_partitioner",
+                   "jax_export_calling_convention_version")
+# Tuples longer than this (e.g. trained betas) appear in a sidecar as their digest.
+_MAX_INLINE_SEQUENCE = 32
+
+
+def default_directory() -> Optional[str]:
+    """`<persistent compilation cache>/sdjax_exported`, or None when no persistent cache is on."""
+    cache_dir = jax.config.jax_compilation_cache_dir
+    if not cache_dir or not jax.config.jax_enable_compilation_cache:
+        return None
+    return os.path.join(cache_dir, SUBDIR)
+
+
+# --- keys ------------------------------------------------------------------------------------------
+
+def canonical(value: Any) -> Any:
+    """A JSON-able, deterministic form of configs and specs: dataclasses by field, dtypes by name,
+    arrays and long sequences by digest."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: canonical(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {"__type__": type(value).__qualname__, **fields}
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__qualname__}.{value.name}"
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (tuple, list)):
+        items = [canonical(v) for v in value]
+        if len(items) > _MAX_INLINE_SEQUENCE:
+            return {"len": len(items), "sha256": _digest(items)}
+        return items
+    if isinstance(value, (np.ndarray, jax.Array)):
+        array = np.asarray(value)
+        return {"shape": list(array.shape), "dtype": str(array.dtype),
+                "sha256": hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()}
+    if isinstance(value, (np.dtype, type)) or _is_dtype_like(value):
+        return str(np.dtype(value))
+    # Anything else by repr: one that embeds an address never matches, so it misses (safe).
+    return repr(value)
+
+
+def _is_dtype_like(value: Any) -> bool:
+    try:
+        np.dtype(value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, str)
+
+
+def tree_signature(tree: Any) -> dict:
+    """Structure, shapes and dtypes of a pytree (arrays or ShapeDtypeStructs), as a short digest."""
+    leaves, treedef = jax.tree.flatten(tree)
+    described = [str(treedef)] + [[list(np.shape(x)), str(np.dtype(x.dtype))] for x in leaves]
+    return {"leaves": len(leaves), "elements": int(sum(int(np.prod(np.shape(x))) for x in leaves)),
+            "sha256": _digest(described)}
+
+
+def arrays_signature(arrays: dict) -> dict:
+    """{name: "dtype[shape]"} of a flat dict of arrays (readable in a sidecar)."""
+    return {k: f"{np.dtype(v.dtype)}{list(np.shape(v))}" for k, v in sorted(arrays.items())}
+
+
+def environment(mesh: jax.sharding.Mesh, sources: tuple[str, ...]) -> dict:
+    """Versions, tracing-relevant jax settings and the devices a program is lowered for; `sources`
+    are the sdjax files and folders (relative to the package) the program is traced from."""
+    import flax
+    import jaxlib
+
+    import sdjax
+
+    devices = mesh.devices.flat
+    first = next(iter(devices))
+    config = {}
+    for name in _TRACING_CONFIG:
+        try:
+            config[name] = canonical(getattr(jax.config, name))
+        except AttributeError:
+            config[name] = None
+    return {
+        "versions": {"python": list(sys.version_info[:2]), "jax": jax.__version__,
+                     "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+                     "numpy": np.__version__, "sdjax": sdjax.__version__,
+                     # An editable install keeps its version string while the code changes.
+                     "sdjax_sources_sha256": source_digest(tuple(sources))},
+        "jax_config": config,
+        "platform": first.platform, "device_kind": first.device_kind,
+        "mesh": {name: int(size) for name, size in mesh.shape.items()},
+        "device_count": jax.device_count(), "process_count": jax.process_count(),
+    }
+
+
+@functools.cache
+def source_digest(sources: tuple[str, ...]) -> str:
+    """sha256 over the named .py files and folders of the sdjax package (paths and contents)."""
+    import sdjax
+
+    root = os.path.dirname(os.path.abspath(sdjax.__file__))
+    files = []
+    for source in sources:
+        path = os.path.join(root, source)
+        if os.path.isdir(path):
+            for folder, dirs, names in os.walk(path):
+                dirs[:] = [d for d in dirs if d != "__pycache__"]
+                files += [os.path.join(folder, n) for n in names if n.endswith(".py")]
+        else:
+            files.append(path)
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(os.path.relpath(path, root).encode() + b"\0")
+        with open(path, "rb") as f:
+            digest.update(f.read())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def key_of(description: dict) -> str:
+    return _digest({"layout": LAYOUT_VERSION, **description})[:32]
+
+
+def _digest(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# --- payloads --------------------------------------------------------------------------------------
+
+def _has_flatbuffers() -> bool:
+    return importlib.util.find_spec("flatbuffers") is not None
+
+
+def serialize(exported: jax.export.Exported) -> tuple[str, bytes]:
+    """(format, bytes): jax.export's own format where its `flatbuffers` dependency is installed,
+    else a pickle of the Exported without its VJP closure (sampling never differentiates it)."""
+    if _has_flatbuffers():
+        return "jax.export", bytes(exported.serialize())
+    return "pickle", pickle.dumps(dataclasses.replace(exported, _get_vjp=None),
+                                  protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def deserialize(payload_format: str, payload: bytes) -> jax.export.Exported:
+    if payload_format == "jax.export":
+        return jax.export.deserialize(bytearray(payload))
+    if payload_format == "pickle":
+        exported = pickle.loads(payload)
+        if not isinstance(exported, jax.export.Exported):
+            raise ValueError(f"payload holds a {type(exported).__name__}, not a jax.export.Exported")
+        return exported
+    raise ValueError(f"unknown payload format {payload_format!r}")
+
+
+# --- the store -------------------------------------------------------------------------------------
+
+class ExportedStore:
+    """A folder of exported programs by key. `load` never raises: a missing entry is a miss, an
+    unreadable one is logged, removed and reported as corrupt, so the caller rebuilds it."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def paths(self, key: str) -> tuple[str, str]:
+        return (os.path.join(self.directory, f"{key}.exported"),
+                os.path.join(self.directory, f"{key}.json"))
+
+    def load(self, key: str, args: tuple) -> tuple[Optional[jax.export.Exported], str]:
+        """(exported, "hit") or (None, "miss" | "corrupt"). `args` are the arguments it will be
+        called with (arrays or ShapeDtypeStructs): an entry for other shapes counts as corrupt."""
+        payload_path, sidecar_path = self.paths(key)
+        if not os.path.exists(payload_path) and not os.path.exists(sidecar_path):
+            return None, "miss"
+        try:
+            with open(sidecar_path) as f:
+                sidecar = json.load(f)
+            payload_info = sidecar["payload"]
+            if payload_info["format"] == "jax.export" and not _has_flatbuffers():
+                raise ValueError("written in jax.export's format, which needs the flatbuffers package")
+            with open(payload_path, "rb") as f:
+                payload = f.read()
+            # Checked before deserializing: a truncated or overwritten payload never reaches the
+            # (C++) module parser.
+            if len(payload) != payload_info["bytes"] or \
+                    hashlib.sha256(payload).hexdigest() != payload_info["sha256"]:
+                raise ValueError(f"{payload_path}: {len(payload)} bytes whose sha256 does not match "
+                                 f"the sidecar's ({payload_info['bytes']} bytes)")
+            exported = deserialize(payload_info["format"], payload)
+            _check_signature(exported, args)
+        except Exception as error:  # noqa: BLE001 - any unreadable entry is rebuilt, never fatal
+            logging.warning("exported program %s is unreadable (%s: %s); removing it and "
+                            "tracing the program again", payload_path, type(error).__name__, error)
+            self.remove(key)
+            return None, "corrupt"
+        return exported, "hit"
+
+    def save(self, key: str, description: dict, exported: jax.export.Exported,
+             export_seconds: float = 0.0) -> None:
+        """Write the entry (payload first, then its sidecar, each to a temporary file renamed into
+        place, so a reader sees whole files). A failed write is logged, not raised."""
+        payload_path, sidecar_path = self.paths(key)
+        try:
+            payload_format, payload = serialize(exported)
+            sidecar = {
+                "key": key, "layout": LAYOUT_VERSION, "description": description,
+                "payload": {"file": os.path.basename(payload_path), "format": payload_format,
+                            "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()},
+                "export_seconds": round(export_seconds, 3),
+                "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            os.makedirs(self.directory, exist_ok=True)
+            _write_atomically(payload_path, payload)
+            _write_atomically(sidecar_path, (json.dumps(sidecar, indent=1, sort_keys=True) + "\n").encode())
+        except Exception as error:  # noqa: BLE001 - the program still runs, it is only not kept
+            logging.warning("could not write exported program %s (%s: %s); the next launch will "
+                            "trace it again", payload_path, type(error).__name__, error)
+
+    def remove(self, key: str) -> None:
+        for path in self.paths(key):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                logging.warning("could not remove %s: %s", path, error)
+
+
+def _check_signature(exported: jax.export.Exported, args: tuple) -> None:
+    leaves, treedef = jax.tree.flatten((args, {}))
+    if exported.in_tree != treedef:
+        raise ValueError("its argument structure differs from the call's")
+    for index, (aval, leaf) in enumerate(zip(exported.in_avals, leaves)):
+        if tuple(aval.shape) != tuple(np.shape(leaf)) or aval.dtype != np.dtype(leaf.dtype):
+            raise ValueError(f"argument {index} is {aval.dtype}{list(aval.shape)}, the call passes "
+                             f"{np.dtype(leaf.dtype)}{list(np.shape(leaf))}")
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    folder = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from its other users
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
