@@ -1,13 +1,16 @@
 """Compile time of the whole sampling program (text encoders, the denoising scan, VAE decode) at
 several step counts, each in a fresh process, and a second launch that finds the program in the
-persistent compilation cache.
+persistent compilation cache: its lowered form (`jax.export`, `sdjax.exported`) and its XLA
+executable.
 
     python -m benchmarks.compile_time                  # SD 1.5, 512 px, dpmpp_2m with guidance
     python -m benchmarks.compile_time --preset=tiny    # seconds; what CI runs
 
 Params are abstract (shapes only): compiling does not need their values, so a launch measures
-tracing + lowering and XLA compilation, not weight loading. The program is the one `Generator`
-builds (jit over the batch on the device mesh).
+tracing + lowering (or loading the exported program) and XLA compilation, not weight loading. The
+program is the one `Generator` builds (jit over the batch on the device mesh); the cached launches
+go through `Generator.program_for`, as a real launch with the persistent cache does. A second
+pair of launches with exported programs off shows what the executable cache alone saves.
 Targets: 50 steps <= 1.2x 1 step (the scan body is compiled once, whatever the step count); the
 second launch <= 10% of the first.
 """
@@ -31,6 +34,8 @@ flags.DEFINE_integer("size", 0, "image height and width in pixels (default: 512;
 flags.DEFINE_integer("cache_steps", 50, "step count of the two launches sharing a persistent cache")
 flags.DEFINE_string("launch", None, "internal: compile once in this process, print JSON "
                     "('' = no persistent cache, else its folder)")
+flags.DEFINE_bool("exported", True, "internal: with --launch, keep/load the lowered program "
+                  "next to the persistent cache")
 FLAGS = flags.FLAGS
 
 
@@ -64,8 +69,9 @@ def abstract_pretrained(name: str):
                       source=f"abstract:{name}")
 
 
-def launch(preset_name: str, steps: int, size: int, cache_dir: str) -> dict:
-    """Trace, lower and compile the program once in this process; seconds and cache events."""
+def launch(preset_name: str, steps: int, size: int, cache_dir: str, exported: bool = True) -> dict:
+    """Trace, lower and compile the program once in this process (with a persistent cache: through
+    `Generator.program_for`, which loads or writes the exported program); seconds and cache events."""
     import jax
 
     events = []
@@ -81,29 +87,45 @@ def launch(preset_name: str, steps: int, size: int, cache_dir: str) -> dict:
             self.model, self.arch, self.parallel_mode = model, Architecture.of(model), "jit"
             self.mesh = parallel.make_mesh()
             self.params, self._programs, self.traces = model.params, {}, 0
+            self.exported_programs, self._exported, self.program_log = exported, {}, []
 
     if cache_dir:
         enable_compilation_cache(cache_dir)
     generator = AbstractGenerator(abstract_pretrained(preset_name))
     spec = SamplingSpec(sampler="dpmpp_2m", steps=steps, height=size, width=size)
-    batch = generator.prepare(Request(prompt="a cat"), spec)
-    program = generator._program(spec, tuple(sorted(batch)))
-    start = time.perf_counter()
-    lowered = program.lower(generator.params, parallel.shard_batch(batch, generator.mesh))
-    lower_s = time.perf_counter() - start
-    start = time.perf_counter()
-    lowered.compile()
-    compile_s = time.perf_counter() - start
-    return {"lower_s": lower_s, "compile_s": compile_s,
-            "hits": events.count("/jax/compilation_cache/cache_hits"),
-            "misses": events.count("/jax/compilation_cache/cache_misses")}
+    batch = parallel.shard_batch(generator.prepare(Request(prompt="a cat"), spec), generator.mesh)
+    result = {"exported": "—"}
+    if cache_dir and exported:
+        start = time.perf_counter()
+        generator.program_for(spec, batch)
+        total_s = time.perf_counter() - start
+        log = generator.program_log[-1]
+        if log["outcome"] == "unsupported":
+            raise RuntimeError("the sampling program could not be exported (see the warning above)")
+        seconds = log["seconds"]
+        # Everything before XLA's compile: the key, loading or exporting (trace + lower), and
+        # lowering the jit around the exported call.
+        result.update(lower_s=total_s - seconds["compile"], compile_s=seconds["compile"],
+                      exported=log["outcome"], traces=generator.traces)
+    else:
+        program = generator._program(spec, tuple(sorted(batch)))
+        start = time.perf_counter()
+        lowered = program.lower(generator.params, batch)
+        result["lower_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        lowered.compile()
+        result["compile_s"] = time.perf_counter() - start
+        result["traces"] = generator.traces
+    result.update(hits=events.count("/jax/compilation_cache/cache_hits"),
+                  misses=events.count("/jax/compilation_cache/cache_misses"))
+    return result
 
 
-def _fresh_process(steps: int, size: int, cache_dir: str) -> dict:
+def _fresh_process(steps: int, size: int, cache_dir: str, exported: bool = True) -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-m", "benchmarks.compile_time",
                           f"--preset={FLAGS.preset}", f"--size={size}", f"--steps={steps}",
-                          f"--launch={cache_dir}"],
+                          f"--launch={cache_dir}", f"--exported={exported}"],
                          cwd=root, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"compile launch (steps={steps}) failed:\n{out.stderr[-4000:]}")
@@ -113,7 +135,8 @@ def _fresh_process(steps: int, size: int, cache_dir: str) -> dict:
 def main(_):
     size = FLAGS.size or (32 if FLAGS.preset == "tiny" else 512)
     if FLAGS.launch is not None:
-        print(json.dumps(launch(FLAGS.preset, int(FLAGS.steps[0]), size, FLAGS.launch)))
+        print(json.dumps(launch(FLAGS.preset, int(FLAGS.steps[0]), size, FLAGS.launch,
+                                FLAGS.exported)))
         return
     import jax
 
@@ -123,20 +146,31 @@ def main(_):
         r = _fresh_process(steps, size, "")
         by_steps[steps] = r["lower_s"] + r["compile_s"]
         rows.append([f"{steps} steps, no persistent cache", r["lower_s"], r["compile_s"],
-                     by_steps[steps], by_steps[steps] / by_steps[min(by_steps)], "—"])
+                     by_steps[steps], by_steps[steps] / by_steps[min(by_steps)], "—", "—"])
         print(f"done {steps} steps", file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory() as cache:
-        launches = [_fresh_process(FLAGS.cache_steps, size, cache) for _ in range(2)]
-    first = launches[0]["lower_s"] + launches[0]["compile_s"]
-    for label, r in zip(("first launch, empty cache", "second launch, cache filled"), launches):
+    labelled = []
+    for exported, labels in ((True, ("first launch, empty cache", "second launch, cache filled")),
+                             (False, ("empty cache, exported programs off",
+                                      "filled cache, exported programs off"))):
+        with tempfile.TemporaryDirectory() as cache:
+            pair = [_fresh_process(FLAGS.cache_steps, size, cache, exported) for _ in range(2)]
+        labelled += [(label, r, pair[0]) for label, r in zip(labels, pair)]
+    for label, r, first_of_pair in labelled:
         total = r["lower_s"] + r["compile_s"]
+        first = first_of_pair["lower_s"] + first_of_pair["compile_s"]
         rows.append([f"{FLAGS.cache_steps} steps, {label}", r["lower_s"], r["compile_s"], total,
-                     total / first, f"{r['hits']} hit / {r['misses']} miss"])
+                     total / first, f"{r['hits']} hit / {r['misses']} miss", r["exported"]])
     print(f"compile time of the sampling program, preset {FLAGS.preset}, {size}x{size} px, "
           f"dpmpp_2m with guidance, {timing.num_cores()} cores, jax {jax.__version__}; each row a "
-          f"fresh process; 'ratio' is to the fewest steps (no-cache rows) or to the first launch")
+          f"fresh process; 'ratio' is to the fewest steps (no-cache rows) or to the first launch of "
+          f"the pair sharing a cache; "
+          f"'trace+lower s' of a launch that loads the exported program is the load and lowering "
+          f"of the call to it")
     print(timing.table(["launch", "trace+lower s", "compile s", "total s", "ratio",
-                        "persistent cache"], rows))
+                        "persistent cache", "exported program"], rows))
+    ratios = [r[4] for r in rows[-4:]]
+    print(f"second launch / first launch: {ratios[1]:.3f} (target <= 0.10); with exported "
+          f"programs off: {ratios[3]:.3f}")
 
 
 if __name__ == "__main__":
