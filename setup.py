@@ -23,6 +23,7 @@ setuptools.setup(
         "matplotlib>=3.7",
         "tensorboardX>=2.6",
         "regex>=2023.0",
+        "flatbuffers>=23.0",  # jax.export's serialization (sdjax/exported.py)
     ],
     extras_require={
         # References for parity tests; never needed at run time.

@@ -10,9 +10,8 @@ Each entry is two files in the store's folder: `<key>.exported` (the serialized 
 `<key>.json` (readable: what the key was made of, the payload's format, size and sha256). An entry
 that cannot be read back is logged, removed and rebuilt by the caller; it never fails a run.
 
-Trust: the payload is a pickle when the `flatbuffers` package (which `jax.export`'s own format
-needs) is not installed. It is read only from the cache folder, which already holds the XLA
-executables that JAX loads and runs, so it asks for no more trust than the cache itself.
+The payload is `jax.export`'s own serialization (it needs the `flatbuffers` package, a dependency
+of sdjax); nothing is unpickled.
 """
 from __future__ import annotations
 
@@ -20,10 +19,8 @@ import dataclasses
 import enum
 import functools
 import hashlib
-import importlib.util
 import json
 import os
-import pickle
 import sys
 import tempfile
 import time
@@ -169,28 +166,18 @@ def _digest(value: Any) -> str:
 
 # --- payloads --------------------------------------------------------------------------------------
 
-def _has_flatbuffers() -> bool:
-    return importlib.util.find_spec("flatbuffers") is not None
+PAYLOAD_FORMAT = "jax.export"
 
 
 def serialize(exported: jax.export.Exported) -> tuple[str, bytes]:
-    """(format, bytes): jax.export's own format where its `flatbuffers` dependency is installed,
-    else a pickle of the Exported without its VJP closure (sampling never differentiates it)."""
-    if _has_flatbuffers():
-        return "jax.export", bytes(exported.serialize())
-    return "pickle", pickle.dumps(dataclasses.replace(exported, _get_vjp=None),
-                                  protocol=pickle.HIGHEST_PROTOCOL)
+    """(format, bytes) in jax.export's own serialization."""
+    return PAYLOAD_FORMAT, bytes(exported.serialize())
 
 
 def deserialize(payload_format: str, payload: bytes) -> jax.export.Exported:
-    if payload_format == "jax.export":
-        return jax.export.deserialize(bytearray(payload))
-    if payload_format == "pickle":
-        exported = pickle.loads(payload)
-        if not isinstance(exported, jax.export.Exported):
-            raise ValueError(f"payload holds a {type(exported).__name__}, not a jax.export.Exported")
-        return exported
-    raise ValueError(f"unknown payload format {payload_format!r}")
+    if payload_format != PAYLOAD_FORMAT:
+        raise ValueError(f"unknown payload format {payload_format!r}")
+    return jax.export.deserialize(bytearray(payload))
 
 
 # --- the store -------------------------------------------------------------------------------------
@@ -216,8 +203,6 @@ class ExportedStore:
             with open(sidecar_path) as f:
                 sidecar = json.load(f)
             payload_info = sidecar["payload"]
-            if payload_info["format"] == "jax.export" and not _has_flatbuffers():
-                raise ValueError("written in jax.export's format, which needs the flatbuffers package")
             with open(payload_path, "rb") as f:
                 payload = f.read()
             # Checked before deserializing: a truncated or overwritten payload never reaches the
