@@ -118,9 +118,12 @@ def test_tables_have_a_row_per_cell_and_judge_columns(shapes_sweep):
         judged = [j["all_correct"] for r in mine for j in r["judge"]]
         assert float(row["all_correct"]) == pytest.approx(np.mean(judged))
     with open(result["markdown"]) as f:
-        table = [line for line in f if line.startswith("|")]
-    assert table[0] == "| " + " | ".join(columns) + " |\n"
+        text = f.read()
+    table = [line for line in text.split("\n\n")[3].splitlines() if line.startswith("|")]
+    assert table[0] == "| " + " | ".join(columns) + " |"
     assert len(table) == 2 + len(cells)
+    if len(STEPS) > 1:
+        assert "## Steps each setting needs" in text
 
 
 def test_compiles_one_program_per_sampler_and_steps(shapes_sweep, generator):
@@ -252,6 +255,21 @@ def test_grid_with_prompt_and_variant_axes(other_sweep):
         assert (entry["rows"], entry["cols"]) == (2, 3)
         assert entry["row_labels"] == list(OTHER_PROMPTS)
         assert entry["col_labels"][0] == "cfg"
+
+
+def test_steps_to_fraction_finds_the_fewest_steps_near_the_longest_runs_accuracy():
+    def row(sampler, steps, acc, cfg=5.0):
+        return {"sampler": sampler, "steps": steps, "variant": "cfg", "cfg_scale": cfg,
+                "all_correct": acc}
+
+    rows = [row("euler", 5, 0.50), row("euler", 10, 0.86), row("euler", 20, 0.90),
+            row("euler", 40, 0.90), row("ddim", 5, 0.2), row("ddim", 40, 0.2),
+            row("heun", 10, 0.4, cfg=1.0)]
+    needed = {r["sampler"]: r for r in ablation.steps_to_fraction(rows)}
+    assert set(needed) == {"euler", "ddim"}  # heun has one step count only
+    assert needed["euler"]["steps_to_95pct"] == 10 and needed["euler"]["max_steps"] == 40
+    assert needed["euler"]["all_correct_at_max"] == 0.90
+    assert needed["ddim"]["steps_to_95pct"] == 5
 
 
 def test_sweep_plans_programs_without_running():

@@ -466,6 +466,27 @@ def aggregate(sweep: Sweep, records: Sequence[dict],
     return columns, rows
 
 
+def steps_to_fraction(rows: Sequence[dict], metric: str = "all_correct",
+                      fraction: float = 0.95) -> list[dict]:
+    """Per (sampler, variant, cfg_scale) swept over >= 2 step counts: `metric` at the most steps,
+    and the fewest steps whose `metric` reaches `fraction` of it (how many steps a sampler needs)."""
+    groups: dict = {}
+    for row in rows:
+        if metric in row and not math.isnan(row[metric]):
+            groups.setdefault((row["sampler"], row["variant"], row["cfg_scale"]), []).append(row)
+    out = []
+    for (sampler, variant, cfg_scale), group in groups.items():
+        if len({r["steps"] for r in group}) < 2:
+            continue
+        group = sorted(group, key=lambda r: r["steps"])
+        final = group[-1]
+        reached = next(r["steps"] for r in group if r[metric] >= fraction * final[metric])
+        out.append({"sampler": sampler, "variant": variant, "cfg_scale": cfg_scale,
+                    "max_steps": final["steps"], f"{metric}_at_max": final[metric],
+                    "steps_to_95pct" if fraction == 0.95 else f"steps_to_{fraction:g}": reached})
+    return out
+
+
 def write_csv(path: str, columns: Sequence[str], rows: Sequence[dict]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns))
@@ -503,6 +524,11 @@ def write_markdown(path: str, config, sweep: Sweep, columns, rows, grids, plots,
             "all of them; `diversity` mean pairwise RMS pixel distance across seeds (0 = "
             "identical); `clip_score` 100·max(cos, 0); `sec_per_image` after compilation.", "",
             markdown_table(columns, rows), ""]
+    needed = steps_to_fraction(rows)
+    if needed:
+        text += ["## Steps each setting needs", "",
+                 "The fewest swept steps whose `all_correct` reaches 95% of its value at the most "
+                 "steps swept.", "", markdown_table(list(needed[0]), needed), ""]
     if plots:
         text += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})"
                                     for p in plots] + [""]
