@@ -3,7 +3,8 @@ import ml_collections
 
 
 def generation_config(*, height: int, width: int, model: str = "", cfg_scale: float = 7.5,
-                      steps: int = 25, sampler: str = "dpmpp_2m") -> ml_collections.ConfigDict:
+                      steps: int = 25, sampler: str = "dpmpp_2m",
+                      progress: bool = True) -> ml_collections.ConfigDict:
     """Every setting of `experiments/generate.py` and `experiments/sample.py`; flags of the same
     name override these."""
     c = ml_collections.ConfigDict()
@@ -32,7 +33,9 @@ def generation_config(*, height: int, width: int, model: str = "", cfg_scale: fl
     c.mask = ""                  # inpainting mask: white = repaint
     c.parallel = "jit"           # jit (mesh + shardings) | pmap
     c.fsdp = 1                   # >1: split large params over this many devices
-    c.progress = True
+    # A per-step bar is a host callback inside the program, which keeps it from being exported
+    # (sdjax/exported.py): a launch with it on traces the program again instead of loading it.
+    c.progress = progress
     c.out_dir = "outputs"
     c.compilation_cache = "~/.cache/sdjax/xla"
     return c
