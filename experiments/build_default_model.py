@@ -1,12 +1,14 @@
 """Rebuild the embedded default model (sdjax/assets/default_model) from scratch, with sdjax's own
 training loop: shapes-world data -> CLIP (configs/shapes_clip.py) -> VAE (configs/shapes_vae.py)
 -> latent diffusion (configs/shapes_ldm.py: U-Net trained, VAE frozen, the CLIP text tower
-fine-tuned at its own lr, caption dropout) -> export + evaluation.
+fine-tuned at its own lr, caption dropout) -> a short fine-tune on captions written as prompts are
+(configs/shapes_ldm_captions.py) -> export + evaluation.
 
     python -m experiments.build_default_model --workdir=/tmp/sdjax_default_model
 
 Every stage checkpoints into --workdir and resumes there, so the same command continues an
-interrupted build. Stage lengths can be overridden (--clip_steps, --vae_steps, --ldm_steps).
+interrupted build. Stage lengths can be overridden (--clip_steps, --vae_steps, --ldm_steps,
+--captions_steps).
 """
 from __future__ import annotations
 
@@ -114,14 +116,15 @@ def assemble_ldm_init(vae_export: pathlib.Path, clip_config, clip_params: dict, 
 
 def build(workdir: str, out: str, *, num_examples: int = 50_000,
           clip_steps: Optional[int] = None, vae_steps: Optional[int] = None,
-          ldm_steps: Optional[int] = None, num_eval_prompts: int = 0, num_eval_images: int = 256,
+          ldm_steps: Optional[int] = None, captions_steps: Optional[int] = None,
+          num_eval_prompts: int = 0, num_eval_images: int = 256,
           progress: bool = True, overrides: Optional[dict] = None) -> dict:
     """Run every stage; returns the build record (also written to `out`/build.json).
 
-    `overrides`: {"clip" | "vae" | "ldm": {dotted config field: value}}, e.g. tiny sizes in tests."""
+    `overrides`: {"clip" | "vae" | "ldm" | "captions": {dotted config field: value}}, e.g. tiny sizes in tests."""
     import jax
 
-    from configs import shapes_clip, shapes_ldm, shapes_vae
+    from configs import shapes_clip, shapes_ldm, shapes_ldm_captions, shapes_vae
     from experiments import evaluate_default_model as evaluation
     from sdjax.data.shapes_dataset import example_batch, write_shapes_folder
     from sdjax.evaluation.metrics import save_clip_native
@@ -190,14 +193,28 @@ def build(workdir: str, out: str, *, num_examples: int = 50_000,
     ldm_export = pathlib.Path(result["export"])
     del result
 
+    # 4. the same model on captions written as prompts are (attributes left out, other phrasings)
+    started = time.perf_counter()
+    captions_data = write_shapes_folder(workdir / "data_captions", num_examples // 2, seed=1,
+                                        caption_variants=True)
+    record["stages"]["captions_data"] = {"seconds": time.perf_counter() - started,
+                                         "examples": num_examples // 2}
+    captions_cfg = configure(shapes_ldm_captions, captions_steps, "captions")
+    captions_cfg.data.folder = str(captions_data)
+    captions_cfg.init_from = str(ldm_export)
+    result, stage = _run_stage(captions_cfg, workdir / "captions", progress)
+    record["stages"]["captions"] = dataclasses.asdict(stage)
+    final_export = pathlib.Path(result["export"])
+    del result
+
     # 4. the shipped folder: model, CLIP, training logs and configs, evaluation
     staging = out.with_name(out.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
-    shutil.copytree(ldm_export, staging)
+    shutil.copytree(final_export, staging)
     shutil.copytree(clip_dir, staging / "clip")
     (staging / "logs").mkdir()
-    for name in ("clip", "vae", "ldm"):
+    for name in ("clip", "vae", "ldm", "captions"):
         for log in ("metrics.jsonl", "config.json"):
             src = workdir / name / log
             if src.is_file():
@@ -264,7 +281,8 @@ def main(argv):
 
     record = build(FLAGS.workdir, FLAGS.out, num_examples=FLAGS.num_examples,
                    clip_steps=FLAGS.clip_steps, vae_steps=FLAGS.vae_steps,
-                   ldm_steps=FLAGS.ldm_steps, num_eval_prompts=FLAGS.num_eval_prompts,
+                   ldm_steps=FLAGS.ldm_steps, captions_steps=FLAGS.captions_steps,
+                   num_eval_prompts=FLAGS.num_eval_prompts,
                    progress=FLAGS.progress)
     for name, stage in record["stages"].items():
         trained = f"  (training {stage['train_seconds']:.0f} s)" if "train_seconds" in stage else ""
@@ -282,6 +300,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("clip_steps", None, "CLIP steps (default: configs/shapes_clip.py)")
     flags.DEFINE_integer("vae_steps", None, "VAE steps (default: configs/shapes_vae.py)")
     flags.DEFINE_integer("ldm_steps", None, "LDM steps (default: configs/shapes_ldm.py)")
+    flags.DEFINE_integer("captions_steps", None,
+                         "caption-variety fine-tune steps (default: configs/shapes_ldm_captions.py)")
     flags.DEFINE_integer("num_eval_prompts", 0, "held-out prompts to evaluate (0 = all 280)")
     flags.DEFINE_bool("progress", False, "progress bars")
     FLAGS = flags.FLAGS

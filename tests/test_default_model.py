@@ -73,7 +73,7 @@ def test_recorded_evaluation_and_build_log():
     assert results["heldout_prompts"] == 280
     assert results["settings"]["size"] == "32x32"
     build = json.loads((pathlib.Path(DEFAULT_MODEL) / "build.json").read_text())
-    for stage in ("clip", "vae", "ldm"):
+    for stage in ("clip", "vae", "ldm", "captions"):
         assert build["stages"][stage]["seconds"] > 0 and build["stages"][stage]["steps"] > 0
     assert os.path.isfile(os.path.join(DEFAULT_MODEL, "logs", "ldm_metrics.jsonl"))
 
@@ -86,6 +86,7 @@ TOY = {
              "clip.patch_size": 8, "data.batch_size": 8, "checkpoint.async_save": False},
     "vae": {"preset": "tiny", "data.batch_size": 8, "checkpoint.async_save": False},
     "ldm": {"data.batch_size": 8, "checkpoint.async_save": False},
+    "captions": {"data.batch_size": 8, "checkpoint.async_save": False},
 }
 
 
@@ -95,7 +96,8 @@ def toy_build(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("build")
     record = build_default_model.build(str(root / "work"), str(root / "model"), num_examples=16,
-                                       clip_steps=1, vae_steps=1, ldm_steps=1, num_eval_prompts=2,
+                                       clip_steps=1, vae_steps=1, ldm_steps=1, captions_steps=1,
+                                       num_eval_prompts=2,
                                        num_eval_images=8, progress=False, overrides=TOY)
     return root, record
 
@@ -104,11 +106,11 @@ def toy_build(tmp_path_factory):
 def test_toy_build_trains_each_stage_once_and_writes_the_folder(toy_build):
     root, record = toy_build
     model_dir = root / "model"
-    for stage in ("clip", "vae", "ldm"):
+    for stage in ("clip", "vae", "ldm", "captions"):
         assert record["stages"][stage]["steps"] == 1
         assert np.isfinite(record["stages"][stage]["metrics"]["loss"])
     for name in ("sdjax.json", "evaluation.json", "build.json", "clip/sdjax_clip.json",
-                 "logs/ldm_metrics.jsonl", "heldout_samples.png"):
+                 "logs/ldm_metrics.jsonl", "logs/captions_metrics.jsonl", "heldout_samples.png"):
         assert (model_dir / name).is_file(), name
     results = json.loads((model_dir / "evaluation.json").read_text())
     assert set(REQUIRED_FIGURES) <= set(results) and results["heldout_prompts"] == 2
@@ -129,5 +131,5 @@ def test_toy_build_text_encoder_is_the_clip_text_tower(toy_build):
     # Rows of tokens the shapes world never uses are zero; its words' rows are not.
     embedding = np.asarray(model.params["text_encoder"]["token_embedding"]["embedding"])
     used = np.abs(embedding).sum(-1) > 0
-    words = model.tokenizers[0](["a red circle on the left, blue background"])[0]
+    words = model.tokenizers[0](["a red circle on the left on a blue background"])[0]
     assert used[words].all() and used.sum() < 100

@@ -165,3 +165,47 @@ def test_hard_negatives_follow_the_rng_and_reject_foreign_captions():
         shapes.hard_negative_captions("a photo of a cat", np.random.default_rng(0), 2)
     with pytest.raises(ValueError, match="complete caption"):
         shapes.hard_negative_captions("a red circle", np.random.default_rng(0), 2)
+
+
+def test_on_a_colour_background_is_part_of_the_grammar():
+    assert parse_caption("a red circle on a blue background") == Scene(
+        (ShapeAttrs("circle", "red"),), "blue")
+    assert parse_caption("a small red circle on the left on a blue background") == parse_caption(
+        "a small red circle on the left, blue background")
+    with pytest.raises(ValueError, match="unknown words"):
+        parse_caption("a red circle on a bluish background")
+    with pytest.raises(ValueError, match="on a <colour> background"):
+        parse_caption("a red circle on a circle background")
+
+
+def test_caption_variants_leave_out_attributes_and_parse_back_consistently(train):
+    rng = np.random.default_rng(0)
+    texts = set()
+    for e in train[:600]:
+        text = shapes.caption_variant(e.scene, rng)
+        texts.add(text)
+        scene = parse_caption(text)
+        assert scene.background in (None, e.scene.background)
+        assert len(scene.objects) == len(e.scene.objects)
+        for got, true in zip(scene.objects, e.scene.objects):
+            assert (got.colour, got.shape) == (true.colour, true.shape)
+            assert got.size in (None, true.size) and got.position in (None, true.position)
+    # every kind of omission and both background phrasings occur
+    assert any(" on a " in t for t in texts) and any(", " in t for t in texts)
+    assert any("background" not in t for t in texts)
+    assert any(not any(s in t for s in shapes.SIZES) for t in texts)
+    assert any(caption(parse_caption(t)) == t for t in texts)  # some keep the full form
+
+
+def test_caption_variant_folder_keeps_the_images(tmp_path):
+    from sdjax.data.shapes_dataset import write_shapes_folder
+
+    full = write_shapes_folder(tmp_path / "full", 40, seed=3)
+    varied = write_shapes_folder(tmp_path / "varied", 40, seed=3, caption_variants=True)
+    for i in range(40):
+        assert (full / f"{i:06d}.png").read_bytes() == (varied / f"{i:06d}.png").read_bytes()
+        a = parse_caption((full / f"{i:06d}.txt").read_text())
+        b = parse_caption((varied / f"{i:06d}.txt").read_text())
+        assert [(o.colour, o.shape) for o in a.objects] == [(o.colour, o.shape) for o in b.objects]
+    assert any((full / f"{i:06d}.txt").read_text() != (varied / f"{i:06d}.txt").read_text()
+               for i in range(40))

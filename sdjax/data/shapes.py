@@ -6,7 +6,7 @@ A scene is one or two flat-coloured shapes on a flat background. Captions and th
 Caption grammar (generated captions always use the full form; `parse_caption` also accepts
 the optional parts left out, which then constrain nothing):
 
-    caption    := object [" and " object] [", " COLOUR " background"]
+    caption    := object [" and " object] [", " COLOUR " background" | " on a " COLOUR " background"]
     object     := ("a" | "an") [SIZE] COLOUR SHAPE [POSITION]
     SIZE       := small | large
     COLOUR     := red | green | blue | yellow | purple | cyan | white | black
@@ -153,6 +153,22 @@ def caption(scene: Scene) -> str:
     return text
 
 
+def caption_variant(scene: Scene, rng: np.random.Generator, *, drop_size: float = 0.3,
+                    drop_position: float = 0.3, drop_background: float = 0.2) -> str:
+    """A caption of `scene` as people write prompts: each object's size and position, and the
+    background, left out with the given probabilities (the prompt then constrains them less), and
+    the background as ", blue background" or " on a blue background". Parses back
+    (`parse_caption`) to `scene` with the omitted attributes None."""
+    objects = tuple(dataclasses.replace(
+        o, size=None if rng.random() < drop_size else o.size,
+        position=None if rng.random() < drop_position else o.position) for o in scene.objects)
+    text = caption(Scene(objects, None))
+    if rng.random() >= drop_background:
+        text += (f", {scene.background} background" if rng.random() < 0.5
+                 else f" on a {scene.background} background")
+    return text
+
+
 _PHRASE_POSITION = {tuple(v.split()): k for k, v in _POSITION_PHRASE.items()}
 _KNOWN_WORDS = (set(COLOURS) | set(SHAPES) | set(SIZES) | {"a", "an", "and", "background"}
                 | {w for phrase in _PHRASE_POSITION for w in phrase})
@@ -168,7 +184,12 @@ def parse_caption(text: str) -> Scene:
     if unknown:
         raise ValueError(f"unknown words in caption {text!r}: {', '.join(map(repr, unknown))}")
     background = None
-    if "," in words:
+    if "," not in words and words[-4:-2] == ["on", "a"] and words[-1:] == ["background"]:
+        if words[-2] not in COLOURS:
+            raise ValueError(f"caption {text!r}: expected 'on a <colour> background'")
+        background = words[-2]
+        words = words[:-4]
+    elif "," in words:
         comma = words.index(",")
         tail = words[comma + 1:]
         if len(tail) != 2 or tail[0] not in COLOURS or tail[1] != "background":
