@@ -250,8 +250,8 @@ from scratch with sdjax's own training loop by
 
     python -m experiments.build_default_model
 
-(configs/shapes_clip.py, configs/shapes_vae.py, configs/shapes_ldm.py; generation defaults in
-configs/shapes.py). `python -m experiments.generate --prompt "..."` uses it when no --model is
+(configs/shapes_clip.py, configs/shapes_vae.py, configs/shapes_ldm.py,
+configs/shapes_ldm_captions.py; generation defaults in configs/shapes.py). `python -m experiments.generate --prompt "..."` uses it when no --model is
 given; `python -m experiments.evaluate_default_model` re-measures the figures below.
 
 Contents: `sdjax.json`, `params/`, `tokenizer/` (the native model folder), `clip/` (the shapes
@@ -263,6 +263,9 @@ CLIP, native CLIP folder), `logs/` (each stage's config and metrics), `evaluatio
 ```
 {format_results(results)}
 ```
+`heldout_written_accuracy`: the held-out scenes as people phrase prompts (sizes, positions or the
+background left out, "on a blue background"); prompts that leave the position out are the weak
+spot. Full captions (`a large red circle in the center, blue background`) are what it knows best.
 
 ## Build ({record['devices'][0]}, started {record['started']})
 
