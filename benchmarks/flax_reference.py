@@ -2,14 +2,13 @@
 
 Runs in the reference venv (benchmarks/setup_references.sh: diffusers==0.39.0,
 transformers==4.57.6 on the current jax/flax), never in sdjax's own. Random weights (timing does not
-depend on their values). Protocol on stdout: `ready <compile seconds>` once compiled, then, for each
-`run` line read on stdin, one timed forward as `seconds <s>`; exits at end of input.
+depend on their values). Stepped by `benchmarks.timing.StepWorker`: `ready <compile seconds>`, then
+one timed forward per `run` line on stdin.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 
 import jax
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from diffusers import FlaxUNet2DConditionModel
 
+from benchmarks import timing
 from sdjax.presets import PRESETS  # plain dicts: imports nothing else of sdjax
 
 
@@ -46,14 +46,9 @@ def main():
     forward = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c).sample)
     start = time.perf_counter()
     compiled = forward.lower(params, sample, t, context).compile()
+    compile_s = time.perf_counter() - start
     compiled(params, sample, t, context).block_until_ready()
-    print(f"ready {time.perf_counter() - start:.3f}", flush=True)
-    for line in sys.stdin:
-        if line.strip() != "run":
-            continue
-        start = time.perf_counter()
-        compiled(params, sample, t, context).block_until_ready()
-        print(f"seconds {time.perf_counter() - start:.6f}", flush=True)
+    timing.serve_runs(lambda: compiled(params, sample, t, context).block_until_ready(), compile_s)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import subprocess
 import time
 from typing import Callable, Mapping, Sequence
 
@@ -30,6 +31,73 @@ def interleaved(runs: Mapping[str, Callable[[], object]], repeats: int) -> dict[
             fn()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+class StepWorker:
+    """A benchmark worker in a process of its own (another venv, or memory that cannot be shared
+    with the other side), stepped one timed run at a time so that its timings interleave with the
+    parent's. Protocol on the worker's stdout: `ready <setup seconds>` once set up, then one
+    `seconds <s>` per `run` line read on stdin; any other `<tag> <value>` line is kept in `info`."""
+
+    def __init__(self, python: str, module: str, *args: str, env: Mapping[str, str] | None = None):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.info: dict[str, str] = {}
+        self._proc = subprocess.Popen([python, "-m", module, *args], cwd=root,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                      env={**os.environ, "PYTHONPATH": root, **(env or {})})
+        self.setup_s = float(self._read("ready"))
+
+    def _read(self, tag: str) -> str:
+        for line in self._proc.stdout:
+            key, _, value = line.strip().partition(" ")
+            if key == tag:
+                return value
+            if key:
+                self.info[key] = value
+        raise RuntimeError(f"benchmark worker {self._proc.args[2:]} exited (code "
+                           f"{self._proc.wait()}) before {tag!r}")
+
+    def run(self) -> float:
+        self._proc.stdin.write("run\n")
+        self._proc.stdin.flush()
+        return float(self._read("seconds"))
+
+    def close(self) -> dict[str, str]:
+        """Ends the worker; what it printed after its last run (e.g. its peak memory) is returned
+        in `info`."""
+        self._proc.stdin.close()
+        for line in self._proc.stdout:
+            key, _, value = line.strip().partition(" ")
+            if key:
+                self.info[key] = value
+        if self._proc.wait() != 0:
+            raise RuntimeError(f"benchmark worker {self._proc.args[2:]} failed (code "
+                               f"{self._proc.returncode})")
+        return self.info
+
+
+def serve_runs(step: Callable[[], object], setup_s: float) -> None:
+    """The worker side of `StepWorker`: announce readiness, then time `step` (which must block
+    until done) once per `run` line on stdin; at end of input print the peak RSS."""
+    import sys
+
+    print(f"ready {setup_s:.3f}", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            continue
+        start = time.perf_counter()
+        step()
+        print(f"seconds {time.perf_counter() - start:.6f}", flush=True)
+    print(f"peak_rss_mib {peak_rss_mib():.0f}", flush=True)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM; not inherited from a parent across exec)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def median(values: Sequence[float]) -> float:

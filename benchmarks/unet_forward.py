@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
 import sys
 import time
 
@@ -41,34 +40,6 @@ def flax_python(venv: str) -> str | None:
     """The reference venv's interpreter, or None when it is not set up."""
     python = os.path.join(venv, "bin", "python") if venv else ""
     return python if python and os.path.exists(python) else None
-
-
-class FlaxReference:
-    """diffusers 0.39 Flax in a worker process of its own venv, stepped one run at a time so that
-    its timings interleave with ours (protocol: benchmarks/flax_reference.py)."""
-
-    def __init__(self, python: str, *args: str):
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        self._proc = subprocess.Popen([python, "-m", "benchmarks.flax_reference", *args], cwd=root,
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                      env={**os.environ, "PYTHONPATH": root})
-        self.compile_s = float(self._read("ready"))
-
-    def _read(self, tag: str) -> str:
-        for line in self._proc.stdout:
-            if line.startswith(tag + " "):
-                return line.split()[1]
-        raise RuntimeError(f"flax reference worker exited (code {self._proc.wait()}) before "
-                           f"{tag!r}")
-
-    def run(self) -> float:
-        self._proc.stdin.write("run\n")
-        self._proc.stdin.flush()
-        return float(self._read("seconds"))
-
-    def close(self):
-        self._proc.stdin.close()
-        self._proc.wait()
 
 
 def main(_):
@@ -144,8 +115,10 @@ def main(_):
                 runs["diffusers (PyTorch)"] = run_torch
             flax_ref = None
             if flax_py:
-                flax_ref = FlaxReference(flax_py, f"--preset={FLAGS.preset}", f"--size={size}",
-                                         f"--batch={FLAGS.batch}", f"--dtype={dtype_name}")
+                # Its own venv, stepped one run at a time in turn with ours.
+                flax_ref = timing.StepWorker(flax_py, "benchmarks.flax_reference",
+                                             f"--preset={FLAGS.preset}", f"--size={size}",
+                                             f"--batch={FLAGS.batch}", f"--dtype={dtype_name}")
                 runs["diffusers 0.39 (Flax)"] = flax_ref.run
             times = timing.interleaved(runs, FLAGS.repeats)
             if flax_ref is not None:
@@ -161,7 +134,7 @@ def main(_):
                              ceiling if name == "sdjax" else None,
                              gflops / ceiling if name == "sdjax" else None,
                              compile_s if name == "sdjax" else (
-                                 flax_ref.compile_s if flax_ref and "Flax" in name else None),
+                                 flax_ref.setup_s if flax_ref and "Flax" in name else None),
                              diff if "PyTorch" in name else None])
             print(f"done {size}x{size} {dtype_name}", file=sys.stderr, flush=True)
 

@@ -64,3 +64,39 @@ def test_compile_time_prints_each_launch_and_the_cache_hits(tmp_path):
     assert re.fullmatch(r"[1-9]\d* hit / 0 miss", second[5]), second
     # Loading from the cache skips XLA compilation.
     assert _number(second[2]) < _number(first[2])
+    # diffusers-Flax's pipeline compile, one row per step count where its venv exists (not in CI).
+    flax_rows = _rows(stdout, "diffusers 0.39 (Flax)")
+    if os.path.exists(os.path.join(ROOT, ".venv-flax-ref", "bin", "python")):
+        assert [r[0] for r in flax_rows] == ["diffusers 0.39 (Flax) 1 steps",
+                                             "diffusers 0.39 (Flax) 3 steps"], stdout
+        for row in flax_rows:
+            assert _number(row[2]) > 0 and _number(row[7]) > 0  # compile s, sdjax / this
+    else:
+        assert not flax_rows and "diffusers 0.39 (Flax): not run (no venv" in stdout
+
+
+def test_train_step_prints_both_sides_throughput_and_memory(tmp_path):
+    stdout = _run("train_step", "--repeats=2", f"--workdir={tmp_path}", tmp_path=tmp_path)
+    assert "trained text_encoder+unet, EMA on" in stdout, stdout
+    (ours,) = _rows(stdout, "sdjax")
+    (reference,) = _rows(stdout, "diffusers (PyTorch)")
+    for row in (ours, reference):
+        seconds, examples_per_s = _number(row[1]), _number(row[3])
+        assert examples_per_s == pytest.approx(4 / seconds, rel=0.02)  # train_tiny's batch of 4
+        assert _number(row[6]) > 100  # peak RSS MiB of a process that imported its framework
+        # Same weights and batch, both losses are epsilon MSEs of an untrained model: near 1.
+        assert 0.3 < _number(row[7]) < 3
+    assert _number(reference[4]) == pytest.approx(_number(ours[1]) / _number(reference[1]),
+                                                  rel=0.02)
+
+
+def test_load_memory_prints_load_and_sampling_rows(tmp_path):
+    stdout = _run("load_memory", f"--workdir={tmp_path}", tmp_path=tmp_path)
+    rows = _rows(stdout, "")
+    works = {(r[0], r[1]) for r in rows[2:]}
+    assert works == {(name, work) for name in ("sdjax", "diffusers (PyTorch)")
+                     for work in ("load", "load + sample 32 px")}, stdout
+    for r in rows[2:]:
+        base, peak = _number(r[4]), _number(r[5])
+        assert peak >= base > 0
+        assert _number(r[2]) == pytest.approx(2.56, abs=0.01)  # the tiny preset's params (M)
