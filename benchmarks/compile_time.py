@@ -38,9 +38,8 @@ flags.DEFINE_integer("size", 0, "image height and width in pixels (default: 512;
 flags.DEFINE_integer("cache_steps", 50, "step count of the two launches sharing a persistent cache")
 flags.DEFINE_string("launch", None, "internal: compile once in this process, print JSON "
                     "('' = no persistent cache, else its folder)")
-flags.DEFINE_string("flax_venv", os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), ".venv-flax-ref"),
-    "venv with diffusers 0.39 (benchmarks/setup_references.sh); skipped if absent or ''")
+flags.DEFINE_string("flax_venv", timing.FLAX_VENV, "venv with diffusers 0.39 "
+                    "(benchmarks/setup_references.sh); skipped if absent or ''")
 flags.DEFINE_bool("exported", True, "internal: with --launch, keep/load the lowered program "
                   "next to the persistent cache")
 FLAGS = flags.FLAGS
@@ -139,13 +138,6 @@ def _fresh_process(steps: int, size: int, cache_dir: str, exported: bool = True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def flax_python(venv: str) -> str | None:
-    # TODO: import benchmarks.unet_forward.flax_python (moving to benchmarks.timing) instead:
-    # importing unet_forward here defines its absl flags, whose --preset clashes with ours.
-    python = os.path.join(venv, "bin", "python") if venv else ""
-    return python if python and os.path.exists(python) else None
-
-
 def _flax_launch(python: str, steps: int, size: int, tokenizer_dir: str) -> dict:
     """diffusers-Flax's compile of its pipeline in a fresh process of the reference venv."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,7 +185,7 @@ def main(_):
         rows.append([f"{steps} steps, no persistent cache", r["lower_s"], r["compile_s"],
                      by_steps[steps], by_steps[steps] / by_steps[min(by_steps)], "—", "—", "—"])
         print(f"done {steps} steps", file=sys.stderr, flush=True)
-    flax_py = flax_python(FLAGS.flax_venv)
+    flax_py = timing.flax_python(FLAGS.flax_venv)
     flax_rows = _flax_rows(flax_py, size, by_steps) if flax_py else []
     labelled = []
     for exported, labels in ((True, ("first launch, empty cache", "second launch, cache filled")),

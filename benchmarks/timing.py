@@ -13,6 +13,17 @@ import time
 from typing import Callable, Mapping, Sequence
 
 
+# The diffusers 0.39 Flax reference's venv (benchmarks/setup_references.sh makes it).
+FLAX_VENV = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         ".venv-flax-ref")
+
+
+def flax_python(venv: str) -> str | None:
+    """The reference venv's interpreter, or None when it is not set up."""
+    python = os.path.join(venv, "bin", "python") if venv else ""
+    return python if python and os.path.exists(python) else None
+
+
 def num_cores() -> int:
     """Cores this process may run on: what XLA's CPU thread pool uses, and what torch gets too."""
     try:

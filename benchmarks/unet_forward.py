@@ -13,7 +13,6 @@ diffusers-Flax; >= 75% of the matmul ceiling at both (float32).
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 
@@ -28,18 +27,11 @@ flags.DEFINE_integer("batch", 2, "batch size (2: one image with guidance)")
 flags.DEFINE_integer("repeats", 3, "timed runs of each implementation (median reported)")
 flags.DEFINE_integer("matmul", 0, "matmul ceiling size n (default: 4096; tiny: 256)")
 flags.DEFINE_bool("reference", True, "also time diffusers' PyTorch U-Net")
-flags.DEFINE_string("flax_venv", os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), ".venv-flax-ref"),
-    "venv with diffusers 0.39 (benchmarks/setup_references.sh); skipped if absent or ''")
+flags.DEFINE_string("flax_venv", timing.FLAX_VENV, "venv with diffusers 0.39 "
+                    "(benchmarks/setup_references.sh); skipped if absent or ''")
 FLAGS = flags.FLAGS
 
 CONTEXT_LENGTH = 77
-
-
-def flax_python(venv: str) -> str | None:
-    """The reference venv's interpreter, or None when it is not set up."""
-    python = os.path.join(venv, "bin", "python") if venv else ""
-    return python if python and os.path.exists(python) else None
 
 
 def main(_):
@@ -58,7 +50,7 @@ def main(_):
     sizes = [int(s) for s in FLAGS.sizes] or ([8, 16] if tiny else [32, 64])
     cores = timing.num_cores()
     torch.set_num_threads(cores)
-    flax_py = flax_python(FLAGS.flax_venv)
+    flax_py = timing.flax_python(FLAGS.flax_venv)
 
     matmul_n = FLAGS.matmul or (256 if tiny else 4096)
     run_matmul, matmul_flops = timing.matmul_run(matmul_n)
