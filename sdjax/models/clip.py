@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from sdjax.models.layers import ATTENTION_IMPLEMENTATIONS, dot_product_attention
+from sdjax.models.layers import ATTENTION_IMPLEMENTATIONS, Dense, dot_product_attention
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -218,7 +218,7 @@ class CLIPAttention(nn.Module):
     def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
                  is_causal: bool = False) -> jax.Array:
         batch, length, features = x.shape
-        dense = functools.partial(nn.Dense, features, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = functools.partial(Dense, features, dtype=self.dtype, param_dtype=self.param_dtype)
         heads = lambda t: t.reshape(batch, length, self.num_heads, features // self.num_heads)
         q = heads(dense(name="q_proj")(x))
         k = heads(dense(name="k_proj")(x))
@@ -237,10 +237,10 @@ class CLIPMLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         features = x.shape[-1]
-        x = nn.Dense(self.intermediate_size, dtype=self.dtype, param_dtype=self.param_dtype,
+        x = Dense(self.intermediate_size, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="fc1")(x)
         x = ACTIVATIONS[self.hidden_act](x)
-        return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
+        return Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -288,7 +288,7 @@ class CLIPTextModel(nn.Module):
         self.final_layer_norm = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype,
                                              param_dtype=self.param_dtype)
         if c.projection_dim is not None:
-            self.text_projection = nn.Dense(c.projection_dim, use_bias=False, dtype=self.dtype,
+            self.text_projection = Dense(c.projection_dim, use_bias=False, dtype=self.dtype,
                                             param_dtype=self.param_dtype)
 
     def __call__(self, input_ids: jax.Array,
@@ -366,7 +366,7 @@ class CLIPVisionModel(nn.Module):
         self.layers = _encoder_layers(c, False, self.remat, self.dtype, self.param_dtype)
         self.post_layernorm = norm()
         if c.projection_dim is not None:
-            self.visual_projection = nn.Dense(c.projection_dim, use_bias=False, dtype=self.dtype,
+            self.visual_projection = Dense(c.projection_dim, use_bias=False, dtype=self.dtype,
                                               param_dtype=self.param_dtype)
 
     def __call__(self, pixel_values: jax.Array) -> CLIPVisionOutput:

@@ -2,7 +2,7 @@
 up/down sampling and timestep embeddings. Shapes are NHWC / (batch, length, features)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,33 @@ ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "reference", "blocked")
 # i.e. in cache, where XLA's CPU softmax over whole (B, H, Lq, Lk) logits streams them through
 # memory several times (5x slower for SD's 4096-token self-attention, 256-512 rows measured best).
 _BLOCK_ROWS_LONG_KEYS, _BLOCK_ROWS = 512, 256
+
+
+def accumulation_dtype(dtype) -> Optional[jnp.dtype]:
+    """The `preferred_element_type` sdjax gives a contraction of `dtype` inputs: float32 for 16-bit
+    inputs on the CPU backend, else None (the inputs' dtype). XLA's CPU dot emits a bfloat16
+    result at half the speed of a float32 one from the same bfloat16 inputs (4096² matmul, 2 AVX-512
+    cores with avx512_bf16: 321 vs 669 GFLOP/s; float32 inputs: 371), so there the result is rounded
+    to the input dtype afterwards, once, as PyTorch's bfloat16 GEMM does. GPU/TPU are unchanged."""
+    if jnp.dtype(dtype).itemsize == 2 and jax.default_backend() == "cpu":
+        return jnp.dtype(jnp.float32)
+    return None
+
+
+def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                preferred_element_type=None) -> jax.Array:
+    """`jax.lax.dot_general` with `accumulation_dtype`'s result type, rounded back to the inputs'
+    dtype (unless the caller asked for a result type)."""
+    accumulate = preferred_element_type or accumulation_dtype(lhs.dtype)
+    y = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
+                            preferred_element_type=accumulate)
+    return y if preferred_element_type is not None else y.astype(jnp.result_type(lhs, rhs))
+
+
+def einsum(subscripts: str, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+    """Two-operand `jnp.einsum` with `dot_general`'s accumulation and result dtype."""
+    y = jnp.einsum(subscripts, lhs, rhs, preferred_element_type=accumulation_dtype(lhs.dtype))
+    return y.astype(jnp.result_type(lhs, rhs))
 
 
 def dot_product_attention(
@@ -51,7 +78,7 @@ def dot_product_attention(
         if mask is not None:
             logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+        return einsum("bhqk,bkhd->bqhd", weights, value)
     return jax.nn.dot_product_attention(
         query, key, value, mask=mask, is_causal=is_causal,
         implementation=None if implementation == "xla" else implementation)
@@ -79,7 +106,7 @@ def _blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> ja
             logits = jnp.einsum("qd,kd->qk", q_block, k_head,
                                 preferred_element_type=jnp.float32) * scale
             weights = jax.nn.softmax(logits, axis=-1).astype(v_head.dtype)
-            return jnp.einsum("qk,kd->qd", weights, v_head)
+            return einsum("qk,kd->qd", weights, v_head)
 
         return jax.lax.map(one_block, q_head)
 
@@ -92,6 +119,11 @@ import math  # noqa: E402
 import numpy as np  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
+
+
+class Dense(nn.Dense):
+    """`nn.Dense` (same params and names) contracting with `dot_general`: sdjax's dense layer."""
+    dot_general: Any = dot_general
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool = True,
@@ -116,9 +148,9 @@ class TimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, emb: jax.Array) -> jax.Array:
-        emb = nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_1")(emb)
+        emb = Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_1")(emb)
         emb = nn.silu(emb)
-        return nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_2")(emb)
+        return Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_2")(emb)
 
 
 # Spatial positions per image up to which a stride-1 conv runs as one matmul over its patches
@@ -151,7 +183,7 @@ class Conv2D(nn.Module):
             # Patch channels in (row, column, input channel) order: the HWIO kernel's flat order.
             patches = jnp.concatenate([x[:, i:i + out_h, j:j + out_w]
                                        for i in range(kh) for j in range(kw)], axis=-1)
-            y = jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * c, self.features))
+            y = einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * c, self.features))
         else:
             y = jax.lax.conv_general_dilated(x, kernel, tuple(self.strides), tuple(self.padding),
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -176,7 +208,7 @@ class ResnetBlock(nn.Module):
                                          param_dtype=self.param_dtype, name=name)
         h = conv(self.out_channels, 3, "conv1")(nn.silu(norm("norm1")(x)))
         if temb is not None:
-            t = nn.Dense(self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
+            t = Dense(self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
                          name="time_emb_proj")(nn.silu(temb))
             h = h + t[:, None, None, :]
         h = nn.silu(norm("norm2")(h))
@@ -234,10 +266,10 @@ class GEGLUFeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        h = nn.Dense(2 * self.inner_features, dtype=self.dtype, param_dtype=self.param_dtype,
+        h = Dense(2 * self.inner_features, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="proj")(x)
         value, gate = jnp.split(h, 2, axis=-1)
         h = value * jax.nn.gelu(gate, approximate=False)
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-        return nn.Dense(self.out_features or x.shape[-1], dtype=self.dtype,
+        return Dense(self.out_features or x.shape[-1], dtype=self.dtype,
                         param_dtype=self.param_dtype, name="out")(h)

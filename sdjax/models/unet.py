@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdjax.models.layers import (ATTENTION_IMPLEMENTATIONS, Downsample, GEGLUFeedForward,
+from sdjax.models.layers import (ATTENTION_IMPLEMENTATIONS, Dense, Downsample, GEGLUFeedForward,
                                  ResnetBlock, TimestepEmbedding, Upsample, dot_product_attention,
                                  timestep_embedding)
 
@@ -266,7 +266,7 @@ class Attention(nn.Module):
         inner = self.heads * self.head_dim
 
         def project(inputs, name):
-            y = nn.Dense(inner, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+            y = Dense(inner, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                          name=name)(inputs)
             # (B, L, heads * head_dim) -> (B, L, heads, head_dim): a free reshape, no transpose.
             return y.reshape(y.shape[:-1] + (self.heads, self.head_dim))
@@ -276,7 +276,7 @@ class Attention(nn.Module):
         # half-precision overflow; every implementation here always does, so it needs no flag.
         out = dot_product_attention(q, k, v, implementation=self.implementation).astype(self.dtype)
         out = out.reshape(out.shape[:-2] + (inner,))
-        return nn.Dense(self.out_features, dtype=self.dtype, param_dtype=self.param_dtype,
+        return Dense(self.out_features, dtype=self.dtype, param_dtype=self.param_dtype,
                         name="to_out")(out)
 
 
@@ -326,14 +326,14 @@ class SpatialTransformer(nn.Module):
         inner = self.heads * head_dim
         y = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
                          name="norm")(x)
-        y = nn.Dense(inner, dtype=self.dtype, param_dtype=self.param_dtype,
+        y = Dense(inner, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="proj_in")(y.reshape(b, h * w, c))
         block = nn.remat(TransformerBlock) if self.remat else TransformerBlock
         for i in range(self.depth):
             y = block(self.heads, head_dim, implementation=self.implementation,
                       dtype=self.dtype, param_dtype=self.param_dtype,
                       name=f"transformer_blocks_{i}")(y, context)
-        y = nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name="proj_out")(y)
+        y = Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name="proj_out")(y)
         return x + y.reshape(b, h, w, c)
 
 

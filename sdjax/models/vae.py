@@ -11,8 +11,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from sdjax.models.layers import (ATTENTION_IMPLEMENTATIONS, Downsample, ResnetBlock, Upsample,
-                                 dot_product_attention)
+from sdjax.models.layers import (ATTENTION_IMPLEMENTATIONS, Dense, Downsample, ResnetBlock,
+                                 Upsample, dot_product_attention)
 
 # The reference builds its resnets, mid-block attention and output norms with this epsilon.
 _NORM_EPS = 1e-6
@@ -181,7 +181,7 @@ class MidBlockAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
-        dense = lambda name: nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        dense = lambda name: Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         y = nn.GroupNorm(self.groups, epsilon=_NORM_EPS, dtype=self.dtype,
                          param_dtype=self.param_dtype, name="group_norm")(x)
         y = y.reshape(b, h * w, 1, c)
