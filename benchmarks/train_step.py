@@ -84,7 +84,7 @@ def sdjax_worker(folder: str, config) -> None:
     setup = loop.build(config)
     mesh = parallel.make_mesh(fsdp=config.fsdp)
     shardings = step_lib.state_sharding(mesh, setup.state)
-    state = step_lib.place(setup.state, shardings)
+    state = step_lib.place(setup.state, shardings, consume=True)
     task, tokenizer = setup.task, setup.tokenizer
     del setup  # the host copy of the params and optimizer state
     pixels, captions = example_batch(config)

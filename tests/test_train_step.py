@@ -160,3 +160,18 @@ def test_clip_objective_learns_to_match_pairs():
     fn = step_lib.make_train_step(task, mesh, shardings)
     state, metrics = fn(state, with_negatives, jax.random.key(99))
     assert float(metrics["finite"]) == 1.0
+
+
+def test_place_copies_unless_told_to_consume_the_state(ldm):
+    state = jax.tree.map(lambda x: x, ldm["state"])  # a fresh tree of the fixture's arrays
+    moment = lambda s: jax.tree.leaves(s.opt_state)[1]
+    copied = step_lib.place(state, ldm["shardings"])
+    assert moment(copied).unsafe_buffer_pointer() != moment(state).unsafe_buffer_pointer()
+    _run(ldm, copied, ldm["batch"], 0)  # donates the copies only
+    assert not moment(state).is_deleted()
+    consumed = step_lib.place(state, ldm["shardings"], consume=True)
+    assert moment(consumed).unsafe_buffer_pointer() == moment(state).unsafe_buffer_pointer()
+    # Host params (the frozen VAE here) are copied even so: a donating step leaves them intact.
+    vae = lambda s: jax.tree.leaves(s.params["vae"])[0]
+    assert isinstance(vae(state), np.ndarray)
+    assert vae(consumed).unsafe_buffer_pointer() != vae(state).ctypes.data

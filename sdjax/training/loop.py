@@ -279,7 +279,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     mesh = parallel.make_mesh(fsdp=config.fsdp)
     parallel.check_batch_divides(config.data.batch_size, mesh, "data.batch_size")
     shardings = step_lib.state_sharding(mesh, setup.state)
-    state = step_lib.place(setup.state, shardings)
+    state = step_lib.place(setup.state, shardings, consume=True)
     setup.state = None
     dataset = make_dataset(config, setup.tokenizer)
     ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.every,
