@@ -7,7 +7,7 @@ settings, in one run.
 
 One step on both sides: VAE-encode the pixels (frozen) and sample the posterior, noise at uniform
 timesteps, caption dropout, CLIP text encoder (trained or frozen as the config says), U-Net,
-epsilon MSE, backward, global-norm clipping, AdamW with a learning rate per model, EMA of the
+epsilon MSE (min-SNR weighted where the config says), backward, global-norm clipping, AdamW with a learning rate per model, EMA of the
 trained models when the config keeps one. Settings come from one config for both sides
 (`benchmark_config`): the tiny preset runs configs/train_tiny.py as it is (U-Net and text encoder
 trained at their own rates, EMA); SD 1.5 runs configs/train_sd15.py (U-Net trained, text encoder and
@@ -122,7 +122,7 @@ def diffusers_worker(folder: str, config) -> None:
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.training_utils import EMAModel
+    from diffusers.training_utils import EMAModel, compute_snr
     from transformers import CLIPTextModel, CLIPTokenizer
 
     start = time.perf_counter()
@@ -172,7 +172,14 @@ def diffusers_worker(folder: str, config) -> None:
         target = (noise if prediction_type == "epsilon"
                   else noise_scheduler.get_velocity(latents, noise, timesteps))
         prediction = unet(noisy, timesteps, context, return_dict=False)[0]
-        loss = F.mse_loss(prediction.float(), target.float())
+        if config.ldm.snr_gamma:  # min-SNR-gamma weighting, as train_text_to_image.py does it
+            snr = compute_snr(noise_scheduler, timesteps)
+            weights = torch.clamp(snr, max=config.ldm.snr_gamma) / (
+                snr if prediction_type == "epsilon" else snr + 1)
+            loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
+            loss = (loss.mean(dim=(1, 2, 3)) * weights).mean()
+        else:
+            loss = F.mse_loss(prediction.float(), target.float())
         loss.backward()
         if config.optimizer.grad_clip_norm:
             torch.nn.utils.clip_grad_norm_(trainable, config.optimizer.grad_clip_norm)
