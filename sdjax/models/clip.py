@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from sdjax.models.layers import ATTENTION_IMPLEMENTATIONS, Dense, dot_product_attention
+from sdjax.models.layers import ATTENTION_IMPLEMENTATIONS, Dense, dot_product_attention, einsum
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -427,8 +427,8 @@ class CLIPModel(nn.Module):
         vision_output = self.vision_model(pixel_values)
         text_embeds = _unit(text_output.text_embeds)
         image_embeds = _unit(vision_output.image_embeds)
-        logits_per_text = (text_embeds @ image_embeds.T) * jnp.exp(self.logit_scale).astype(
-            text_embeds.dtype)
+        scale = jnp.exp(self.logit_scale).astype(text_embeds.dtype)
+        logits_per_text = einsum("td,id->ti", text_embeds, image_embeds) * scale
         return CLIPOutput(logits_per_image=logits_per_text.T, logits_per_text=logits_per_text,
                           text_embeds=text_embeds, image_embeds=image_embeds,
                           text_output=text_output, vision_output=vision_output)
