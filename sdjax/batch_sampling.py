@@ -36,7 +36,7 @@ from absl import logging
 from sdjax import generate, parallel
 from sdjax import images as images_lib
 from sdjax.diffusion import samplers as samplers_lib
-from sdjax.sampling import Generator, Request, SamplingSpec, enable_compilation_cache, generate_images
+from sdjax.sampling import Generator, Request, SamplingSpec, enable_compilation_cache
 
 PROMPT_FIELDS = ("prompt", "negative_prompt", "seed", "cfg_scale", "steps", "sampler", "num_images",
                  "width", "height")
@@ -247,8 +247,6 @@ class BatchSampler:
             self.chunks.append(ids.shape[2])
         self.jobs = plan_jobs(self.prompts)
         self.batches = plan_batches(self.jobs, self.key_of, self.batch_size)
-        self._programs: dict = {}
-        self.traces = 0
 
     def key_of(self, job: Job) -> Hashable:
         return (self.specs[job.prompt_index], self.chunks[job.prompt_index])
@@ -322,19 +320,6 @@ class BatchSampler:
             result[name] = local
         return result
 
-    def _program(self, spec: SamplingSpec, structure: tuple):
-        key = (spec, structure)
-        if key not in self._programs:
-            arch = self.generator.arch
-
-            def counted(params, batch):
-                self.traces += 1
-                return generate_images(arch, spec, params, batch)
-
-            self._programs[key] = parallel.jit_over_batch(
-                counted, self.mesh, parallel.param_sharding(self.mesh, self.generator.params))
-        return self._programs[key]
-
     def _parameters_text(self, job: Job) -> str:
         prompt, spec = self.prompts[job.prompt_index], self.specs[job.prompt_index]
         settings = generate.generation_parameters(
@@ -403,8 +388,10 @@ class BatchSampler:
                 batch = self.batches[b]
                 spec = batch.key[0]
                 local = self._local_batch(batch, mine[b])
-                program = self._program(spec, tuple(sorted(local)))
-                dispatched = (b, program(self.generator.params, self._global(local)))
+                global_batch = self._global(local)
+                # Generator's program: exported and reloaded across launches where it can be.
+                program = self.generator.program_for(spec, global_batch)
+                dispatched = (b, program(self.generator.params, global_batch))
             if pending is not None:
                 written = self._write(out_dir, manifest, mine[pending[0]], missing[pending[0]],
                                       self._local_output(pending[1]), stats)
@@ -420,9 +407,9 @@ class BatchSampler:
             bar.close()
         stats["seconds"] = time.perf_counter() - started
         stats["images_per_second"] = stats["written"] / max(stats["seconds"], 1e-9)
-        logging.info("process %d: wrote %d image(s) in %.1f s (%.2f images/s), %d compile(s)",
+        logging.info("process %d: wrote %d image(s) in %.1f s (%.2f images/s), %d program trace(s)",
                      self.process_index, stats["written"], stats["seconds"],
-                     stats["images_per_second"], self.traces)
+                     stats["images_per_second"], self.generator.traces)
         if stats["non_finite"]:
             logging.error("%d image(s) had NaN/inf latents and were not written; lower the "
                           "guidance scale, use float32, or check the checkpoint", stats["non_finite"])

@@ -265,6 +265,17 @@ def test_killed_run_resumes_to_the_same_files_writing_each_once(run_setup, unint
     assert sorted(paths) == sorted(files)
 
 
+def test_a_second_launch_loads_its_programs_instead_of_tracing(run_setup, uninterrupted):
+    root, prompts = run_setup
+    out = root / "second_launch"
+    log = _run(_command(root, prompts, out))  # same compilation cache as the first launch
+    assert _written(log) == (TOTAL, 0)
+    assert "0 program trace(s)" in log, log[-2000:]
+    assert list((root / "xla" / "sdjax_exported").glob("*.exported"))
+    for name, path in _pngs(uninterrupted).items():
+        np.testing.assert_array_equal(_pixels(out / name), _pixels(path), err_msg=name)
+
+
 def test_resuming_with_other_image_settings_is_refused(tmp_path):
     bs._check_and_write_config(config(), str(tmp_path))
     bs._check_and_write_config(config(out_dir="elsewhere", batch_size=8), str(tmp_path))
