@@ -83,8 +83,12 @@ class Optimizer:
         self.check_params(params)
         return self.tx.init(params)
 
-    def update(self, grads, opt_state, params):
-        return self.tx.update(grads, opt_state, params)
+    def update(self, grads, opt_state, params, finite: Optional[jax.Array] = None):
+        """`finite` (the train step's flag) reaches the guarded Adam, which then keeps its moments
+        on a non-finite step (without gradient accumulation; optax.MultiSteps does not pass it on)."""
+        if finite is None:
+            return self.tx.update(grads, opt_state, params)
+        return self.tx.update(grads, opt_state, params, finite=finite)
 
 
 def _model_labels(label_of: Callable[[str], str]) -> Callable[[Any], Any]:
@@ -92,6 +96,50 @@ def _model_labels(label_of: Callable[[str], str]) -> Callable[[Any], Any]:
     # optax.MaskedNode have no leaves, so they get no label.
     return lambda tree: {name: jax.tree.map(lambda _: label_of(name), sub)
                          for name, sub in tree.items()}
+
+
+def scale_by_adam_guarded(b1: float, b2: float, eps: float) -> optax.GradientTransformationExtraArgs:
+    """`optax.scale_by_adam` (same state, same values) that takes the train step's `finite` flag:
+    a non-finite step leaves the moments and count as they were, decided here rather than by a
+    select over the whole state afterwards. The new moments are materialised
+    (`optimization_barrier`) before the update reads them, so XLA updates them in place over the
+    donated old ones; otherwise it recomputes them from the old moments for the parameter update
+    and must copy those first (SD 1.5 U-Net: 3.9 GiB of temporaries, measured with
+    `compiled.memory_analysis()`)."""
+    adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+
+    def update(updates, state, params=None, *, finite=True, **extra_args):
+        del params, extra_args
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        mu = keep(optax.tree.update_moment(updates, state.mu, b1, 1), state.mu)
+        nu = keep(optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2), state.nu)
+        mu, nu = jax.lax.optimization_barrier((mu, nu))
+        count = optax.safe_increment(state.count)
+        mu_hat = optax.tree.bias_correction(mu, b1, count)
+        nu_hat = optax.tree.bias_correction(nu, b2, count)
+        updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
+        return updates, state._replace(count=jnp.where(finite, count, state.count), mu=mu, nu=nu)
+
+    return optax.GradientTransformationExtraArgs(adam.init, update)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` (same empty state) that scales by one scalar factor: XLA treats
+    the reference's per-element division as expensive and materialises the divided gradients for
+    the two moments that read them (SD 1.5 U-Net: 3.1 GiB); a multiplication it recomputes in each."""
+    def update(updates, state, params=None):
+        del params
+        norm = optax.tree.norm(updates)
+        scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(optax.clip_by_global_norm(max_norm).init, update)
+
+
+def adamw(learning_rate, b1: float, b2: float, eps: float, weight_decay: float):
+    """`optax.adamw`'s chain (same state tree, so checkpoints are unchanged) on the guarded Adam."""
+    return optax.chain(scale_by_adam_guarded(b1, b2, eps), optax.add_decayed_weights(weight_decay),
+                       optax.scale_by_learning_rate(learning_rate))
 
 
 def make_optimizer(param_groups: Mapping[str, Union[ParamGroup, Mapping[str, Any]]],
@@ -127,13 +175,13 @@ def make_optimizer(param_groups: Mapping[str, Union[ParamGroup, Mapping[str, Any
     transforms: dict[str, optax.GradientTransformation] = {}
     if trainable:
         per_model = optax.multi_transform(
-            {name: optax.adamw(schedules[name], b1=groups[name].b1, b2=groups[name].b2,
-                               eps=groups[name].eps, weight_decay=groups[name].weight_decay)
+            {name: adamw(schedules[name], b1=groups[name].b1, b2=groups[name].b2,
+                         eps=groups[name].eps, weight_decay=groups[name].weight_decay)
              for name in trainable},
             _model_labels(lambda name: name))
         inner = per_model
         if grad_clip_norm is not None:
-            inner = optax.chain(optax.clip_by_global_norm(grad_clip_norm), per_model)
+            inner = optax.chain(clip_by_global_norm(grad_clip_norm), per_model)
         if accumulate_steps > 1:
             inner = optax.MultiSteps(inner, every_k_schedule=accumulate_steps).gradient_transformation()
         transforms[TRAINABLE] = inner
@@ -207,10 +255,10 @@ class TrainState:
     def step_key(self) -> jax.Array:
         return jax.random.fold_in(self.rng, self.step)
 
-    def apply_gradients(self, grads) -> "TrainState":
+    def apply_gradients(self, grads, finite: Optional[jax.Array] = None) -> "TrainState":
         """One micro-step: optimizer update (real every accumulate_steps calls), then the EMA of
-        the trainable models when the params moved."""
-        updates, opt_state = self.optimizer.update(grads, self.opt_state, self.params)
+        the trainable models when the params moved. `finite`: see `Optimizer.update`."""
+        updates, opt_state = self.optimizer.update(grads, self.opt_state, self.params, finite)
         params = optax.apply_updates(self.params, updates)
         step = self.step + 1
         ema_params = self.ema_params

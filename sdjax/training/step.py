@@ -153,6 +153,10 @@ class CLIPTask:
         return loss, {k: v for k, v in metrics.items() if k != "loss"}
 
 
+def _adam_moment(path) -> bool:
+    return any(isinstance(k, jax.tree_util.GetAttrKey) and k.name in ("mu", "nu") for k in path)
+
+
 def _select(ok: jax.Array, new, old):
     return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
@@ -181,10 +185,17 @@ def train_step(task, state: TrainState, batch: dict, key: jax.Array) -> tuple[Tr
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     rates = learning_rates(state)
-    new = state.apply_gradients(full_grads)
+    new = state.apply_gradients(full_grads, finite)
+    if state.optimizer.accumulate_steps == 1:
+        # The guarded Adam kept its moments itself; selecting them again would make XLA copy them.
+        opt_state = jax.tree_util.tree_map_with_path(
+            lambda path, n, o: n if _adam_moment(path) else jnp.where(finite, n, o),
+            new.opt_state, state.opt_state)
+    else:
+        opt_state = _select(finite, new.opt_state, state.opt_state)
     state = state.replace(step=jnp.where(finite, new.step, state.step),
                           params=_select(finite, new.params, state.params),
-                          opt_state=_select(finite, new.opt_state, state.opt_state),
+                          opt_state=opt_state,
                           ema_params=(None if state.ema_params is None else
                                       _select(finite, new.ema_params, state.ema_params)))
     metrics = {"loss": loss.astype(jnp.float32), "grad_norm": grad_norm,
