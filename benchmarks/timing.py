@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import statistics
 import subprocess
+import sys
 import time
 from typing import Callable, Mapping, Sequence
 
@@ -58,13 +59,17 @@ class StepWorker:
                                       env={**os.environ, "PYTHONPATH": root, **(env or {})})
         self.setup_s = float(self._read("ready"))
 
-    def _read(self, tag: str) -> str:
+    def _read(self, tag: str | None) -> str | None:
+        """The value of the next `tag` line, keeping the lines before it in `info`; tag None reads
+        to the end of the worker's output."""
         for line in self._proc.stdout:
             key, _, value = line.strip().partition(" ")
             if key == tag:
                 return value
             if key:
                 self.info[key] = value
+        if tag is None:
+            return None
         raise RuntimeError(f"benchmark worker {self._proc.args[2:]} exited (code "
                            f"{self._proc.wait()}) before {tag!r}")
 
@@ -77,10 +82,7 @@ class StepWorker:
         """Ends the worker; what it printed after its last run (e.g. its peak memory) is returned
         in `info`."""
         self._proc.stdin.close()
-        for line in self._proc.stdout:
-            key, _, value = line.strip().partition(" ")
-            if key:
-                self.info[key] = value
+        self._read(None)
         if self._proc.wait() != 0:
             raise RuntimeError(f"benchmark worker {self._proc.args[2:]} failed (code "
                                f"{self._proc.returncode})")
@@ -90,8 +92,6 @@ class StepWorker:
 def serve_runs(step: Callable[[], object], setup_s: float) -> None:
     """The worker side of `StepWorker`: announce readiness, then time `step` (which must block
     until done) once per `run` line on stdin; at end of input print the peak RSS."""
-    import sys
-
     print(f"ready {setup_s:.3f}", flush=True)
     for line in sys.stdin:
         if line.strip() != "run":

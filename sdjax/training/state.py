@@ -90,6 +90,17 @@ class Optimizer:
             return self.tx.update(grads, opt_state, params)
         return self.tx.update(grads, opt_state, params, finite=finite)
 
+    def keep_if_finite(self, finite: jax.Array, new_state, old_state):
+        """`new_state` where `finite`, else `old_state`, except the Adam moments that the guarded
+        Adam already kept (every step without accumulation): selecting those again would make XLA
+        copy the old moments (see `scale_by_adam_guarded`)."""
+        def select(path, new, old):
+            kept = self.accumulate_steps == 1 and any(
+                isinstance(k, jax.tree_util.GetAttrKey) and k.name in ("mu", "nu") for k in path)
+            return new if kept else jnp.where(finite, new, old)
+
+        return jax.tree_util.tree_map_with_path(select, new_state, old_state)
+
 
 def _model_labels(label_of: Callable[[str], str]) -> Callable[[Any], Any]:
     # Label every leaf by its top-level model name; subtrees that an outer mask replaced by

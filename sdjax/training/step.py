@@ -153,10 +153,6 @@ class CLIPTask:
         return loss, {k: v for k, v in metrics.items() if k != "loss"}
 
 
-def _adam_moment(path) -> bool:
-    return any(isinstance(k, jax.tree_util.GetAttrKey) and k.name in ("mu", "nu") for k in path)
-
-
 def _select(ok: jax.Array, new, old):
     return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
@@ -186,16 +182,10 @@ def train_step(task, state: TrainState, batch: dict, key: jax.Array) -> tuple[Tr
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     rates = learning_rates(state)
     new = state.apply_gradients(full_grads, finite)
-    if state.optimizer.accumulate_steps == 1:
-        # The guarded Adam kept its moments itself; selecting them again would make XLA copy them.
-        opt_state = jax.tree_util.tree_map_with_path(
-            lambda path, n, o: n if _adam_moment(path) else jnp.where(finite, n, o),
-            new.opt_state, state.opt_state)
-    else:
-        opt_state = _select(finite, new.opt_state, state.opt_state)
     state = state.replace(step=jnp.where(finite, new.step, state.step),
                           params=_select(finite, new.params, state.params),
-                          opt_state=opt_state,
+                          opt_state=state.optimizer.keep_if_finite(finite, new.opt_state,
+                                                                   state.opt_state),
                           ema_params=(None if state.ema_params is None else
                                       _select(finite, new.ema_params, state.ema_params)))
     metrics = {"loss": loss.astype(jnp.float32), "grad_norm": grad_norm,
@@ -233,8 +223,8 @@ def place(tree: Any, shardings: Any, *, consume: bool = False) -> Any:
     consume: on one process, hand over the arrays already on the devices (float32 masters,
     optimizer moments, EMA) instead of copying them, moved only where `shardings` puts them
     elsewhere; `tree` must not be used afterwards. Copying would hold the train state twice at
-    once (SD 1.5 U-Net masters and moments: 10 GB more). Host (numpy) arrays are copied either way, so a loaded model's
-    params stay intact when the step donates."""
+    once (SD 1.5 U-Net masters and moments: 10 GB more). Host (numpy) arrays are copied either
+    way, so a loaded model's params stay intact when the step donates."""
     def put(x, sharding):
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding),
