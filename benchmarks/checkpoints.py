@@ -9,7 +9,7 @@ import json
 import os
 import pathlib
 
-from sdjax.presets import preset
+from sdjax.weights.presets import preset
 
 
 def save_diffusers_folder(parts: dict, folder: str | os.PathLike, *, scheduler: dict,
@@ -17,7 +17,7 @@ def save_diffusers_folder(parts: dict, folder: str | os.PathLike, *, scheduler: 
     """Save reference models {"unet", "vae", "text_encoder"[, "text_encoder_2"]} (torch) as a
     diffusers folder with model_index.json, tokenizers (sdjax's shipped vocabulary, padded as the
     encoder's family pads) and the scheduler config."""
-    from sdjax.text import CLIPTokenizer
+    from sdjax.text.tokenizer import CLIPTokenizer
 
     folder = pathlib.Path(folder)
     index = {"_class_name": pipeline_class}

@@ -1,6 +1,6 @@
 """Compile time of the whole sampling program (text encoders, the denoising scan, VAE decode) at
 several step counts, each in a fresh process, and a second launch that finds the program in the
-persistent compilation cache: its lowered form (`jax.export`, `sdjax.exported`) and its XLA
+persistent compilation cache: its lowered form (`jax.export`, `sdjax.sampling.exported`) and its XLA
 executable.
 
     python -m benchmarks.compile_time                  # SD 1.5, 512 px, dpmpp_2m with guidance
@@ -31,7 +31,7 @@ from absl import app, flags
 
 from benchmarks import timing
 
-flags.DEFINE_string("preset", "sd15", "architecture preset (sdjax.presets)")
+flags.DEFINE_string("preset", "sd15", "architecture preset (sdjax.weights.presets)")
 flags.DEFINE_list("steps", ["1", "10", "50"], "step counts, each compiled in a fresh process "
                   "with the persistent cache disabled")
 flags.DEFINE_integer("size", 0, "image height and width in pixels (default: 512; tiny: 32)")
@@ -50,8 +50,8 @@ def abstract_pretrained(name: str):
     from sdjax.models.clip import CLIPTextConfig
     from sdjax.models.unet import UNetConfig
     from sdjax.models.vae import VAEConfig
-    from sdjax.presets import preset
-    from sdjax.text import CLIPTokenizer
+    from sdjax.weights.presets import preset
+    from sdjax.text.tokenizer import CLIPTokenizer
     from sdjax.weights import clip as clip_weights
     from sdjax.weights import unet as unet_weights
     from sdjax.weights import vae as vae_weights
@@ -83,8 +83,8 @@ def launch(preset_name: str, steps: int, size: int, cache_dir: str, exported: bo
     events = []
     jax.monitoring.register_event_listener(lambda name, **kwargs: events.append(name))
     from sdjax import parallel
-    from sdjax.sampling import (Architecture, Generator, Request, SamplingSpec,
-                                enable_compilation_cache)
+    from sdjax.sampling import Generator, Request, SamplingSpec, enable_compilation_cache
+    from sdjax.weights.architecture import Architecture
 
     class AbstractGenerator(Generator):
         """Generator's program and batch layout, over abstract params (nothing placed)."""
@@ -153,7 +153,7 @@ def _flax_launch(python: str, steps: int, size: int, tokenizer_dir: str) -> dict
 
 
 def _flax_rows(python: str, size: int, sdjax_totals: dict[int, float]) -> list[list]:
-    from sdjax.text import CLIPTokenizer
+    from sdjax.text.tokenizer import CLIPTokenizer
 
     rows, totals = [], {}
     with tempfile.TemporaryDirectory() as tokenizer_dir:

@@ -27,7 +27,7 @@ def _pipeline(preset_name: str, tokenizer_dir: str):
                            FlaxStableDiffusionPipeline, FlaxUNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
 
-    from sdjax.presets import PRESETS  # plain dicts: imports nothing else of sdjax
+    from sdjax.weights.presets import PRESETS  # plain dicts: imports nothing else of sdjax
 
     configs = PRESETS[preset_name]
     key = jax.random.PRNGKey(0)

@@ -17,7 +17,7 @@ import numpy as np
 from diffusers import FlaxUNet2DConditionModel
 
 from benchmarks import timing
-from sdjax.presets import PRESETS  # plain dicts: imports nothing else of sdjax
+from sdjax.weights.presets import PRESETS  # plain dicts: imports nothing else of sdjax
 
 
 def main():

@@ -20,7 +20,7 @@ import tempfile
 
 from absl import app, flags
 
-flags.DEFINE_string("preset", "sd15", "architecture preset (sdjax.presets: sd15, sd21, sdxl, tiny)")
+flags.DEFINE_string("preset", "sd15", "architecture preset (sdjax.weights.presets: sd15, sd21, sdxl, tiny)")
 flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), "sdjax-bench"),
                     "where the random checkpoint is written (reused between runs)")
 flags.DEFINE_bool("reference", True, "also measure diffusers/transformers (PyTorch)")

@@ -18,7 +18,7 @@ from absl import app, flags
 
 from benchmarks import timing
 
-flags.DEFINE_string("preset", "sd15", "architecture preset (sdjax.presets)")
+flags.DEFINE_string("preset", "sd15", "architecture preset (sdjax.weights.presets)")
 flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), "sdjax-bench"),
                     "where the random checkpoint is written (reused between runs)")
 flags.DEFINE_integer("steps", 20, "denoising steps")

@@ -20,7 +20,7 @@ from absl import app, flags
 
 from benchmarks import timing
 
-flags.DEFINE_string("preset", "sd15", "architecture preset (sdjax.presets)")
+flags.DEFINE_string("preset", "sd15", "architecture preset (sdjax.weights.presets)")
 flags.DEFINE_list("sizes", [], "latent sizes (default: 32,64; tiny: 8,16)")
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "compute/param dtypes")
 flags.DEFINE_integer("batch", 2, "batch size (2: one image with guidance)")
@@ -42,7 +42,7 @@ def main(_):
     from diffusers import UNet2DConditionModel
 
     from sdjax.models.unet import UNet, UNetConfig
-    from sdjax.presets import preset
+    from sdjax.weights.presets import preset
     from sdjax.weights.common import DictSource
     from sdjax.weights.unet import unet_params
 

@@ -65,7 +65,7 @@ def get_config(arg=None):
     elif arg in ("default_steps", "default_guidance"):
         # The embedded shapes-world model at its native 32 px, judged on its held-out prompts,
         # CLIP score from the shapes CLIP shipped beside it.
-        from sdjax.generate import DEFAULT_MODEL
+        from sdjax import DEFAULT_MODEL  # a path; importing sdjax loads no jax
 
         c.model = ""
         c.clip_model = DEFAULT_MODEL + "/clip"

@@ -15,7 +15,7 @@ def get_config(arg=None):
     c.objective = objective      # ldm | vae | clip
     c.seed = 0                   # run key (init, noise, timesteps, dropout) and data order
     c.init_from = ""             # any checkpoint load_pretrained reads; "" = random `preset`
-    c.preset = "tiny"            # architecture of a random init (sdjax.presets)
+    c.preset = "tiny"            # architecture of a random init (sdjax.weights.presets)
     c.vae = ""                   # optional standalone VAE replacing the checkpoint's
     c.total_steps = 20           # train_step calls (skipped non-finite steps count too)
     c.compute_dtype = "float32"  # float32 | bfloat16 (forward/backward); masters stay float32

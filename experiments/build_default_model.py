@@ -128,7 +128,7 @@ def build(workdir: str, out: str, *, num_examples: int = 50_000,
     from experiments import evaluate_default_model as evaluation
     from sdjax.data.shapes_dataset import example_batch, write_shapes_folder
     from sdjax.evaluation.metrics import save_clip_native
-    from sdjax.text import CLIPTokenizer
+    from sdjax.text.tokenizer import CLIPTokenizer
     from sdjax.training import loop
 
     overrides = overrides or {}

@@ -133,7 +133,7 @@ def generate_and_judge(model, prompts: Sequence[str], config, *, seed: int = 0,
     Returns accuracy, per-attribute rates, seconds per image and the images (uint8)."""
     from sdjax import images as images_lib
     from sdjax.evaluation.judge import ATTRIBUTES, judge
-    from sdjax.generate import spec_from_config
+    from sdjax.sampling.generate import spec_from_config
     from sdjax.sampling import Generator, Request
 
     batch_size = min(batch_size, len(prompts))
@@ -171,7 +171,7 @@ def evaluate(model_dir: Optional[str] = None, clip_dir: Optional[str] = None, *,
     from sdjax import images as images_lib
     from sdjax.data import shapes
     from sdjax.data.shapes_dataset import example_batch
-    from sdjax.generate import DEFAULT_MODEL
+    from sdjax import DEFAULT_MODEL
     from sdjax.weights.pretrained import load_pretrained
 
     model_dir = model_dir or DEFAULT_MODEL
@@ -256,7 +256,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     import os
 
-    from sdjax.generate import DEFAULT_MODEL
+    from sdjax import DEFAULT_MODEL
 
     clip = FLAGS.clip
     if clip is None and not FLAGS.model:

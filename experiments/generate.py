@@ -14,7 +14,7 @@ most used fields and, when given, override the config.
 from absl import app, flags, logging
 
 from sdjax import cli
-from sdjax import generate
+from sdjax.sampling import generate
 
 cli.define_config_file("config", "configs/shapes.py", "generation config file")
 flags.DEFINE_string("prompt", None, "what to draw")

@@ -15,7 +15,8 @@ Several hosts: start the same command on each with --coordinator_address=host0:p
 from absl import app, flags, logging
 
 from sdjax import cli
-from sdjax import batch_sampling, parallel
+from sdjax import parallel
+from sdjax.sampling import batches
 
 cli.define_config_file("config", "configs/sd15.py", "generation config file")
 flags.DEFINE_string("prompts", None, "prompt file: text, one prompt per line, or .jsonl", required=True)
@@ -39,7 +40,7 @@ def main(argv):
     config = FLAGS.config
     cli.apply_shortcuts(config, SHORTCUTS)
     try:
-        stats = batch_sampling.sample_to_dir(config, FLAGS.prompts)
+        stats = batches.sample_to_dir(config, FLAGS.prompts)
     except (ValueError, FileNotFoundError) as err:
         raise app.UsageError(str(err)) from None
     logging.info("%d written, %d already there, %d not finite; in %s", stats["written"],

@@ -8,8 +8,11 @@ import jax
 events = []
 jax.monitoring.register_event_listener(lambda name, **kwargs: events.append(name))
 
-from sdjax.presets import random_pretrained  # noqa: E402
-from sdjax.sampling import Generator, Request, SamplingSpec, enable_compilation_cache  # noqa: E402
+from sdjax.weights.presets import random_pretrained  # noqa: E402
+from sdjax.sampling.exported import enable_compilation_cache
+from sdjax.sampling.generator import Generator
+from sdjax.sampling.requests import Request
+from sdjax.sampling.spec import SamplingSpec  # noqa: E402
 
 
 def main():

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 from sdjax import parallel
-from sdjax.presets import random_pretrained
+from sdjax.weights.presets import random_pretrained
 from sdjax.sampling import Generator, Request, SamplingSpec
 
 

@@ -18,9 +18,9 @@ from sdjax import images as images_lib
 from sdjax.diffusion.samplers import parse_sampler
 from sdjax.evaluation import ablation, metrics
 from sdjax.models.clip import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
-from sdjax.presets import random_pretrained
+from sdjax.weights.presets import random_pretrained
 from sdjax.sampling import Generator
-from sdjax.text import CLIPTokenizer
+from sdjax.text.tokenizer import CLIPTokenizer
 from sdjax.weights.clip import clip_text_shapes, clip_vision_shapes
 
 SIZE = 32

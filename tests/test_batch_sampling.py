@@ -1,4 +1,4 @@
-"""`sdjax.batch_sampling` and `experiments/sample.py`: prompt files, the job plan and host shares,
+"""`sdjax.sampling.batches` and `experiments/sample.py`: prompt files, the job plan and host shares,
 kill-and-resume to the same files, and a two-process run on 127.0.0.1 that writes what one writes."""
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from configs import sd15
-from sdjax import batch_sampling as bs
+from sdjax.sampling import batches as bs
 from sdjax import images as images_lib
-from sdjax.presets import random_pretrained
+from sdjax.weights.presets import random_pretrained
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROMPTS_JSONL = [

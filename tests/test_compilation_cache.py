@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sdjax import parallel
-from sdjax.presets import random_pretrained
+from sdjax.weights.presets import random_pretrained
 from sdjax.sampling import Generator, Request, SamplingSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

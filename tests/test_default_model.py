@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from sdjax.generate import DEFAULT_MODEL
+from sdjax import DEFAULT_MODEL
 
 REQUIRED_FIGURES = ("heldout_accuracy", "clip_zero_shot_accuracy", "vae_psnr_db")
 
@@ -21,7 +21,7 @@ def _folder_bytes(path) -> int:
 @pytest.fixture(scope="module")
 def shipped():
     from configs import shapes as shapes_config
-    from sdjax.generate import load_model
+    from sdjax.sampling.generate import load_model
 
     config = shapes_config.get_config()
     return config, load_model(config)
@@ -44,7 +44,7 @@ def test_empty_model_loads_the_embedded_one(shipped):
 def test_draws_a_heldout_prompt_quickly_on_cpu(shipped):
     from sdjax import images as images_lib
     from sdjax.data import shapes
-    from sdjax.generate import request_from_config, spec_from_config
+    from sdjax.sampling.generate import request_from_config, spec_from_config
     from sdjax.sampling import Generator
 
     config, model = shipped

@@ -1,4 +1,4 @@
-"""Lowered sampling programs kept next to the persistent compilation cache (`sdjax.exported`): a
+"""Lowered sampling programs kept next to the persistent compilation cache (`sdjax.sampling.exported`): a
 second launch loads the program instead of tracing it, gives bit-identical images, and anything
 that changes the program (spec, batch size) misses; an unreadable entry is rebuilt, never fatal."""
 import json
@@ -11,10 +11,11 @@ import sys
 import numpy as np
 import pytest
 
-from sdjax import exported as exported_lib
+from sdjax.sampling import exported as exported_lib
 from sdjax import parallel
-from sdjax.presets import random_pretrained
-from sdjax.sampling import PROGRAM_SOURCES, Generator, Request, SamplingSpec
+from sdjax.weights.presets import random_pretrained
+from sdjax.sampling import Generator, Request, SamplingSpec
+from sdjax.sampling.program import PROGRAM_SOURCES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = dict(sampler="euler", steps=2, height=32, width=32)
@@ -29,8 +30,11 @@ import jax
 events = []
 jax.monitoring.register_event_listener(lambda name, **kwargs: events.append(name))
 import numpy as np
-from sdjax.presets import random_pretrained
-from sdjax.sampling import Generator, Request, SamplingSpec, enable_compilation_cache
+from sdjax.weights.presets import random_pretrained
+from sdjax.sampling.exported import enable_compilation_cache
+from sdjax.sampling.generator import Generator
+from sdjax.sampling.requests import Request
+from sdjax.sampling.spec import SamplingSpec
 
 enable_compilation_cache(sys.argv[1])
 generator = Generator(random_pretrained("tiny"))
@@ -232,7 +236,7 @@ def test_without_a_persistent_cache_nothing_is_exported(model):
 
 
 def test_program_sources_cover_every_sdjax_module_the_program_imports():
-    code = ("import sys, json, sdjax.sampling; "
+    code = ("import sys, json, sdjax.sampling.program; "
             "print(json.dumps(sorted(m.__file__ for n, m in sys.modules.items() "
             "if n.split('.')[0] == 'sdjax')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
@@ -242,4 +246,4 @@ def test_program_sources_cover_every_sdjax_module_the_program_imports():
     for path in json.loads(out.stdout.strip().splitlines()[-1]):
         relative = os.path.relpath(path, package)
         assert any(relative == s or relative.startswith(s + os.sep) for s in PROGRAM_SOURCES), (
-            f"{relative} is imported by sdjax.sampling but not in sampling.PROGRAM_SOURCES")
+            f"{relative} is imported by sdjax.sampling.program but not in its PROGRAM_SOURCES")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sdjax.evaluation import metrics
-from sdjax.text import _shipped_vocab
+from sdjax.text.tokenizer import _shipped_vocab
 
 import torch
 import transformers

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from sdjax.models.unet import UNet
-from sdjax.presets import random_pretrained
+from sdjax.weights.presets import random_pretrained
 
 
 @pytest.fixture(scope="module")

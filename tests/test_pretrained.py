@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks.checkpoints import save_diffusers_folder
-from sdjax.presets import preset
+from sdjax.weights.presets import preset
 from sdjax.weights import pretrained
 from sdjax.weights.common import WeightsError
 from tests import single_file_writer as writer

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from sdjax.prompts import BREAK, apply_emphasis, parse_emphasis, tokenize_batch, tokenize_weighted
-from sdjax.text import CLIPTokenizer
+from sdjax.text.prompts import BREAK, apply_emphasis, parse_emphasis, tokenize_batch, tokenize_weighted
+from sdjax.text.tokenizer import CLIPTokenizer
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,10 @@ import transformers
 import sdjax  # noqa: E402
 from benchmarks.checkpoints import save_diffusers_folder  # noqa: E402
 from sdjax.models.vae import AutoencoderKL  # noqa: E402
-from sdjax.presets import preset  # noqa: E402
-from sdjax.sampling import (Generator, NonFiniteLatentsError, Request, SamplingSpec,  # noqa: E402
-                            initial_noise)
+from sdjax.weights.presets import preset  # noqa: E402
+from sdjax.sampling import Generator, Request, SamplingSpec  # noqa: E402
+from sdjax.sampling.generator import NonFiniteLatentsError  # noqa: E402
+from sdjax.sampling.program import initial_noise  # noqa: E402
 
 IMAGE = 32                       # pixels; the tiny VAE halves it
 LATENT = IMAGE // 2
@@ -470,7 +471,7 @@ def test_nan_latents_raise_naming_the_seeds(sd1):
 def test_half_precision_runs_and_stays_near_float32():
     """float16 (VAE upcast to float32 where the config asks, as SDXL's does) and bfloat16 compute
     give finite images close to float32's."""
-    from sdjax.presets import random_pretrained
+    from sdjax.weights.presets import random_pretrained
 
     model = random_pretrained("tiny", seed=2)
     spec = SamplingSpec(sampler="euler", steps=3, height=32, width=32)

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from sdjax.text import EOS_TOKEN, CLIPTokenizer, _shipped_vocab, clean_text
+from sdjax.text.tokenizer import EOS_TOKEN, CLIPTokenizer, _shipped_vocab, clean_text
 
 PROMPTS = [
     "",

@@ -221,7 +221,7 @@ def test_nonfinite_steps_stop_the_run_after_a_checkpoint_of_the_last_good_state(
 
 @pytest.mark.slow
 def test_finetune_from_a_loaded_checkpoint_exports_a_folder_that_samples(setting):
-    from sdjax.presets import random_pretrained
+    from sdjax.weights.presets import random_pretrained
     from sdjax.sampling import Generator, Request, SamplingSpec
     from sdjax.weights.pretrained import load_pretrained, save_pretrained
 

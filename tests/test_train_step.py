@@ -7,8 +7,8 @@ import pytest
 
 from sdjax import parallel
 from sdjax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
-from sdjax.presets import random_pretrained
-from sdjax.sampling import Architecture
+from sdjax.weights.presets import random_pretrained
+from sdjax.weights.architecture import Architecture
 from sdjax.training import state as state_lib
 from sdjax.training import step as step_lib
 

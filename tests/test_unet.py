@@ -18,7 +18,7 @@ import torch
 import diffusers
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from sdjax import presets  # noqa: E402
+from sdjax.weights import presets  # noqa: E402
 from sdjax.models.unet import UNet, UNetConfig  # noqa: E402
 from sdjax.weights.common import DictSource, WeightsError  # noqa: E402
 from sdjax.weights.unet import load_unet_folder, unet_params  # noqa: E402

@@ -160,7 +160,7 @@ class Sweep:
 
     def spec(self, cell: Cell):
         """The compiled program's static settings: the scale and rescale φ are data."""
-        from sdjax.sampling import SamplingSpec
+        from sdjax.sampling.spec import SamplingSpec
 
         name, options = parse_sampler(cell.sampler)
         return SamplingSpec(sampler=name, steps=cell.steps, height=self.height, width=self.width,
@@ -307,8 +307,10 @@ def run_sweep(config, model=None, clip: Optional[metrics.ClipScorer] = None,
     "generated", "skipped"}: `traces` counts the compilations this run caused, `programs` the
     static settings that had work to do.
     """
-    from sdjax.generate import DTYPES, load_model
-    from sdjax.sampling import Generator, Request, enable_compilation_cache
+    from sdjax.sampling.generate import DTYPES, load_model
+    from sdjax.sampling.exported import enable_compilation_cache
+    from sdjax.sampling.generator import Generator
+    from sdjax.sampling.requests import Request
 
     sweep = Sweep.from_config(config)
     out_dir = os.path.expanduser(config.out_dir)

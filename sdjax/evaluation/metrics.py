@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from sdjax.models.clip import CLIPConfig, CLIPModel
-from sdjax.text import CLIPTokenizer
+from sdjax.text.tokenizer import CLIPTokenizer
 from sdjax.weights import clip as clip_weights
 from sdjax.weights.common import WeightsError
 

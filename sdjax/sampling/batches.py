@@ -33,10 +33,14 @@ import jax
 import numpy as np
 from absl import logging
 
-from sdjax import generate, parallel
 from sdjax import images as images_lib
+from sdjax import parallel
 from sdjax.diffusion import samplers as samplers_lib
-from sdjax.sampling import Generator, Request, SamplingSpec, enable_compilation_cache
+from sdjax.sampling import generate
+from sdjax.sampling.exported import enable_compilation_cache
+from sdjax.sampling.generator import Generator
+from sdjax.sampling.requests import Request
+from sdjax.sampling.spec import SamplingSpec
 
 PROMPT_FIELDS = ("prompt", "negative_prompt", "seed", "cfg_scale", "steps", "sampler", "num_images",
                  "width", "height")
@@ -413,7 +417,7 @@ class BatchSampler:
         if stats["non_finite"]:
             logging.error("%d image(s) had NaN/inf latents and were not written; lower the "
                           "guidance scale, use float32, or check the checkpoint", stats["non_finite"])
-        _barrier("sdjax.batch_sampling.done")
+        _barrier("sdjax.sampling.batches.done")
         return stats
 
     def _write(self, out_dir: str, manifest: str, share, missing, out: dict, stats: dict) -> int:

@@ -275,3 +275,67 @@ def _write_atomically(path: str, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+# --- compiling through the store -------------------------------------------------------------------
+
+def enable_compilation_cache(path: str) -> None:
+    """Keep compiled programs in `path` so a second launch loads instead of compiling; `Generator`
+    also keeps its lowered programs there (`<path>/sdjax_exported`), so it need not trace them.
+    An empty path leaves the cache off."""
+    if not path:
+        return
+    path = os.path.expanduser(path)
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def load_or_export(store: ExportedStore, description: dict, traced, args: tuple, in_shardings,
+                   out_shardings, log: list):
+    """The compiled program described by `description`: loaded from `store`, or exported from the
+    jitted function `traced` and written there; either way compiled for `args` (XLA's persistent
+    cache serves that). None where it cannot be exported. Appends one entry to `log`: key, outcome
+    (hit / miss / rebuilt / unsupported) and the seconds of each stage."""
+    key = key_of(description)
+    entry = {"key": key, "directory": store.directory, "outcome": None, "seconds": {}}
+    log.append(entry)
+
+    def compile_(exported):
+        runner = jax.jit(exported.call, in_shardings=in_shardings, out_shardings=out_shardings)
+        start = time.perf_counter()
+        lowered = runner.lower(*args)
+        entry["seconds"]["lower"] = time.perf_counter() - start
+        start = time.perf_counter()
+        compiled = lowered.compile()
+        entry["seconds"]["compile"] = time.perf_counter() - start
+        return compiled
+
+    start = time.perf_counter()
+    exported, status = store.load(key, args)
+    entry["seconds"]["load"] = time.perf_counter() - start
+    if exported is not None:
+        try:
+            compiled = compile_(exported)
+            entry["outcome"] = "hit"
+            logging.info("sampling program %s loaded from %s", key, store.directory)
+            return compiled
+        except Exception as error:  # noqa: BLE001 - a bad entry is rebuilt, never fatal
+            logging.warning("exported program %s in %s does not compile (%s: %s); tracing it "
+                            "again", key, store.directory, type(error).__name__, error)
+            store.remove(key)
+            status = "corrupt"
+    start = time.perf_counter()
+    try:
+        exported = jax.export.export(traced)(*args)
+    except Exception as error:  # noqa: BLE001 - the traced path runs it (or raises) instead
+        entry["outcome"] = "unsupported"
+        logging.warning("cannot export the sampling program (%s: %s); it is traced on every "
+                        "launch", type(error).__name__, error)
+        return None
+    entry["seconds"]["export"] = time.perf_counter() - start
+    store.save(key, description, exported, entry["seconds"]["export"])
+    entry["outcome"] = "miss" if status == "miss" else "rebuilt"
+    logging.info("sampling program %s traced and written to %s", key, store.directory)
+    return compile_(exported)

@@ -1,17 +1,19 @@
 """From a generation config (configs/common.py) to PNG files: what `experiments/generate.py` runs."""
 from __future__ import annotations
 
-import json
 import os
 import time
-from typing import Optional
 
 import numpy as np
 from absl import logging
 
+from sdjax import DEFAULT_MODEL
 from sdjax import images as images_lib
 from sdjax.diffusion import samplers as samplers_lib
-from sdjax.sampling import (Generator, Request, SamplingSpec, enable_compilation_cache)
+from sdjax.sampling.exported import enable_compilation_cache
+from sdjax.sampling.generator import Generator
+from sdjax.sampling.requests import Request
+from sdjax.sampling.spec import SamplingSpec
 
 DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
 
@@ -51,15 +53,13 @@ def request_from_config(config, spec: SamplingSpec, num_images: int, seed: int) 
 
 
 RANDOM_PREFIX = "random:"
-# The embedded model (experiments/build_default_model.py): what an empty `model` loads.
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "default_model")
 
 
 def load_model(config):
     """The config's checkpoint; `random:PRESET` (e.g. random:tiny) builds a random-weight model of
     a preset architecture, which runs the whole pipeline without any file; "" is the embedded
     shapes-world model (DEFAULT_MODEL)."""
-    from sdjax.presets import random_pretrained
+    from sdjax.weights.presets import random_pretrained
     from sdjax.weights.pretrained import load_pretrained
 
     if not config.model:

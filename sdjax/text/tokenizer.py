@@ -17,9 +17,11 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import regex
 
+from sdjax import ASSETS_DIR
+
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
-DEFAULT_VOCAB = os.path.join(os.path.dirname(__file__), "assets", "bpe_simple_vocab_16e6.txt.gz")
+DEFAULT_VOCAB = os.path.join(ASSETS_DIR, "bpe_simple_vocab_16e6.txt.gz")
 # 49152 - 256 - 2 merges in the OpenAI file; the rest of its lines are unused.
 NUM_MERGES = 48894
 

@@ -30,9 +30,9 @@ from absl import logging
 from sdjax import images as images_lib
 from sdjax import parallel
 from sdjax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
-from sdjax.presets import random_pretrained
-from sdjax.sampling import Architecture
-from sdjax.text import CLIPTokenizer
+from sdjax.weights.presets import random_pretrained
+from sdjax.weights.architecture import Architecture
+from sdjax.text.tokenizer import CLIPTokenizer
 from sdjax.training import step as step_lib
 from sdjax.training.checkpoints import Checkpoints
 from sdjax.training.data import ImageCaptionDataset
@@ -237,7 +237,9 @@ class _Sampler:
     """Sample grids from the current or EMA params, with one Generator (compiled once)."""
 
     def __init__(self, setup: Setup, config, mesh, workdir: str):
-        from sdjax.sampling import Generator, Request, SamplingSpec
+        from sdjax.sampling.generator import Generator
+        from sdjax.sampling.requests import Request
+        from sdjax.sampling.spec import SamplingSpec
 
         self.config = config.sample
         self.generator = Generator(setup.model, mesh=mesh)

@@ -28,7 +28,8 @@ from sdjax.diffusion.schedules import add_noise
 from sdjax.models.clip import CLIPConfig, CLIPModel
 from sdjax.models.unet import UNet
 from sdjax.models.vae import AutoencoderKL, scale_latents
-from sdjax.sampling import Architecture, encode_text, sdxl_time_ids
+from sdjax.text.conditioning import encode_text, sdxl_time_ids
+from sdjax.weights.architecture import Architecture
 from sdjax.training import objectives
 from sdjax.training.state import TrainState, cast_for_compute, learning_rates
 
@@ -37,7 +38,7 @@ OBJECTIVES = ("ldm", "vae", "clip")
 
 def text_conditioning(arch: Architecture, params: dict, ids: jax.Array, clip_skip: int = 0) -> dict:
     """ids (B, encoders, 77) -> {"context": (B, 77, D)[, "text_embeds": (B, P) for SDXL]}: the
-    conditioning sampling builds (`sampling.encode_text`) for one 77-token chunk, no emphasis."""
+    conditioning sampling builds (`text.conditioning.encode_text`) for one 77-token chunk, no emphasis."""
     ids = ids[:, :, None, :]
     return encode_text(arch, params, ids, jnp.ones((ids.shape[0],) + ids.shape[2:], jnp.float32),
                        clip_skip)

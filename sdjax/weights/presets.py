@@ -127,7 +127,7 @@ def random_pretrained(name: str, seed: int = 0, dtype=None, for_training: bool =
     from sdjax.models.clip import CLIPTextConfig
     from sdjax.models.unet import UNetConfig
     from sdjax.models.vae import VAEConfig
-    from sdjax.text import CLIPTokenizer
+    from sdjax.text.tokenizer import CLIPTokenizer
     from sdjax.weights import clip as clip_weights
     from sdjax.weights import unet as unet_weights
     from sdjax.weights import vae as vae_weights

@@ -18,7 +18,7 @@ import numpy as np
 from sdjax.models.clip import CLIPTextConfig
 from sdjax.models.unet import UNetConfig
 from sdjax.models.vae import VAEConfig
-from sdjax.text import CLIPTokenizer
+from sdjax.text.tokenizer import CLIPTokenizer
 from sdjax.weights import clip as clip_weights
 from sdjax.weights import unet as unet_weights
 from sdjax.weights import vae as vae_weights

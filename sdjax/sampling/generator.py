@@ -1,0 +1,140 @@
+"""`Generator`: a loaded model bound to a device mesh, running `Request`s through the compiled
+sampling program (`program.generate_images`), with that program kept by static settings."""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from sdjax import parallel
+from sdjax.sampling import exported as exported_lib
+from sdjax.sampling.program import PROGRAM_SOURCES, generate_images
+from sdjax.sampling.requests import Request, image_seeds, pad_batch, prepare_batch
+from sdjax.sampling.spec import SamplingSpec
+from sdjax.weights.architecture import Architecture
+
+
+class NonFiniteLatentsError(RuntimeError):
+    """Sampling produced NaN or infinite latents for some images; nothing was decoded into files."""
+
+
+class Generator:
+    """A thin convenience: the params stay a pytree, the program is `generate_images`.
+
+    exported_programs: with the default True, when JAX's persistent compilation cache is enabled
+    (`exported.enable_compilation_cache`), each lowered program is also kept there (`jax.export`)
+    and a later launch loads it instead of tracing; a path keeps them in that folder whether or not
+    the cache is on; False always traces. Only the jit mode without a progress bar is exported (see
+    `program_for`); the others trace on every launch.
+    """
+
+    def __init__(self, model, *, dtype: Any = None, parallel_mode: str = "jit", fsdp: int = 1,
+                 mesh: Optional[jax.sharding.Mesh] = None, exported_programs: bool | str = True):
+        if parallel_mode not in parallel.PARALLEL_MODES:
+            raise ValueError(f"parallel mode {parallel_mode!r} is not one of "
+                             f"{', '.join(parallel.PARALLEL_MODES)}")
+        self.model = model
+        self.arch = Architecture.of(model, dtype)
+        self.parallel_mode = parallel_mode
+        self.mesh = mesh or parallel.make_mesh(fsdp=fsdp)
+        params = model.params
+        if dtype is not None:
+            params = jax.tree.map(lambda x: np.asarray(x, dtype=dtype), params)
+        if parallel_mode == "jit":
+            self.params = jax.device_put(params, parallel.param_sharding(self.mesh, params))
+        else:
+            self.params = params
+        self.exported_programs = exported_programs
+        self._programs: dict = {}
+        self._exported: dict = {}
+        self.traces = 0  # how many times a program was traced (compiles), for tests and logs
+        # One entry per exported program looked up (see exported.load_or_export).
+        self.program_log: list[dict] = []
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.size if self.parallel_mode == "jit" else jax.local_device_count()
+
+    def _program(self, spec: SamplingSpec, structure):
+        key = (spec, structure)
+        if key not in self._programs:
+            def counted(params, batch):
+                self.traces += 1
+                return generate_images(self.arch, spec, params, batch)
+
+            if self.parallel_mode == "jit":
+                self._programs[key] = parallel.jit_over_batch(
+                    counted, self.mesh, parallel.param_sharding(self.mesh, self.params))
+            else:
+                self._programs[key] = parallel.pmap_over_batch(counted)
+        return self._programs[key]
+
+    def program_for(self, spec: SamplingSpec, batch: dict):
+        """The program to run on `batch` (padded to the device count; placed by
+        `parallel.shard_batch` in jit mode): the compiled exported program where one is kept on
+        disk (loaded, or traced and written now), else the traced program."""
+        store = self._exported_store()
+        # jax.export serializes jit programs only, and no host callbacks: pmap and the progress
+        # bar (a jax.debug.callback in the scan) trace on every launch. Multi-process runs too:
+        # untested with exported programs.
+        if (store is None or self.parallel_mode != "jit" or spec.progress
+                or jax.process_count() > 1):
+            return self._program(spec, tuple(sorted(batch)))
+        signature = tuple((k, np.shape(v), str(np.dtype(v.dtype))) for k, v in sorted(batch.items()))
+        key = (spec, signature)
+        if key not in self._exported:
+            data = parallel.batch_sharding(self.mesh)
+            self._exported[key] = exported_lib.load_or_export(
+                store, self.program_description(spec, batch),
+                self._program(spec, tuple(sorted(batch))), (self.params, batch),
+                # Same shardings as the traced program: the call runs on the same placed arrays.
+                in_shardings=(parallel.param_sharding(self.mesh, self.params), data),
+                out_shardings=data, log=self.program_log,
+            ) or self._program(spec, tuple(sorted(batch)))
+        return self._exported[key]
+
+    def _exported_store(self) -> Optional[exported_lib.ExportedStore]:
+        if self.exported_programs is False:
+            return None
+        if isinstance(self.exported_programs, (str, os.PathLike)):
+            return exported_lib.ExportedStore(os.fspath(self.exported_programs))
+        directory = exported_lib.default_directory()
+        return exported_lib.ExportedStore(directory) if directory else None
+
+    def program_description(self, spec: SamplingSpec, batch: dict) -> dict:
+        """Everything an exported program depends on, JSON-able; its digest is the entry's key."""
+        return {
+            "program": "sdjax.sampling.program.generate_images", "parallel_mode": self.parallel_mode,
+            "architecture": exported_lib.canonical(self.arch),
+            "spec": exported_lib.canonical(spec),
+            "batch": exported_lib.arrays_signature(batch),
+            "params": exported_lib.tree_signature(self.params),
+            "environment": exported_lib.environment(self.mesh, PROGRAM_SOURCES),
+        }
+
+    def prepare(self, request: Request, spec: SamplingSpec) -> dict:
+        """Host-side: validate, tokenize and lay out the batch arrays for `request`."""
+        return prepare_batch(self.arch, self.model.tokenizers, request, spec)
+
+    def __call__(self, request: Request, spec: SamplingSpec, *, check_finite: bool = True) -> dict:
+        """Run a request: returns {"images": float32 (B, H, W, 3) in [-1, 1], "finite": (B,), "seeds"}.
+
+        The batch is padded up to a multiple of the device count (`requests.pad_batch`)."""
+        batch = self.prepare(request, spec)
+        n = request.num_images
+        padded = -(-n // self.num_devices) * self.num_devices
+        if padded != n:
+            batch = pad_batch(batch, padded, request.seed)
+        if self.parallel_mode == "jit":
+            batch = parallel.shard_batch(batch, self.mesh)
+        out = self.program_for(spec, batch)(self.params, batch)
+        out = jax.tree.map(lambda x: np.asarray(x)[:n], out)
+        out["seeds"] = image_seeds(request.seed, n)
+        if check_finite and not out["finite"].all():
+            bad = [int(s) for s, ok in zip(out["seeds"], out["finite"]) if not ok]
+            raise NonFiniteLatentsError(
+                f"sampling produced NaN/inf latents for seed(s) {bad}; lower the guidance scale, "
+                f"use float32, or check the checkpoint")
+        return out

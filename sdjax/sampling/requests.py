@@ -1,0 +1,110 @@
+"""What to draw (`Request`) and its host-side layout as the arrays the sampling program takes."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import numpy as np
+
+from sdjax.sampling.spec import SamplingSpec
+from sdjax.text import prompts
+from sdjax.text.conditioning import sdxl_time_ids
+
+
+@dataclasses.dataclass
+class Request:
+    """What to draw. Lists are per image; a single value applies to every image."""
+    prompt: str | Sequence[str]
+    negative_prompt: Optional[str | Sequence[str]] = None
+    seed: int = 0                      # image i gets seed + i
+    num_images: int = 1
+    cfg_scale: float | Sequence[float] = 7.5
+    guidance_rescale: float | Sequence[float] = 0.0
+    subseed: Optional[int] = None      # variation seed: image i gets subseed + i
+    subseed_strength: float = 0.0
+    init_image: Optional[np.ndarray] = None   # (H, W, 3) or (B, H, W, 3) in [-1, 1]
+    mask: Optional[np.ndarray] = None         # (H, W) or (B, H, W) in {0, 1}, 1 = repaint
+    noise: Optional[np.ndarray] = None        # (B, h, w, c): replaces the seeded noise (parity tests)
+
+
+def image_seeds(seed: int, n: int) -> np.ndarray:
+    """Seeds seed, seed + 1, ... seed + n - 1 as uint32 (what image i of a request draws from)."""
+    return (np.uint64(seed) + np.arange(n, dtype=np.uint64)).astype(np.uint32)
+
+
+def prepare_batch(arch, tokenizers, request: Request, spec: SamplingSpec) -> dict:
+    """Validate `request` against `spec` and `arch` (an Architecture), tokenize it with the model's
+    `tokenizers` and lay out the batch arrays `program.generate_images` takes."""
+    spec.validate(arch)
+    n = request.num_images
+    if n < 1:
+        raise ValueError(f"num_images must be >= 1, got {n}")
+    prompts_list = per_image(request.prompt, n, "prompt")
+    negative_given = request.negative_prompt is not None
+    negatives = per_image(request.negative_prompt or "", n, "negative_prompt")
+    # One id tensor per text encoder: their tokenizers differ in padding (SDXL's second pads with
+    # "!"), the emphasis weights do not.
+    per_encoder = [prompts.tokenize_batch(t, prompts_list + negatives) for t in tokenizers]
+    chunks = max(ids.shape[1] for ids, _ in per_encoder)
+    per_encoder = [prompts.tokenize_batch(t, prompts_list + negatives, min_chunks=chunks)
+                   for t in tokenizers]
+    ids = np.stack([i for i, _ in per_encoder], axis=1)
+    weights = per_encoder[0][1]
+    batch = {
+        "ids": ids[:n], "weights": weights[:n], "neg_ids": ids[n:], "neg_weights": weights[n:],
+        "seeds": image_seeds(request.seed, n),
+        "cfg_scale": np.asarray(per_image(request.cfg_scale, n, "cfg_scale"), np.float32),
+        "guidance_rescale": np.asarray(per_image(request.guidance_rescale, n, "guidance_rescale"),
+                                       np.float32),
+    }
+    if request.subseed is not None and request.subseed_strength > 0:
+        batch["subseeds"] = image_seeds(request.subseed, n)
+        batch["subseed_strength"] = np.full((n,), request.subseed_strength, np.float32)
+    if arch.family == "sdxl":
+        batch["time_ids"] = sdxl_time_ids(spec.height, spec.width, n)
+        if not negative_given:
+            batch["neg_zero"] = np.ones((n,), np.float32)
+    if request.noise is not None:
+        batch["noise"] = np.asarray(request.noise, np.float32)
+    if spec.mode != "txt2img":
+        if request.init_image is None:
+            raise ValueError(f"mode {spec.mode!r} needs an init image")
+        init = np.asarray(request.init_image, np.float32)
+        init = np.broadcast_to(init, (n,) + init.shape[-3:]) if init.ndim == 3 else init
+        if init.shape[1:3] != (spec.height, spec.width):
+            raise ValueError(f"init image is {init.shape[2]}x{init.shape[1]} but the request is "
+                             f"{spec.width}x{spec.height} (width x height)")
+        batch["init_image"] = init
+    if spec.mode == "inpaint":
+        if request.mask is None:
+            raise ValueError("mode 'inpaint' needs a mask")
+        mask = np.asarray(request.mask, np.float32)
+        mask = np.broadcast_to(mask, (n,) + mask.shape[-2:]) if mask.ndim == 2 else mask
+        if mask.shape[1:] != (spec.height, spec.width):
+            raise ValueError(f"mask is {mask.shape[2]}x{mask.shape[1]} but the image is "
+                             f"{spec.width}x{spec.height} (width x height)")
+        batch["mask"] = mask[..., None]
+    return batch
+
+
+def pad_batch(batch: dict, rows: int, seed: int) -> dict:
+    """`batch` padded to `rows` images (to fill every device): extra seeds continue the request's,
+    other arrays repeat their last row. Padding never changes the real images, since each image
+    depends only on its own seed."""
+    def pad(x):
+        x = np.asarray(x)
+        return np.concatenate([x, np.repeat(x[-1:], rows - x.shape[0], axis=0)])
+
+    return {k: image_seeds(seed, rows) if k == "seeds" else pad(v) for k, v in batch.items()}
+
+
+def per_image(value, n: int, name: str) -> list:
+    """A single value (or one-element list) repeated for n images, or a list of exactly n."""
+    if isinstance(value, (str, int, float, np.floating, np.integer)):
+        return [value] * n
+    values = list(value)
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries but num_images is {n}")
+    return values

@@ -1,0 +1,2 @@
+"""Text: the CLIP tokenizer (`tokenizer`), the WebUI prompt syntax (`prompts`) and text
+conditioning (`conditioning`)."""
