@@ -67,7 +67,7 @@ def load_pretrained(path: str | os.PathLike, vae: Optional[str | os.PathLike] = 
         single files can't say which they were trained for.
       extract_ema: for single files that carry an EMA copy of the U-Net, use it.
     """
-    path = pathlib.Path(path)
+    path = pathlib.Path(path).expanduser()
     if not path.exists():
         raise WeightsError(f"{path}: no such file or folder")
     dtype = np.float32 if dtype is None else dtype
@@ -178,22 +178,38 @@ def _load_single_file(path: pathlib.Path, dtype, *, prediction_type, extract_ema
                       source=str(path))
 
 
-def save_pretrained(model: Pretrained, path: str | os.PathLike) -> None:
-    """Write the native format: sdjax.json (configs), params/ (orbax), tokenizer folders.
+def save_pretrained(model: Pretrained, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Write the native format into the folder `path`: sdjax.json (configs), params/ (orbax),
+    tokenizer folders. Nothing else in the folder is touched.
 
-    The folder is written next to its final place and renamed into it, so a crash never leaves a
-    half-written checkpoint where a good one was.
+    A folder that already holds an sdjax model is updated in place; a non-empty folder that does not
+    is refused unless `overwrite` (then sdjax's own entries are added beside what is there). The new
+    entries are written into a staging folder inside `path` first; the manifest goes last, and the
+    entries they replace are kept in `.sdjax-previous` until it is written, so a crash never leaves
+    a loadable mix of two models and never loses the previous one.
     """
     import shutil
 
     import jax
     import orbax.checkpoint as ocp
 
-    path = pathlib.Path(path).absolute()
-    staging = path.with_name(path.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    path = pathlib.Path(path).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise WeightsError(f"{path}: exists and is not a folder; save_pretrained writes a folder")
+    ours = (NATIVE_MANIFEST, "params", *TOKENIZER_NAMES)
+    if path.is_dir() and not (path / NATIVE_MANIFEST).is_file() and not overwrite:
+        others = sorted(p.name for p in path.iterdir() if not p.name.startswith(".sdjax-"))
+        if others:
+            raise WeightsError(
+                f"{path}: not empty and not an sdjax model (holds {', '.join(others[:5])}"
+                f"{', ...' if len(others) > 5 else ''}); pick an empty or new folder, or pass "
+                f"overwrite=True to add the model's files beside them")
+    staging, previous = path / ".sdjax-partial", path / ".sdjax-previous"
+    path.mkdir(parents=True, exist_ok=True)
+    for leftover in (staging, previous):  # from an earlier save that crashed
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    staging.mkdir()
     manifest = {
         "format": "sdjax", "version": NATIVE_FORMAT_VERSION, "family": model.family,
         "unet": model.unet_config.to_dict(), "vae": model.vae_config.to_dict(),
@@ -212,15 +228,17 @@ def save_pretrained(model: Pretrained, path: str | os.PathLike) -> None:
     for tokenizer, name in zip(model.tokenizers, TOKENIZER_NAMES):
         tokenizer.save_pretrained(staging / name)
     (staging / NATIVE_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    if path.exists():
-        old = path.with_name(path.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        path.rename(old)
-        staging.rename(path)
-        shutil.rmtree(old)
-    else:
-        staging.rename(path)
+    previous.mkdir()
+    # The old manifest leaves first: until the new one lands the folder is no model at all.
+    for name in ours:
+        if (path / name).exists():
+            (path / name).rename(previous / name)
+    for name in ours:
+        if name != NATIVE_MANIFEST and (staging / name).exists():
+            (staging / name).rename(path / name)
+    os.replace(staging / NATIVE_MANIFEST, path / NATIVE_MANIFEST)
+    shutil.rmtree(previous)
+    staging.rmdir()
 
 
 def _load_native(path: pathlib.Path, dtype) -> Pretrained:
@@ -236,7 +254,8 @@ def _load_native(path: pathlib.Path, dtype) -> Pretrained:
     vae_config = VAEConfig.from_dict(manifest["vae"])
     text_configs = tuple(CLIPTextConfig.from_dict(c) for c in manifest["text_encoders"])
     try:
-        params = ocp.StandardCheckpointer().restore(path / "params")
+        # orbax takes absolute paths only.
+        params = ocp.StandardCheckpointer().restore(path.absolute() / "params")
     except Exception as err:  # noqa: BLE001 - orbax raises many types for a damaged folder
         raise WeightsError(f"{path / 'params'}: cannot restore params ({err})") from None
     params = _check_native_params(path / "params", params, unet_config, vae_config, text_configs,
