@@ -16,6 +16,9 @@ Run the same command again after an interruption: finished (cell, prompt) pairs 
 """
 import ml_collections
 
+from configs.common import COMPILATION_CACHE
+from sdjax.sampling.spec import SamplingSpec
+
 
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
@@ -40,7 +43,7 @@ def get_config(arg=None):
     c.height = 512
     c.width = 512
     c.clip_skip = 0
-    c.microbatch = 1             # images denoised together per device (see SamplingSpec)
+    c.microbatch = SamplingSpec.microbatch  # images denoised together per device
     c.grid = ml_collections.ConfigDict()
     c.grid.x = "cfg_scale"       # columns: sampler | steps | variant | cfg_scale | prompt | seed
     c.grid.y = "sampler"         # rows: as x; one grid file per combination of the other axes
@@ -50,7 +53,7 @@ def get_config(arg=None):
     c.parallel = "jit"
     c.fsdp = 1
     c.out_dir = "ablations/run"
-    c.compilation_cache = "~/.cache/sdjax/xla"
+    c.compilation_cache = COMPILATION_CACHE
 
     if arg == "tiny":
         c.model = "random:tiny"

@@ -1,9 +1,15 @@
-"""Shared pieces of the experiment configs."""
+"""Shared pieces of the experiment configs. Sampling defaults are `SamplingSpec`'s own (a module
+that imports no jax), so the library and the configs cannot disagree."""
 import ml_collections
+
+from sdjax.sampling.spec import SamplingSpec
+
+# JAX's persistent compilation cache; sdjax keeps its exported sampling programs beside it.
+COMPILATION_CACHE = "~/.cache/sdjax/xla"
 
 
 def generation_config(*, height: int, width: int, model: str = "", cfg_scale: float = 7.5,
-                      steps: int = 25, sampler: str = "dpmpp_2m",
+                      steps: int = SamplingSpec.steps, sampler: str = SamplingSpec.sampler,
                       progress: bool = True) -> ml_collections.ConfigDict:
     """Every setting of `experiments/generate.py` and `experiments/sample.py`; flags of the same
     name override these."""
@@ -25,7 +31,7 @@ def generation_config(*, height: int, width: int, model: str = "", cfg_scale: fl
     c.cfg_scale = cfg_scale
     c.guidance_rescale = 0.0
     c.guidance_interval = (0.0, 1.0)
-    c.clip_skip = 0
+    c.clip_skip = SamplingSpec.clip_skip
     c.height = height
     c.width = width
     c.init_image = ""            # img2img (and inpainting) source image
@@ -37,5 +43,5 @@ def generation_config(*, height: int, width: int, model: str = "", cfg_scale: fl
     # (sdjax/exported.py): a launch with it on traces the program again instead of loading it.
     c.progress = progress
     c.out_dir = "outputs"
-    c.compilation_cache = "~/.cache/sdjax/xla"
+    c.compilation_cache = COMPILATION_CACHE
     return c
