@@ -1,11 +1,40 @@
-"""What every entry point in experiments/ shares: flag parsing that turns a bad config override
-into one line naming the flag, instead of a traceback."""
+"""What every entry point in experiments/ shares: `run(main)`, which answers a usage error with one
+line (not the flag list) and keeps libraries' internal logging quiet unless --verbosity is given,
+and flag parsing that turns a bad config override into one line naming the flag."""
 from __future__ import annotations
 
+import functools
+import logging as python_logging
+import os
 import re
 import sys
 
-from absl import flags
+from absl import app, flags
+
+# Where the INFO records a user wants come from; other libraries' (JAX's backend probes, orbax's
+# byte budgets) show with --verbosity=1 or higher. Their warnings and errors always show.
+_OWN_CODE = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d) + os.sep
+                  for d in ("sdjax", "experiments"))
+
+
+class _OwnInfoOnly(python_logging.Filter):
+    def filter(self, record: python_logging.LogRecord) -> bool:
+        return record.levelno >= python_logging.WARNING or record.pathname.startswith(_OWN_CODE)
+
+
+def run(main) -> None:
+    """`app.run(main)` with one-line usage errors and quiet library logging."""
+    @functools.wraps(main)
+    def wrapped(argv):
+        if flags.FLAGS.verbosity < 1:
+            for handler in python_logging.getLogger().handlers:
+                handler.addFilter(_OwnInfoOnly())
+        try:
+            return main(argv)
+        except app.UsageError as err:
+            _exit(argv, str(err))
+
+    app.run(wrapped, flags_parser=parse_flags)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -20,8 +49,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _exit(argv: list[str], message: str) -> None:
-    sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
-                     f"Pass --helpfull to see help on flags.\n")
+    program = os.path.basename(argv[0]) if argv else "sdjax"
+    sys.stderr.write(f"{program}: error: {message}\n(--help lists the flags)\n")
     sys.exit(1)
 
 

@@ -1,7 +1,9 @@
 """From a generation config (configs/common.py) to PNG files: what `experiments/generate.py` runs."""
 from __future__ import annotations
 
+import math
 import os
+import re
 import time
 
 import numpy as np
@@ -12,7 +14,7 @@ from sdjax import images as images_lib
 from sdjax.diffusion import samplers as samplers_lib
 from sdjax.sampling.exported import enable_compilation_cache
 from sdjax.sampling.generator import Generator
-from sdjax.sampling.requests import Request
+from sdjax.sampling.requests import Request, image_seeds
 from sdjax.sampling.spec import SamplingSpec
 
 DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
@@ -91,16 +93,21 @@ def generation_parameters(config, spec: SamplingSpec, seed: int, model_name: str
 def generate_to_dir(config, model=None) -> list[str]:
     """Generate `config.num_images` images in batches and write them (one PNG each, with the WebUI
     `parameters` chunk), a grid, and the resolved config. Returns the image paths."""
-    enable_compilation_cache(os.path.expanduser(config.compilation_cache))
+    total, batch = check_counts(config)
+    enable_compilation_cache(config.compilation_cache)
     spec = spec_from_config(config)
     model = model or load_model(config)
     generator = Generator(model, dtype=None if config.dtype == "float32" else DTYPES[config.dtype],
                           parallel_mode=config.parallel, fsdp=int(config.fsdp))
     os.makedirs(config.out_dir, exist_ok=True)
-    with open(os.path.join(config.out_dir, "config.json"), "w") as f:
+    # Earlier runs into the same folder are kept: numbering continues after theirs (the WebUI's
+    # habit), and this run's config gets its own name when config.json holds another's.
+    start = next_image_index(config.out_dir)
+    config_path = os.path.join(config.out_dir, "config.json")
+    if start and os.path.exists(config_path):
+        config_path = os.path.join(config.out_dir, f"config-{start:05d}.json")
+    with open(config_path, "w") as f:
         f.write(config.to_json(indent=2))
-    total = int(config.num_images)
-    batch = int(config.batch_size) or total
     model_name = os.path.basename(os.path.normpath(model.source)) or "model"
     paths, images = [], []
     for first in range(0, total, batch):
@@ -110,7 +117,7 @@ def generate_to_dir(config, model=None) -> list[str]:
         out = generator(request, spec)
         logging.info("generated %d image(s) in %.2f s", n, time.perf_counter() - started)
         for i, (image, seed) in enumerate(zip(images_lib.to_uint8(out["images"]), out["seeds"])):
-            path = os.path.join(config.out_dir, f"{first + i:05d}-{int(seed)}.png")
+            path = os.path.join(config.out_dir, f"{start + first + i:05d}-{int(seed)}.png")
             text = images_lib.format_parameters(
                 config.prompt, config.negative_prompt,
                 generation_parameters(config, spec, int(seed), model_name))
@@ -118,5 +125,32 @@ def generate_to_dir(config, model=None) -> list[str]:
             paths.append(path)
             images.append(image)
     if len(images) > 1:
-        images_lib.save_png(images_lib.grid(images), os.path.join(config.out_dir, "grid.png"))
+        grid_name = f"grid-{start:05d}.png" if start else "grid.png"
+        images_lib.save_png(images_lib.grid(images), os.path.join(config.out_dir, grid_name))
     return paths
+
+
+def check_counts(config) -> tuple[int, int]:
+    """(num_images, images per call) after checking the config's counts, seeds and dtype, before
+    any model is loaded or program compiled."""
+    total, batch = config.num_images, config.batch_size
+    if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+        raise ValueError(f"num_images must be an integer >= 1, got {total!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+        raise ValueError(f"batch_size must be an integer >= 0 (0: all images in one call), "
+                         f"got {batch!r}")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"dtype {config.dtype!r} is not one of {', '.join(DTYPES)}")
+    image_seeds(config.seed, total)
+    if config.subseed >= 0:
+        image_seeds(config.subseed, total, "subseed")
+    if not math.isfinite(float(config.cfg_scale)):
+        raise ValueError(f"cfg_scale must be finite, got {config.cfg_scale!r}")
+    return total, batch or total
+
+
+def next_image_index(out_dir: str) -> int:
+    """One past the highest `NNNNN-` image number already in `out_dir` (0 for a new folder)."""
+    numbers = [int(m.group(1)) for name in os.listdir(out_dir)
+               if (m := re.match(r"(\d{5,})-.*\.png$", name))]
+    return max(numbers) + 1 if numbers else 0

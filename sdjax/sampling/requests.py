@@ -27,9 +27,25 @@ class Request:
     noise: Optional[np.ndarray] = None        # (B, h, w, c): replaces the seeded noise (parity tests)
 
 
-def image_seeds(seed: int, n: int) -> np.ndarray:
-    """Seeds seed, seed + 1, ... seed + n - 1 as uint32 (what image i of a request draws from)."""
+MAX_SEED = 2 ** 32 - 1  # seeds are uint32, as PRNG keys take them
+
+
+def image_seeds(seed: int, n: int, what: str = "seed") -> np.ndarray:
+    """Seeds seed, seed + 1, ... seed + n - 1 as uint32 (what image i of a request draws from).
+    A seed range outside uint32 is an error, never a silent wrap-around to other images' seeds."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"{what} must be an integer, got {seed!r}")
+    if seed < 0 or int(seed) + n - 1 > MAX_SEED:
+        raise ValueError(f"{what} {seed} with {n} image(s) needs seeds {seed}..{int(seed) + n - 1}, "
+                         f"outside 0..{MAX_SEED}")
     return (np.uint64(seed) + np.arange(n, dtype=np.uint64)).astype(np.uint32)
+
+
+def _finite_per_image(value, n: int, name: str) -> np.ndarray:
+    values = np.asarray(per_image(value, n, name), np.float64)
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return values.astype(np.float32)
 
 
 def prepare_batch(arch, tokenizers, request: Request, spec: SamplingSpec) -> dict:
@@ -37,8 +53,8 @@ def prepare_batch(arch, tokenizers, request: Request, spec: SamplingSpec) -> dic
     `tokenizers` and lay out the batch arrays `program.generate_images` takes."""
     spec.validate(arch)
     n = request.num_images
-    if n < 1:
-        raise ValueError(f"num_images must be >= 1, got {n}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"num_images must be an integer >= 1, got {n!r}")
     prompts_list = per_image(request.prompt, n, "prompt")
     negative_given = request.negative_prompt is not None
     negatives = per_image(request.negative_prompt or "", n, "negative_prompt")
@@ -53,12 +69,13 @@ def prepare_batch(arch, tokenizers, request: Request, spec: SamplingSpec) -> dic
     batch = {
         "ids": ids[:n], "weights": weights[:n], "neg_ids": ids[n:], "neg_weights": weights[n:],
         "seeds": image_seeds(request.seed, n),
-        "cfg_scale": np.asarray(per_image(request.cfg_scale, n, "cfg_scale"), np.float32),
-        "guidance_rescale": np.asarray(per_image(request.guidance_rescale, n, "guidance_rescale"),
-                                       np.float32),
+        "cfg_scale": _finite_per_image(request.cfg_scale, n, "cfg_scale"),
+        "guidance_rescale": _finite_per_image(request.guidance_rescale, n, "guidance_rescale"),
     }
+    if not 0.0 <= request.subseed_strength <= 1.0:
+        raise ValueError(f"subseed_strength must be in [0, 1], got {request.subseed_strength!r}")
     if request.subseed is not None and request.subseed_strength > 0:
-        batch["subseeds"] = image_seeds(request.subseed, n)
+        batch["subseeds"] = image_seeds(request.subseed, n, "subseed")
         batch["subseed_strength"] = np.full((n,), request.subseed_strength, np.float32)
     if arch.family == "sdxl":
         batch["time_ids"] = sdxl_time_ids(spec.height, spec.width, n)

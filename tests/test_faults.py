@@ -1,0 +1,119 @@
+"""Bad input and faults: each is answered by one line that names the culprit, before any work
+starts, and nothing written earlier is lost or changed."""
+import math
+import os
+
+import numpy as np
+import pytest
+
+from configs import shapes as shapes_config
+from sdjax.sampling import generate
+from sdjax.sampling.requests import Request, prepare_batch
+from sdjax.sampling.spec import SamplingSpec
+from sdjax.weights.architecture import Architecture
+from tests.helpers import run_python
+
+
+def _config(**overrides):
+    config = shapes_config.get_config()
+    with config.unlocked():
+        config.model = "random:tiny"
+        config.steps = 1
+        for key, value in overrides.items():
+            setattr(config, key, value)
+    return config
+
+
+# --- generation settings, checked before a model is loaded -----------------------------------------
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"batch_size": -1}, "batch_size must be an integer >= 0 (0: all images in one call), got -1"),
+    ({"num_images": 0}, "num_images must be an integer >= 1, got 0"),
+    ({"seed": -1}, "seed -1 with 1 image(s) needs seeds -1..-1, outside 0..4294967295"),
+    ({"seed": 2 ** 32 - 1, "num_images": 2},
+     "seed 4294967295 with 2 image(s) needs seeds 4294967295..4294967296, outside 0..4294967295"),
+    ({"subseed": 2 ** 32, "subseed_strength": 0.5}, "subseed 4294967296 with 1 image(s)"),
+    ({"cfg_scale": math.nan}, "cfg_scale must be finite, got nan"),
+    ({"dtype": "float8"}, "dtype 'float8' is not one of float32, bfloat16, float16"),
+])
+def test_generation_settings_are_checked_before_any_work(overrides, message, tmp_path):
+    config = _config(out_dir=str(tmp_path / "out"), prompt="x", **overrides)
+    with pytest.raises(ValueError) as error:
+        generate.generate_to_dir(config, model=_NoModel())
+    assert message in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+class _NoModel:
+    """Stands in for a model: a check that comes too late touches it and fails differently."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the model was used ({name}) before the settings were checked")
+
+
+@pytest.fixture(scope="module")
+def tiny_arch(tiny_model):
+    return Architecture.of(tiny_model), tiny_model.tokenizers
+
+
+@pytest.mark.parametrize("request_fields, message", [
+    ({"cfg_scale": [7.0, math.nan]}, "cfg_scale must be finite"),
+    ({"guidance_rescale": math.inf}, "guidance_rescale must be finite"),
+    ({"seed": 2 ** 32}, "seed 4294967296 with 2 image(s)"),
+    ({"seed": 1.5}, "seed must be an integer, got 1.5"),
+    ({"subseed": -3, "subseed_strength": 0.3}, "subseed -3 with 2 image(s)"),
+    ({"subseed_strength": 2.0}, "subseed_strength must be in [0, 1], got 2.0"),
+    ({"num_images": True}, "num_images must be an integer >= 1, got True"),
+    ({"prompt": ["a", "b", "c"]}, "prompt has 3 entries but num_images is 2"),
+])
+def test_bad_requests_are_refused_before_sampling(tiny_arch, request_fields, message):
+    arch, tokenizers = tiny_arch
+    fields = {"prompt": "a red circle", "num_images": 2, **request_fields}
+    with pytest.raises(ValueError) as error:
+        prepare_batch(arch, tokenizers, Request(**fields), SamplingSpec(steps=1, height=32, width=32))
+    assert message in str(error.value)
+
+
+# --- outputs are never overwritten ------------------------------------------------------------------
+
+def test_a_second_run_into_the_same_folder_continues_the_numbering(tmp_path, tiny_model):
+    out = str(tmp_path)
+    first = generate.generate_to_dir(_config(out_dir=out, prompt="a red circle", num_images=2),
+                                     model=tiny_model)
+    before = {p: open(p, "rb").read() for p in first + [os.path.join(out, "config.json"),
+                                                        os.path.join(out, "grid.png")]}
+    second = generate.generate_to_dir(_config(out_dir=out, prompt="a blue square", num_images=2,
+                                              seed=5), model=tiny_model)
+    assert [os.path.basename(p) for p in first] == ["00000-0.png", "00001-1.png"]
+    assert [os.path.basename(p) for p in second] == ["00002-5.png", "00003-6.png"]
+    assert all(open(p, "rb").read() == data for p, data in before.items())
+    assert sorted(os.listdir(out)) == ["00000-0.png", "00001-1.png", "00002-5.png", "00003-6.png",
+                                       "config-00002.json", "config.json", "grid-00002.png",
+                                       "grid.png"]
+
+
+# --- the command line: one line, no flag list, no traceback -----------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    ([], "generate.py: error: --prompt is required"),
+    (["--prompt=x", "--config.batch_size=-1"], "batch_size must be an integer >= 0"),
+    (["--prompt=x", "extra"], "unexpected arguments: extra"),
+    (["--prompt=x", "--num_images=abc"], "--num_images"),
+])
+def test_usage_errors_are_one_line_without_the_flag_list(tmp_path, args, message):
+    result = run_python("-m", "experiments.generate", f"--out_dir={tmp_path / 'out'}", *args)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 3, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_plain_generate_prints_only_sdjax_lines(tmp_path):
+    result = run_python("-m", "experiments.generate", "--prompt=a red circle", "--model=random:tiny",
+                        "--config.steps=1", f"--out_dir={tmp_path}",
+                        f"--config.compilation_cache={tmp_path / 'cache'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines and all(("generate.py" in line or "exported.py" in line) for line in lines), lines
+    assert result.stdout.strip() == str(tmp_path / "00000-0.png")
