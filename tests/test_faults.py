@@ -117,3 +117,24 @@ def test_a_plain_generate_prints_only_sdjax_lines(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert lines and all(("generate.py" in line or "exported.py" in line) for line in lines), lines
     assert result.stdout.strip() == str(tmp_path / "00000-0.png")
+
+
+# --- weights ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_refused_naming_the_tensor(tiny_model, tmp_path, bad_value):
+    from sdjax.weights import pretrained
+    from sdjax.weights.common import WeightsError
+
+    model = pretrained.Pretrained(**{**vars(tiny_model), "params": jax_tree_copy(tiny_model.params)})
+    model.params["unet"]["conv_in"]["kernel"][0, 0, 0, 0] = bad_value
+    pretrained.save_pretrained(model, tmp_path / "model")
+    with pytest.raises(WeightsError, match=r"model.*unet.*conv_in/kernel: 1 of \d+ values are NaN "
+                                           r"or infinite"):
+        pretrained.load_pretrained(tmp_path / "model")
+
+
+def jax_tree_copy(tree):
+    import jax
+
+    return jax.tree.map(lambda x: np.array(x, copy=True), tree)

@@ -243,6 +243,7 @@ def convert_state_dict(
                 f"{source.name}: {what}: shape mismatch for {key}: expected "
                 f"{want} (as {path}), got {tuple(source[key].shape)}")
         out[path] = aligned_array(array, dtype or flat_expected[path].dtype, want)
+        _check_finite(out[path], f"{source.name}: {what}: {key}")
     missing = sorted(set(flat_expected) - set(out))
     if unexpected:
         raise WeightsError(f"{source.name}: {what}: unexpected keys: "
@@ -250,6 +251,19 @@ def convert_state_dict(
     if missing:
         raise WeightsError(f"{source.name}: {what}: missing keys for: " + _short_list(missing))
     return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})
+
+
+def _check_finite(array: np.ndarray, where: str) -> None:
+    """NaN/inf weights make every output NaN: refuse them at load, naming the tensor. A float32
+    sum is the cheap test (one pass, no temporary); only a non-finite sum is looked at closely."""
+    if array.dtype.kind in "iub":
+        return
+    with np.errstate(over="ignore"):  # a huge but finite sum is looked at closely below
+        if np.isfinite(np.sum(array, dtype=np.float32)):
+            return
+    bad = int(np.count_nonzero(~np.isfinite(array.astype(np.float32))))
+    if bad:
+        raise WeightsError(f"{where}: {bad} of {array.size} values are NaN or infinite")
 
 
 def regex_renamer(rules: Sequence[tuple[str, str]]) -> Callable[[str], Optional[str]]:
