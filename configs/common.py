@@ -37,6 +37,8 @@ def generation_config(*, height: int, width: int, model: str = "", cfg_scale: fl
     c.init_image = ""            # img2img (and inpainting) source image
     c.strength = 0.75
     c.mask = ""                  # inpainting mask: white = repaint
+    c.inpaint_overlay = True     # keep the init image's pixels outside the (blurred) mask
+    c.mask_blur = 4.0            # Gaussian radius of that overlay's edge, in pixels
     c.parallel = "jit"           # jit (mesh + shardings) | pmap
     c.fsdp = 1                   # >1: split large params over this many devices
     # A per-step bar is a host callback inside the program, which keeps it from being exported

@@ -51,7 +51,8 @@ def request_from_config(config, spec: SamplingSpec, num_images: int, seed: int) 
                    guidance_rescale=float(config.guidance_rescale),
                    subseed=None if config.subseed < 0 else int(config.subseed),
                    subseed_strength=float(config.subseed_strength),
-                   init_image=init_image, mask=mask)
+                   init_image=init_image, mask=mask, inpaint_overlay=bool(config.inpaint_overlay),
+                   mask_blur=float(config.mask_blur))
 
 
 RANDOM_PREFIX = "random:"
@@ -87,6 +88,8 @@ def generation_parameters(config, spec: SamplingSpec, seed: int, model_name: str
         settings["Variation seed strength"] = config.subseed_strength
     if spec.mode != "txt2img":
         settings["Denoising strength"] = spec.strength
+    if spec.mode == "inpaint" and config.inpaint_overlay:
+        settings["Mask blur"] = config.mask_blur
     return settings
 
 

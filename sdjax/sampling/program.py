@@ -129,7 +129,8 @@ def _generate_microbatch(arch: Architecture, spec: SamplingSpec, params: dict, b
     batch: ids (B, encoders, chunks, 77), weights (B, chunks, 77), and neg_ids/neg_weights for the negative prompt, seeds (B,)
     uint32, subseeds (B,), subseed_strength (B,), cfg_scale (B,), guidance_rescale (B,);
     optionally noise (B, h, w, c) to replace the seeded noise; init_image (B, H, W, 3) in [-1, 1]
-    for img2img / inpaint; mask (B, H, W, 1) in {0, 1} (1 = repaint) for inpaint; time_ids (B, 6)
+    for img2img / inpaint; mask (B, H, W, 1) in {0, 1} (1 = repaint) and overlay (B, H, W, 1), the
+    drawn image's weight in the result, for inpaint; time_ids (B, 6)
     for SDXL.
     Returns images (B, H, W, 3) in [-1, 1] and finite (B,) (False where latents went NaN/inf).
     """
@@ -210,7 +211,10 @@ def _generate_microbatch(arch: Architecture, spec: SamplingSpec, params: dict, b
     finite = jnp.all(jnp.isfinite(latents), axis=(1, 2, 3))
     images = vae.apply({"params": params["vae"]}, unscale_latents(latents, arch.vae).astype(vae_dtype),
                        method=AutoencoderKL.decode).astype(jnp.float32)
-    return {"images": jnp.clip(images, -1.0, 1.0), "finite": finite}
+    images = jnp.clip(images, -1.0, 1.0)
+    if spec.mode == "inpaint":  # the init image outside the (blurred) mask: see Request.mask_blur
+        images = batch["overlay"] * images + (1.0 - batch["overlay"]) * batch["init_image"]
+    return {"images": images, "finite": finite}
 
 
 def _at_level(sampler, plan, x0, noise, level):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -24,6 +25,10 @@ class Request:
     subseed_strength: float = 0.0
     init_image: Optional[np.ndarray] = None   # (H, W, 3) or (B, H, W, 3) in [-1, 1]
     mask: Optional[np.ndarray] = None         # (H, W) or (B, H, W) in {0, 1}, 1 = repaint
+    # Inpainting: the init image is laid back over the result outside the mask, blurred by this many
+    # pixels (a Gaussian radius, as the WebUI's "mask blur"), so pixels away from it stay exact.
+    inpaint_overlay: bool = True
+    mask_blur: float = 4.0
     noise: Optional[np.ndarray] = None        # (B, h, w, c): replaces the seeded noise (parity tests)
 
 
@@ -101,7 +106,23 @@ def prepare_batch(arch, tokenizers, request: Request, spec: SamplingSpec) -> dic
             raise ValueError(f"mask is {mask.shape[2]}x{mask.shape[1]} but the image is "
                              f"{spec.width}x{spec.height} (width x height)")
         batch["mask"] = mask[..., None]
+        if not (math.isfinite(request.mask_blur) and request.mask_blur >= 0):
+            raise ValueError(f"mask_blur must be a finite radius >= 0, got {request.mask_blur!r}")
+        batch["overlay"] = (np.stack([blur_mask(m, request.mask_blur) for m in mask])[..., None]
+                            if request.inpaint_overlay else np.ones_like(batch["mask"]))
     return batch
+
+
+def blur_mask(mask: np.ndarray, radius: float) -> np.ndarray:
+    """(H, W) mask in [0, 1] -> Gaussian-blurred by `radius` pixels (PIL's filter, as the WebUI),
+    then 1 wherever the mask is: the overlay's weight of the drawn image."""
+    from PIL import Image, ImageFilter
+
+    if radius == 0:
+        return mask.astype(np.float32)
+    image = Image.fromarray(np.round(np.clip(mask, 0, 1) * 255).astype(np.uint8), mode="L")
+    blurred = np.asarray(image.filter(ImageFilter.GaussianBlur(radius)), np.float32) / 255.0
+    return np.maximum(blurred, mask).astype(np.float32)
 
 
 def pad_batch(batch: dict, rows: int, seed: int) -> dict:
