@@ -4,12 +4,15 @@ Model-side images are float NHWC in [-1, 1]; files and PIL are uint8 RGB.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+
+from sdjax import runs
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -54,9 +57,10 @@ def save_png(image: np.ndarray, path: str | os.PathLike, parameters: Optional[st
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)
-    tmp = f"{os.fspath(path)}.tmp"
-    Image.fromarray(np.asarray(image)).save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)  # a crash never leaves a half-written image under the final name
+    encoded = io.BytesIO()
+    Image.fromarray(np.asarray(image)).save(encoded, format="PNG", pnginfo=info)
+    # A crash never leaves a half-written image under the final name.
+    runs.write_atomically(path, encoded.getvalue())
 
 
 def read_parameters(path: str | os.PathLike) -> Optional[str]:

@@ -279,7 +279,8 @@ def test_a_second_launch_loads_its_programs_instead_of_tracing(run_setup, uninte
 def test_resuming_with_other_image_settings_is_refused(tmp_path):
     bs._check_and_write_config(config(), str(tmp_path))
     bs._check_and_write_config(config(out_dir="elsewhere", batch_size=8), str(tmp_path))
-    with pytest.raises(ValueError, match="drawn with cfg_scale=7.5, not 5.0; use another --out_dir"):
+    with pytest.raises(ValueError,
+                       match=r"config.json: .*\(cfg_scale: 7.5 -> 5.0\); use another --out_dir"):
         bs._check_and_write_config(config(cfg_scale=5.0), str(tmp_path))
     assert json.loads((tmp_path / bs.CONFIG_FILE).read_text())["batch_size"] == 8
 
@@ -289,7 +290,7 @@ def test_a_torn_manifest_line_does_not_swallow_the_next(tmp_path):
     manifest.write_text('{"path": "00000/0000-0.png"}\n{"path": "000')
     job = bs.Job(index=1, prompt_index=0, image_index=1, seed=1)
     bs._reconcile_manifest(str(tmp_path), str(manifest), [job],
-                           lambda j: json.dumps({"path": j.path}) + "\n")
+                           lambda j: {"path": j.path})
     assert [e["path"] for e in bs.read_manifest(tmp_path)] == ["00000/0000-0.png", job.path]
 
 

@@ -25,7 +25,6 @@ import csv
 import dataclasses
 import hashlib
 import itertools
-import json
 import math
 import os
 import re
@@ -36,6 +35,7 @@ import numpy as np
 from absl import logging
 
 from sdjax import images as images_lib
+from sdjax import runs
 from sdjax.data import shapes
 from sdjax.diffusion.samplers import parse_sampler
 from sdjax.evaluation import judge as judge_lib
@@ -211,21 +211,8 @@ def is_shapes_prompt(prompt: str) -> bool:
 # --- records ---------------------------------------------------------------------------------------
 
 def read_records(out_dir: str) -> list[dict]:
-    """The finished (cell, prompt) records; a torn last line (a crash mid-write) is dropped."""
-    path = os.path.join(out_dir, RECORDS)
-    if not os.path.isfile(path):
-        return []
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                logging.warning("%s:%d: unreadable record dropped (interrupted write?)", path,
-                                number)
-    return records
+    """The finished (cell, prompt) records; a torn last line (a crash mid-write) is skipped."""
+    return runs.read_jsonl(os.path.join(out_dir, RECORDS))
 
 
 def _record_key(cell: Cell, prompt: str) -> tuple:
@@ -237,36 +224,16 @@ def _key_of_record(record: dict) -> tuple:
             record["prompt"])
 
 
-def _write_records(out_dir: str, records: Sequence[dict]) -> None:
-    path = os.path.join(out_dir, RECORDS)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    os.replace(path + ".tmp", path)
-
-
-def _append_record(out_dir: str, record: dict) -> None:
-    with open(os.path.join(out_dir, RECORDS), "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _check_fingerprint(config, out_dir: str) -> None:
-    fingerprint = {k: config[k] for k in _FINGERPRINT_FIELDS}
+    fingerprint = {k: config[k] for k in sorted(_FINGERPRINT_FIELDS)}
     path = os.path.join(out_dir, SWEEP_MANIFEST)
-    if config.resume and os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            before = json.load(f)
-        changed = {k: (before.get(k), v) for k, v in fingerprint.items() if before.get(k) != v}
-        if changed:
-            detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise ValueError(f"{path}: the out dir holds a sweep with other settings ({detail}); "
-                             f"use another out_dir, or config.resume=False to start it over")
-    elif not config.resume and os.path.exists(os.path.join(out_dir, RECORDS)):
+    if config.resume:
+        runs.check_fingerprint(path, fingerprint, "the out dir holds a sweep",
+                               remedy="use another out_dir, or config.resume=False to start it over")
+        return
+    if os.path.exists(os.path.join(out_dir, RECORDS)):
         os.remove(os.path.join(out_dir, RECORDS))
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(fingerprint, f, indent=2, sort_keys=True)
+    runs.write_json_atomically(path, fingerprint)
 
 
 # --- per (cell, prompt) metrics --------------------------------------------------------------------
@@ -316,15 +283,15 @@ def run_sweep(config, model=None, clip: Optional[metrics.ClipScorer] = None,
     out_dir = os.path.expanduser(config.out_dir)
     os.makedirs(out_dir, exist_ok=True)
     _check_fingerprint(config, out_dir)
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json(indent=2))
+    runs.write_atomically(os.path.join(out_dir, "config.json"), config.to_json(indent=2))
     if config.compilation_cache:
         enable_compilation_cache(os.path.expanduser(config.compilation_cache))
     if clip is None and config.clip_model:
         clip = metrics.load_clip_scorer(os.path.expanduser(config.clip_model))
 
+    records_path = os.path.join(out_dir, RECORDS)
+    runs.repair_jsonl(records_path)  # drop a torn last line before appending after it
     previous = read_records(out_dir)
-    _write_records(out_dir, previous)  # drop a torn last line before appending after it
     records = {_key_of_record(r): r for r in previous if tuple(r["seeds"]) == sweep.seeds}
     programs = sweep.programs()
     todo = {spec: [(c, p) for c in cells for p in sweep.prompts
@@ -368,7 +335,7 @@ def run_sweep(config, model=None, clip: Optional[metrics.ClipScorer] = None,
                           "files": _save_images(out_dir, cell, prompt, images, sweep, variant,
                                                 model_name)}
                 record.update(evaluate_group(images, prompt, clip))
-                _append_record(out_dir, record)
+                runs.append_jsonl(records_path, record)
                 records[_record_key(cell, prompt)] = record
                 logging.info("%s | %s: %.2f s for %d images", cell.key, prompt, seconds,
                              len(images))
@@ -386,7 +353,7 @@ def run_sweep(config, model=None, clip: Optional[metrics.ClipScorer] = None,
                 record["clip_scores"] = [float(s) for s in
                                          clip(_load_images(out_dir, record), record["prompt"])]
         others = [r for r in previous if tuple(r["seeds"]) != sweep.seeds]
-        _write_records(out_dir, others + list(records.values()))
+        runs.write_jsonl_atomically(records_path, others + list(records.values()))
 
     columns, rows = aggregate(sweep, ordered, with_clip=clip is not None)
     csv_path = os.path.join(out_dir, "metrics.csv")
@@ -612,8 +579,7 @@ def write_grids(out_dir: str, sweep: Sweep, records: Sequence[dict], x: str, y: 
                           "row_labels": row_labels, "col_labels": col_labels,
                           "tiles": len(tiles), "seeds_per_tile": 1 if "seed" in (x, y)
                           else len(sweep.seeds), "tile_size": list(tiles[0].shape[:2])})
-    with open(os.path.join(folder, "grids.json"), "w", encoding="utf-8") as f:
-        json.dump(grids, f, indent=2)
+    runs.write_json_atomically(os.path.join(folder, "grids.json"), grids)
     return grids
 
 

@@ -16,6 +16,7 @@ seed and output path `DIR/<prompt index:05d>/<image index:04d>-<seed>.png`:
   image comes out bit-identical; only missing files are written, each atomically (temp + rename).
   `manifest.jsonl` (per host, `manifest-<i>-of-<n>.jsonl`, on several hosts) gets one line per
   written image, appended in one write per batch; files found without a line get theirs on restart.
+  The file handling (atomic writes, the ledger, the settings check) is `sdjax.runs`.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from absl import logging
 
 from sdjax import images as images_lib
 from sdjax import parallel
+from sdjax import runs
 from sdjax.diffusion import samplers as samplers_lib
 from sdjax.sampling import generate
 from sdjax.sampling.exported import enable_compilation_cache
@@ -333,13 +335,13 @@ class BatchSampler:
             spec, job.seed, self.model_name)
         return images_lib.format_parameters(prompt.prompt, prompt.negative_prompt, settings)
 
-    def _manifest_line(self, job: Job) -> str:
+    def _manifest_record(self, job: Job) -> dict:
         prompt = self.prompts[job.prompt_index]
-        return json.dumps({
+        return {
             "path": job.path, "prompt_index": job.prompt_index, "image_index": job.image_index,
             "seed": job.seed, "prompt": prompt.prompt, "negative_prompt": prompt.negative_prompt,
             "cfg_scale": prompt.cfg_scale, "steps": prompt.steps, "sampler": prompt.sampler,
-            "width": prompt.width, "height": prompt.height}) + "\n"
+            "width": prompt.width, "height": prompt.height}
 
     def manifest_name(self) -> str:
         if self.num_processes == 1:
@@ -370,7 +372,7 @@ class BatchSampler:
         absent = {job for miss in missing for job in miss}
         _reconcile_manifest(out_dir, manifest,
                             [job for share in mine for job in share if job not in absent],
-                            self._manifest_line)
+                            self._manifest_record)
         total_mine = sum(len(s) for s in mine)
         todo = sum(len(m) for m in missing)
         logging.info("process %d/%d: %d job(s) in %d batch(es) of %d; %d already written, %d to draw "
@@ -423,7 +425,7 @@ class BatchSampler:
     def _write(self, out_dir: str, manifest: str, share, missing, out: dict, stats: dict) -> int:
         missing = set(missing)
         pixels = images_lib.to_uint8(out["images"])
-        lines = []
+        records = []
         for row, job in enumerate(share):
             if job not in missing:
                 continue
@@ -435,10 +437,10 @@ class BatchSampler:
             path = os.path.join(out_dir, job.path)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             images_lib.save_png(pixels[row], path, self._parameters_text(job))
-            lines.append(self._manifest_line(job))
-        _append(manifest, "".join(lines))
-        stats["written"] += len(lines)
-        return len(lines)
+            records.append(self._manifest_record(job))
+        runs.append_jsonl(manifest, *records)  # one write per batch: its lines land whole or not
+        stats["written"] += len(records)
+        return len(records)
 
 
 def sample_to_dir(config, prompts_path: str | os.PathLike, out_dir: Optional[str] = None, *,
@@ -453,61 +455,34 @@ def sample_to_dir(config, prompts_path: str | os.PathLike, out_dir: Optional[str
 
 # --- files ------------------------------------------------------------------------------------------
 
-def _append(path: str, text: str) -> None:
-    """One O_APPEND write: a batch's lines land whole or (killed before the call) not at all."""
-    if not text:
-        return
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, text.encode("utf-8"))
-    finally:
-        os.close(fd)
+def _is_manifest(name: str) -> bool:
+    return name == MANIFEST or (name.startswith("manifest-") and name.endswith(".jsonl"))
 
 
 def read_manifest(out_dir: str | os.PathLike) -> list[dict]:
-    """Every line of every manifest in `out_dir` (a torn last line, if any, is ignored)."""
-    entries = []
-    for name in sorted(os.listdir(out_dir)):
-        if name == MANIFEST or (name.startswith("manifest-") and name.endswith(".jsonl")):
-            with open(os.path.join(out_dir, name), encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        entries.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        continue
-    return entries
+    """Every line of every manifest in `out_dir` (a torn last line, if any, is skipped)."""
+    return [entry for name in sorted(os.listdir(out_dir)) if _is_manifest(name)
+            for entry in runs.read_jsonl(os.path.join(out_dir, name))]
 
 
-def _reconcile_manifest(out_dir: str, manifest: str, done: Sequence[Job], line_of) -> None:
-    """End a torn last line (so the next append starts a line of its own) and add lines for images
-    written by a run killed before it appended them."""
-    if os.path.exists(manifest) and os.path.getsize(manifest):
-        with open(manifest, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            torn = f.read(1) != b"\n"
-        if torn:
-            _append(manifest, "\n")
+def _reconcile_manifest(out_dir: str, manifest: str, done: Sequence[Job], record_of) -> None:
+    """Remove a torn last line (so the next append starts a line of its own) and add lines for
+    images written by a run killed before it appended them."""
+    runs.repair_jsonl(manifest)
     if not done:
         return
     listed = {entry.get("path") for entry in read_manifest(out_dir)}
-    _append(manifest, "".join(line_of(job) for job in done if job.path not in listed))
+    runs.append_jsonl(manifest, *(record_of(job) for job in done if job.path not in listed))
 
 
 def _check_and_write_config(config, out_dir: str) -> None:
-    """Refuse to resume into a folder drawn with other image settings; write the resolved config."""
-    path = os.path.join(out_dir, CONFIG_FILE)
+    """Refuse to resume into a folder drawn with other image settings; write the resolved config.
+    Every process writes the same file: `runs` gives each its own temporary file."""
     current = json.loads(config.to_json())
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            previous = json.load(f)
-        for name in IMAGE_FIELDS:
-            if name in previous and previous[name] != current.get(name):
-                raise ValueError(f"{path}: this folder was drawn with {name}={previous[name]!r}, "
-                                 f"not {current.get(name)!r}; use another --out_dir")
-    tmp = f"{path}.{jax.process_index()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(config.to_json(indent=2))
-    os.replace(tmp, path)
+    runs.check_fingerprint(os.path.join(out_dir, CONFIG_FILE),
+                           {name: current.get(name) for name in IMAGE_FIELDS},
+                           "this folder holds images", remedy="use another --out_dir",
+                           record=current)
 
 
 def _gather(values: np.ndarray) -> np.ndarray:

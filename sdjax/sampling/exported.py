@@ -22,13 +22,14 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Optional
 
 import jax
 import numpy as np
 from absl import logging
+
+from sdjax import runs
 
 SUBDIR = "sdjax_exported"
 # Bump when the entry layout or the meaning of a key changes.
@@ -235,8 +236,8 @@ class ExportedStore:
                 "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
             os.makedirs(self.directory, exist_ok=True)
-            _write_atomically(payload_path, payload)
-            _write_atomically(sidecar_path, (json.dumps(sidecar, indent=1, sort_keys=True) + "\n").encode())
+            runs.write_atomically(payload_path, payload)
+            runs.write_json_atomically(sidecar_path, sidecar, indent=1, sort_keys=True)
         except Exception as error:  # noqa: BLE001 - the program still runs, it is only not kept
             logging.warning("could not write exported program %s (%s: %s); the next launch will "
                             "trace it again", payload_path, type(error).__name__, error)
@@ -259,22 +260,6 @@ def _check_signature(exported: jax.export.Exported, args: tuple) -> None:
         if tuple(aval.shape) != tuple(np.shape(leaf)) or aval.dtype != np.dtype(leaf.dtype):
             raise ValueError(f"argument {index} is {aval.dtype}{list(aval.shape)}, the call passes "
                              f"{np.dtype(leaf.dtype)}{list(np.shape(leaf))}")
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from its other users
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
 
 
 # --- compiling through the store -------------------------------------------------------------------
