@@ -57,13 +57,36 @@ def _exit(argv: list[str], message: str) -> None:
 def define_config_file(name: str = "config", default: str | None = None,
                        help_string: str = "config file") -> None:
     """`config_flags.DEFINE_config_file`, locked (a misspelt override fails), whose override
-    errors — raised while the default config loads, before `app.run` — become one line."""
+    errors — raised while the default config loads, before `app.run` — become one line.
+
+    A config path (the default or `--NAME=PATH[:ARG]`) is read relative to the working directory,
+    else to the folder that holds sdjax's `configs` package, so entry points run from anywhere."""
     from ml_collections import config_flags
 
+    for index, arg in enumerate(sys.argv):
+        if arg.startswith(f"--{name}="):
+            sys.argv[index] = f"--{name}={_config_path(name, arg.split('=', 1)[1])}"
+    if default is not None:
+        default = _config_path(name, default)
     try:
         config_flags.DEFINE_config_file(name, default, help_string, lock_config=True)
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         _exit(sys.argv, f"bad --{name} override{_culprits(name, err)}: {err}".replace('"', ""))
+
+
+def _config_path(name: str, value: str) -> str:
+    """`PATH[:ARG]` with PATH made absolute (see define_config_file); a missing file is one line."""
+    import importlib.util
+
+    path, colon, arg = value.partition(":")
+    if os.path.isfile(path):
+        return value
+    spec = importlib.util.find_spec("configs")
+    home = os.path.dirname(list(spec.submodule_search_locations)[0]) if spec else None
+    if home and os.path.isfile(os.path.join(home, path)):
+        return os.path.join(home, path) + colon + arg
+    where = os.getcwd() + (f" or {home}" if home and home != os.getcwd() else "")
+    _exit(sys.argv, f"--{name}: no config file {path!r} (looked in {where})")
 
 
 def _culprits(name: str, err: Exception) -> str:

@@ -1,6 +1,7 @@
 """Bad input and faults: each is answered by one line that names the culprit, before any work
 starts, and nothing written earlier is lost or changed."""
 import math
+import re
 import os
 
 import numpy as np
@@ -138,3 +139,23 @@ def jax_tree_copy(tree):
     import jax
 
     return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+
+
+# --- prompts and config files -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prompt, weight", [("a (red:.) cat", "'.'"), ("(blue:1..5)", "'1..5'"),
+                                            ("((x:.5.))", "'.5.'")])
+def test_a_malformed_emphasis_weight_names_itself(prompt, weight):
+    from sdjax.text.prompts import parse_emphasis
+
+    with pytest.raises(ValueError, match=rf"emphasis weight {re.escape(weight)} at character \d+ "
+                                         r"is not a number"):
+        parse_emphasis(prompt)
+
+
+def test_a_missing_config_file_is_one_line(tmp_path):
+    result = run_python("-m", "experiments.generate", "--config=configs/no_such.py", "--prompt=x",
+                        f"--out_dir={tmp_path}")
+    assert result.returncode == 1
+    assert "--config: no config file 'configs/no_such.py'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 2, result.stderr

@@ -55,7 +55,7 @@ def parse_emphasis(text: str) -> list[tuple[str | None, float]]:
         elif piece == "[":
             square_open.append(len(runs))
         elif weight is not None and round_open:
-            multiply_from(round_open.pop(), float(weight))
+            multiply_from(round_open.pop(), _weight(text, weight, match.start(1)))
         elif piece == ")" and round_open:
             multiply_from(round_open.pop(), ROUND_BRACKET_MULTIPLIER)
         elif piece == "]" and square_open:
@@ -78,6 +78,17 @@ def parse_emphasis(text: str) -> list[tuple[str | None, float]]:
         else:
             merged.append(run)
     return [(t, w) for t, w in merged] or [("", 1.0)]
+
+
+def _weight(prompt: str, text: str, position: int) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"prompt {prompt!r}: emphasis weight {text!r} at character {position} is "
+                         f"not a number (write e.g. (red:1.2))")
+    return value
 
 
 def tokenize_weighted(tokenizer, prompt: str) -> tuple[np.ndarray, np.ndarray]:
