@@ -159,3 +159,14 @@ def test_a_missing_config_file_is_one_line(tmp_path):
     assert result.returncode == 1
     assert "--config: no config file 'configs/no_such.py'" in result.stderr
     assert len(result.stderr.strip().splitlines()) <= 2, result.stderr
+
+
+def test_an_image_size_beyond_the_devices_memory_is_refused_before_compiling(tiny_model):
+    from sdjax.sampling import Generator
+
+    generator = Generator(tiny_model, exported_programs=False)
+    spec = SamplingSpec(steps=1, height=100000, width=100000)
+    with pytest.raises(ValueError, match=r"100000x100000 needs about [\d,]+ GiB for the VAE decode "
+                                         r"alone, more than this cpu device's [\d,]+ GiB"):
+        generator(Request("a red circle"), spec)
+    assert generator.traces == 0

@@ -20,6 +20,30 @@ class NonFiniteLatentsError(RuntimeError):
     """Sampling produced NaN or infinite latents for some images; nothing was decoded into files."""
 
 
+def device_memory_bytes(device) -> Optional[int]:
+    """What one device can hold: its allocator's limit on accelerators, the host's RAM on CPU."""
+    if device.platform == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        return (device.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # noqa: BLE001 - a backend without memory stats: no check
+        return None
+
+
+def check_fits_memory(arch: Architecture, spec: SamplingSpec, device) -> None:
+    """Refuse an image size whose VAE decode cannot fit the device, before anything compiles (XLA
+    would abort the process instead). The decoder's last level holds about three full-resolution
+    maps of its widest channel count per image of a micro-batch."""
+    itemsize = np.dtype(arch.dtype).itemsize
+    needed = 3 * spec.microbatch * spec.height * spec.width * arch.vae.block_out_channels[0] * itemsize
+    available = device_memory_bytes(device)
+    if available and needed > available:
+        raise ValueError(
+            f"{spec.width}x{spec.height} needs about {needed / 2 ** 30:,.0f} GiB for the VAE decode "
+            f"alone, more than this {device.platform} device's {available / 2 ** 30:,.0f} GiB: "
+            f"draw smaller images")
+
+
 class Generator:
     """A thin convenience: the params stay a pytree, the program is `generate_images`.
 
@@ -116,7 +140,9 @@ class Generator:
 
     def prepare(self, request: Request, spec: SamplingSpec) -> dict:
         """Host-side: validate, tokenize and lay out the batch arrays for `request`."""
-        return prepare_batch(self.arch, self.model.tokenizers, request, spec)
+        batch = prepare_batch(self.arch, self.model.tokenizers, request, spec)
+        check_fits_memory(self.arch, spec, self.mesh.devices.flat[0])
+        return batch
 
     def __call__(self, request: Request, spec: SamplingSpec, *, check_finite: bool = True) -> dict:
         """Run a request: returns {"images": float32 (B, H, W, 3) in [-1, 1], "finite": (B,), "seeds"}.
