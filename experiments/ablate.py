@@ -25,10 +25,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = FLAGS.config
     cli.apply_shortcuts(config, SHORTCUTS)
-    try:
-        result = ablation.run_sweep(config)
-    except (ValueError, FileNotFoundError) as err:
-        raise app.UsageError(str(err)) from None
+    result = ablation.run_sweep(config)
     logging.info("%d (cell, prompt) pairs drawn, %d resumed, %d compilations; tables in %s",
                  result["generated"], result["skipped"], result["traces"], result["markdown"])
     print(result["markdown"])

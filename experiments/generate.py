@@ -43,10 +43,7 @@ def main(argv):
     cli.apply_shortcuts(config, SHORTCUTS)
     if not config.prompt:
         raise app.UsageError("--prompt is required")
-    try:
-        paths = generate.generate_to_dir(config)
-    except (ValueError, FileNotFoundError) as err:
-        raise app.UsageError(str(err)) from None
+    paths = generate.generate_to_dir(config)
     logging.info("wrote %d image(s) to %s", len(paths), config.out_dir)
     print("\n".join(paths))
 

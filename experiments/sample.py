@@ -39,10 +39,7 @@ def main(argv):
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     config = FLAGS.config
     cli.apply_shortcuts(config, SHORTCUTS)
-    try:
-        stats = batches.sample_to_dir(config, FLAGS.prompts)
-    except (ValueError, FileNotFoundError) as err:
-        raise app.UsageError(str(err)) from None
+    stats = batches.sample_to_dir(config, FLAGS.prompts)
     logging.info("%d written, %d already there, %d not finite; in %s", stats["written"],
                  stats["skipped"], stats["non_finite"], config.out_dir)
 

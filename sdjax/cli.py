@@ -23,16 +23,23 @@ class _OwnInfoOnly(python_logging.Filter):
 
 
 def run(main) -> None:
-    """`app.run(main)` with one-line usage errors and quiet library logging."""
+    """`app.run(main)` with quiet library logging and one-line answers to usage errors and to the
+    problems a user can fix (bad values: ValueError; files and folders: OSError). --verbosity=1
+    shows those with their traceback."""
     @functools.wraps(main)
     def wrapped(argv):
-        if flags.FLAGS.verbosity < 1:
+        verbose = flags.FLAGS.verbosity >= 1
+        if not verbose:
             for handler in python_logging.getLogger().handlers:
                 handler.addFilter(_OwnInfoOnly())
         try:
             return main(argv)
         except app.UsageError as err:
             _exit(argv, str(err))
+        except (ValueError, OSError) as err:
+            if verbose:
+                raise
+            _exit(argv, _one_line(err), hint="--verbosity=1 shows where it came from")
 
     app.run(wrapped, flags_parser=parse_flags)
 
@@ -48,10 +55,18 @@ def parse_flags(argv: list[str]) -> list[str]:
         _exit(argv, f"bad --config override{_culprits('config', err)}: {err}".replace('"', ""))
 
 
-def _exit(argv: list[str], message: str) -> None:
+def _exit(argv: list[str], message: str, hint: str = "--help lists the flags") -> None:
     program = os.path.basename(argv[0]) if argv else "sdjax"
-    sys.stderr.write(f"{program}: error: {message}\n(--help lists the flags)\n")
+    sys.stderr.write(f"{program}: error: {message}\n({hint})\n")
     sys.exit(1)
+
+
+def _one_line(err: Exception) -> str:
+    """An OSError as `path: reason`, anything else as its message."""
+    if isinstance(err, OSError) and err.strerror:
+        where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f)
+        return f"{where}: {err.strerror}" if where else err.strerror
+    return str(err)
 
 
 def define_config_file(name: str = "config", default: str | None = None,

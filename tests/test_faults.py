@@ -170,3 +170,39 @@ def test_an_image_size_beyond_the_devices_memory_is_refused_before_compiling(tin
                                          r"alone, more than this cpu device's [\d,]+ GiB"):
         generator(Request("a red circle"), spec)
     assert generator.traces == 0
+
+
+@pytest.mark.parametrize("make_out_dir, message", [
+    (lambda root: (root / "taken").write_text("a file"), "out_dir '{root}/taken' is a file, not a folder"),
+])
+def test_an_output_folder_that_is_a_file_is_one_line_and_left_alone(tmp_path, make_out_dir, message):
+    make_out_dir(tmp_path)
+    result = run_python("-m", "experiments.generate", "--prompt=x", "--model=random:tiny",
+                        f"--out_dir={tmp_path / 'taken'}")
+    assert result.returncode == 1
+    assert message.format(root=tmp_path) in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "taken").read_text() == "a file"
+
+
+def test_a_failing_disk_keeps_earlier_images_and_leaves_no_temporary_file(tmp_path, tiny_model,
+                                                                           monkeypatch):
+    import errno
+
+    from sdjax import runs
+
+    out = str(tmp_path)
+    generate.generate_to_dir(_config(out_dir=out, prompt="a red circle"), model=tiny_model)
+    before = open(os.path.join(out, "00000-0.png"), "rb").read()
+    real_fsync = os.fsync
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runs.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        generate.generate_to_dir(_config(out_dir=out, prompt="a red circle", seed=9),
+                                 model=tiny_model)
+    monkeypatch.setattr(runs.os, "fsync", real_fsync)
+    assert open(os.path.join(out, "00000-0.png"), "rb").read() == before
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp") or "00001" in n]

@@ -11,6 +11,7 @@ from absl import logging
 
 from sdjax import DEFAULT_MODEL
 from sdjax import images as images_lib
+from sdjax import runs
 from sdjax.diffusion import samplers as samplers_lib
 from sdjax.sampling.exported import enable_compilation_cache
 from sdjax.sampling.generator import Generator
@@ -97,6 +98,8 @@ def generate_to_dir(config, model=None) -> list[str]:
     """Generate `config.num_images` images in batches and write them (one PNG each, with the WebUI
     `parameters` chunk), a grid, and the resolved config. Returns the image paths."""
     total, batch = check_counts(config)
+    if os.path.exists(config.out_dir) and not os.path.isdir(config.out_dir):
+        raise ValueError(f"out_dir {config.out_dir!r} is a file, not a folder")
     enable_compilation_cache(config.compilation_cache)
     spec = spec_from_config(config)
     model = model or load_model(config)
@@ -109,8 +112,7 @@ def generate_to_dir(config, model=None) -> list[str]:
     config_path = os.path.join(config.out_dir, "config.json")
     if start and os.path.exists(config_path):
         config_path = os.path.join(config.out_dir, f"config-{start:05d}.json")
-    with open(config_path, "w") as f:
-        f.write(config.to_json(indent=2))
+    runs.write_atomically(config_path, config.to_json(indent=2))
     model_name = os.path.basename(os.path.normpath(model.source)) or "model"
     paths, images = [], []
     for first in range(0, total, batch):
