@@ -44,11 +44,14 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int]) -> np.ndarray:
     """A mask file -> float32 (H, W) in {0, 1}; white (1) marks what is repainted."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"mask {os.fspath(path)!r} does not exist")
-    with Image.open(path) as image:
-        if image.size != (size[1], size[0]):
-            raise ValueError(f"mask {os.fspath(path)!r} is {image.size[0]}x{image.size[1]} but the "
-                             f"image is {size[1]}x{size[0]} (width x height)")
-        return (np.asarray(image.convert("L"), dtype=np.float32) >= 128).astype(np.float32)
+    try:
+        with Image.open(path) as image:
+            if image.size != (size[1], size[0]):
+                raise ValueError(f"mask {os.fspath(path)!r} is {image.size[0]}x{image.size[1]} but "
+                                 f"the image is {size[1]}x{size[0]} (width x height)")
+            return (np.asarray(image.convert("L"), dtype=np.float32) >= 128).astype(np.float32)
+    except OSError as err:
+        raise ValueError(f"mask {os.fspath(path)!r} cannot be read as an image ({err})") from None
 
 
 def save_png(image: np.ndarray, path: str | os.PathLike, parameters: Optional[str] = None) -> None:

@@ -206,3 +206,19 @@ def test_a_failing_disk_keeps_earlier_images_and_leaves_no_temporary_file(tmp_pa
     monkeypatch.setattr(runs.os, "fsync", real_fsync)
     assert open(os.path.join(out, "00000-0.png"), "rb").read() == before
     assert not [n for n in os.listdir(out) if n.endswith(".tmp") or "00001" in n]
+
+
+@pytest.mark.parametrize("flag, what", [("--mask", "mask"), ("--init_image", "init image")])
+def test_an_unreadable_image_file_is_one_line(tmp_path, flag, what):
+    from PIL import Image
+
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(good)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good.read_bytes()[:40])
+    args = [f"--init_image={good}", f"--mask={broken}"] if flag == "--mask" else [f"--init_image={broken}"]
+    result = run_python("-m", "experiments.generate", "--prompt=x", "--model=random:tiny",
+                        f"--out_dir={tmp_path / 'out'}", *args)
+    assert result.returncode == 1
+    assert f"{what} '{broken}' cannot be read as an image" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
