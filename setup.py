@@ -22,7 +22,7 @@ setuptools.setup(
         "tqdm>=4.66,<5",
         "matplotlib>=3.7",
         "tensorboardX>=2.6",
-        "regex>=2023.0",
+        "tokenizers>=0.15,<1",  # the CLIP BPE (sdjax/text/tokenizer.py)
         "flatbuffers>=23.0",  # jax.export's serialization (sdjax/exported.py)
     ],
     extras_require={

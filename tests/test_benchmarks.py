@@ -100,3 +100,18 @@ def test_load_memory_prints_load_and_sampling_rows(tmp_path):
         base, peak = _number(r[4]), _number(r[5])
         assert peak >= base > 0
         assert _number(r[2]) == pytest.approx(2.56, abs=0.01)  # the tiny preset's params (M)
+
+
+def test_tokenizer_prints_sdjax_and_transformers_rows_with_the_same_ids(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.tokenizer", "--prompts=40",
+                          "--repeats=1"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert out.stdout.startswith("40 prompts"), out.stdout
+    rows = _rows(out.stdout, "")[2:]  # below the header and its rule
+    names = {(r[0], r[1]) for r in rows}
+    assert {("sdjax", "batch"), ("transformers CLIPTokenizer", "batch"),
+            ("sdjax", "one by one"), ("transformers CLIPTokenizer", "one by one")} <= names
+    for row in rows:
+        assert _number(row[2]) > 0 and _number(row[4]) > 0  # median s, prompts/s
+        assert row[7] == "yes", row

@@ -1,6 +1,8 @@
 """The offline CLIP tokenizer against transformers' CLIPTokenizer built from the same vocabulary."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -48,6 +50,16 @@ PROMPTS = [
     "mixed123letters456 and 7up and r2d2",
     "zero-width\u200bjoiner\u200dhere",
     "fullwidth ＡＢＣ １２３",
+    "!!!???... ---- ?! ...",
+    "1234567 3.14 -0.5 1e10 2024-11-24",
+    "(red:1.2) and [blue], ((masterpiece)), [[low quality:0.8]], (a:b:1.1), \\(escaped\\)",
+    "<b>bold</b> &amp; <br/> <div class=\"x\">text</div> <!-- comment -->",
+    "it's don't IT'S Don't rock'n'roll o'clock 'quoted'",
+    "MiXeD CaSe WoRdS and ALLCAPS",
+    "\u00a0\u00a0leading nbsp, trailing tab\t",
+    " \t\n ",
+    "!",
+    "<|startoftext|><|endoftext|>!<|endoftext|>!!",
 ]
 
 
@@ -105,6 +117,48 @@ def test_truncation_keeps_eos_last_and_short_max_length():
     assert ids[1].tolist() == [49406, 2368, 49407] + [0] * 7
 
 
+def test_decode_matches_transformers(pair):
+    ours, reference = pair
+    for row in ours(PROMPTS):
+        for skip in (True, False):
+            assert ours.decode(row, skip_special_tokens=skip) == reference.decode(
+                row.tolist(), skip_special_tokens=skip)
+
+
+def test_pipeline_is_the_one_transformers_builds(pair):
+    """Normaliser, pre-tokenizer, decoder, BPE settings and special tokens as transformers' CLIP
+    tokenizer sets them: a change on either side shows here before it shows as a stray id."""
+    ours, reference = pair
+    mine = json.loads(ours._tokenizer.to_str())
+    theirs = json.loads(reference.backend_tokenizer.to_str())
+    for key in ("normalizer", "pre_tokenizer", "decoder", "added_tokens"):
+        assert mine[key] == theirs[key], key
+    settings = lambda model: {k: v for k, v in model.items() if k not in ("vocab", "merges")}
+    assert settings(mine["model"]) == settings(theirs["model"])
+
+
+def test_tokenizing_imports_neither_torch_nor_transformers():
+    code = ("import sys\n"
+            "from sdjax.text.tokenizer import CLIPTokenizer\n"
+            "tokenizer = CLIPTokenizer.default(pad_token='!')\n"
+            "assert tokenizer(['a photo of a cat'])[0, :7].tolist() == "
+            "[49406, 320, 1125, 539, 320, 2368, 49407]\n"
+            "assert tokenizer.decode(tokenizer.encode('a cat')) == 'a cat'\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": root}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_vocabulary_without_its_merges_tokens_names_its_source(vocab_and_merges):
+    vocab, merges = vocab_and_merges
+    small = {t: i for t, i in vocab.items() if i < 600 or i >= 49406}
+    with pytest.raises(ValueError, match="my-folder/vocab.json: not a usable BPE vocabulary"):
+        CLIPTokenizer(small, merges, name="my-folder/vocab.json")
+
+
 def test_clean_text_lowercases_sigma_per_character():
     assert clean_text("ΟΔΥΣ  Σ\n") == "οδυσ σ "
 
@@ -142,6 +196,27 @@ def test_folder_formats_give_the_same_ids(tmp_path, vocab_and_merges, pad_token)
     np.testing.assert_array_equal(from_legacy(PROMPTS), want)
     np.testing.assert_array_equal(from_saved(PROMPTS), want)
     np.testing.assert_array_equal(default(PROMPTS), want)
+
+
+def test_tokenizer_json_with_string_merges_and_padding_settings(tmp_path, vocab_and_merges):
+    """transformers 4 wrote merges as "a b" strings; a file's own padding/truncation settings do
+    not change sdjax's ids (the pipeline is always CLIP's)."""
+    import transformers
+    vocab, merges = vocab_and_merges
+    legacy = tmp_path / "legacy"
+    _save_vocab_folder(legacy, vocab, merges, "!")
+    reference = transformers.CLIPTokenizer.from_pretrained(str(legacy))
+    reference.save_pretrained(str(tmp_path / "saved"))
+    spec = json.loads((tmp_path / "saved" / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["model"]["merges"] = [" ".join(m) for m in spec["model"]["merges"]]
+    spec["truncation"] = {"direction": "Right", "max_length": 5, "strategy": "LongestFirst",
+                          "stride": 0}
+    (tmp_path / "saved" / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    tok = CLIPTokenizer.from_pretrained(tmp_path / "saved")
+    assert tok.pad_token_id == 0
+    want = np.asarray(reference(PROMPTS, padding="max_length", max_length=77,
+                                truncation=True).input_ids)
+    np.testing.assert_array_equal(tok(PROMPTS), want)
 
 
 def test_pad_token_override(tmp_path, vocab_and_merges):

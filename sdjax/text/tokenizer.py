@@ -1,9 +1,10 @@
 """The CLIP byte-level BPE tokenizer, offline, giving the same ids as transformers' `CLIPTokenizer`.
 
-Text is cleaned as transformers 5 does (NFC, whitespace runs -> one space, lowercase), split with
-CLIP's pattern, byte-encoded and merged by BPE rank. Special tokens written literally in a prompt
-(`<|endoftext|>`, and the pad token, e.g. SD 2.x's `!`) are matched before cleaning and become
-their own ids, as they do in the reference.
+The work is done by a `tokenizers.Tokenizer` (Rust) assembled as transformers 5 assembles CLIP's:
+NFC, whitespace runs -> one space, lowercase; CLIP's split pattern, then the byte-level split; BPE
+with `</w>` word ends. Special tokens written literally in a prompt (`<|endoftext|>`, and the pad
+token, e.g. SD 2.x's `!`) are matched before normalisation and become their own ids, as they do in
+the reference.
 """
 from __future__ import annotations
 
@@ -11,33 +12,31 @@ import functools
 import gzip
 import json
 import os
-import unicodedata
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
-import regex
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
 
 from sdjax import ASSETS_DIR
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
+END_OF_WORD = "</w>"
 DEFAULT_VOCAB = os.path.join(ASSETS_DIR, "bpe_simple_vocab_16e6.txt.gz")
 # 49152 - 256 - 2 merges in the OpenAI file; the rest of its lines are unused.
 NUM_MERGES = 48894
 
-# CLIP's pre-tokenizer pattern (transformers' CLIPTokenizer / tokenizer.json).
-_SPLIT = regex.compile(
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
-# The byte-level stage splits each piece again with GPT-2's pattern; that only matters for the
-# special-token alternatives above when they are not literal special tokens (e.g. upper case).
-_BYTE_LEVEL_SPLIT = regex.compile(
-    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
-_WHITESPACE = regex.compile(r"\s+")
+# transformers 5's CLIP pipeline (models/clip/tokenization_clip.py).
+_NORMALIZER = normalizers.Sequence(
+    [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+_SPLIT = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
+          r"""[^\s\p{L}\p{N}]+""")
 
 
 @functools.lru_cache(maxsize=None)
 def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table used by CLIP's vocabulary."""
+    """GPT-2's reversible byte -> printable character table; its order is CLIP's vocabulary order."""
     bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
           + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
@@ -51,10 +50,9 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def clean_text(text: str) -> str:
-    """transformers 5's CLIP normaliser: NFC, whitespace runs -> " ", lowercase."""
-    text = _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text))
-    # The reference lowercases char by char; str.lower() would turn a word-final Σ into ς.
-    return "".join(c.lower() for c in text) if "Σ" in text else text.lower()
+    """The tokenizer's normaliser: NFC, whitespace runs -> " ", lowercase (char by char, so a
+    word-final Σ becomes σ, as in the reference)."""
+    return _NORMALIZER.normalize_str(text)
 
 
 class CLIPTokenizer:
@@ -67,9 +65,11 @@ class CLIPTokenizer:
                  pad_token: str = EOS_TOKEN, bos_token: str = BOS_TOKEN, eos_token: str = EOS_TOKEN,
                  unk_token: str = EOS_TOKEN, special_tokens: Sequence[str] = (),
                  name: str = "<vocab>"):
+        # Plain tables, public as before; the Rust tokenizer below is built from them.
         self.encoder = dict(vocab)
         self.decoder = {i: t for t, i in self.encoder.items()}
-        self.ranks = {tuple(pair): i for i, pair in enumerate(merges)}
+        merges = [tuple(pair) for pair in merges]
+        self.ranks = {pair: i for i, pair in enumerate(merges)}
         self.name = name
         for role, token in (("bos", bos_token), ("eos", eos_token), ("pad", pad_token),
                             ("unk", unk_token)):
@@ -81,12 +81,10 @@ class CLIPTokenizer:
         missing = [t for t in specials if t not in self.encoder]
         if missing:
             raise ValueError(f"{name}: special tokens not in the vocabulary: {missing}")
-        # Longest first, so the alternation is leftmost-longest like the reference's matcher.
-        self._special = regex.compile("|".join(
-            regex.escape(t) for t in sorted(specials, key=len, reverse=True)))
-        self._byte_encoder = bytes_to_unicode()
-        self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
-        self._cache: dict[str, tuple[int, ...]] = {}
+        try:
+            self._tokenizer = _clip_pipeline(self.encoder, merges, unk_token, sorted(specials))
+        except Exception as err:  # tokenizers raises bare Exceptions for a bad vocabulary
+            raise ValueError(f"{name}: not a usable BPE vocabulary ({err})") from None
 
     # -- construction ------------------------------------------------------------------------
 
@@ -100,7 +98,10 @@ class CLIPTokenizer:
     def from_pretrained(cls, folder: str | os.PathLike, *,
                         pad_token: Optional[str] = None) -> "CLIPTokenizer":
         """A tokenizer folder: `tokenizer.json` (transformers 5 / tokenizers) or `vocab.json` +
-        `merges.txt` (+ `special_tokens_map.json`). The pad token is the folder's unless given."""
+        `merges.txt` (+ `special_tokens_map.json`). The pad token is the folder's unless given.
+
+        Only the vocabulary, merges and special tokens are read from `tokenizer.json`; the pipeline
+        is always CLIP's, so a file's padding or truncation settings cannot change the ids."""
         folder = os.fspath(folder)
         settings = {}
         for fname in ("special_tokens_map.json", "tokenizer_config.json"):
@@ -174,14 +175,7 @@ class CLIPTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of `text`: no BOS/EOS, no truncation (long prompts are chunked by callers)."""
-        ids: list[int] = []
-        start = 0
-        for match in self._special.finditer(text):
-            ids += self._encode_plain(text[start:match.start()])
-            ids.append(self.encoder[match.group()])
-            start = match.end()
-        ids += self._encode_plain(text[start:])
-        return ids
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
 
     def __call__(self, texts: str | Sequence[str], max_length: int = 77) -> np.ndarray:
         """(B, max_length) int32: BOS, the first max_length-2 text ids, EOS, then pad ids."""
@@ -189,53 +183,35 @@ class CLIPTokenizer:
             texts = [texts]
         if max_length < 2:
             raise ValueError(f"max_length must leave room for BOS and EOS, got {max_length}")
-        out = np.full((len(texts), max_length), self.pad_token_id, dtype=np.int32)
-        for row, text in enumerate(texts):
-            ids = [self.bos_token_id, *self.encode(text)[:max_length - 2], self.eos_token_id]
-            out[row, :len(ids)] = ids
+        # Truncation and padding stay here, not in the Rust tokenizer's settings, so that
+        # `max_length` is per call and `encode` is never truncated.
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        out = np.full((len(encodings), max_length), self.pad_token_id, dtype=np.int32)
+        out[:, 0] = self.bos_token_id
+        for row, encoding in enumerate(encodings):
+            ids = encoding.ids[:max_length - 2]
+            out[row, 1:len(ids) + 1] = ids
+            out[row, len(ids) + 1] = self.eos_token_id
         return out
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        specials = {self.bos_token_id, self.eos_token_id, self.pad_token_id}
-        text = "".join(self.decoder[int(i)] for i in ids
-                       if not (skip_special_tokens and int(i) in specials))
-        text = text.replace("</w>", self._byte_encoder[ord(" ")])
-        raw = bytes(self._byte_decoder[c] for c in text)
-        return raw.decode("utf-8", errors="replace").strip()
+        """Text of `ids`, words separated by spaces (as the reference decodes CLIP's `</w>`)."""
+        text = self._tokenizer.decode([int(i) for i in ids],
+                                      skip_special_tokens=skip_special_tokens)
+        return text.replace(END_OF_WORD, " ").strip()
 
-    # -- BPE ---------------------------------------------------------------------------------
 
-    def _encode_plain(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for piece in _SPLIT.findall(clean_text(text)):
-            for word in _BYTE_LEVEL_SPLIT.findall(piece):
-                ids += self._bpe(word)
-        return ids
-
-    def _bpe(self, word: str) -> tuple[int, ...]:
-        cached = self._cache.get(word)
-        if cached is not None:
-            return cached
-        chars = "".join(self._byte_encoder[b] for b in word.encode("utf-8"))
-        parts = list(chars[:-1]) + [chars[-1] + "</w>"]
-        while len(parts) > 1:
-            pairs = {(a, b) for a, b in zip(parts, parts[1:])}
-            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
-            if best not in self.ranks:
-                break
-            merged, i = [], 0
-            while i < len(parts):
-                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
-        unk = self.encoder[self.unk_token]
-        ids = tuple(self.encoder.get(p, unk) for p in parts)
-        self._cache[word] = ids
-        return ids
+def _clip_pipeline(vocab: dict[str, int], merges: list[tuple[str, str]], unk_token: str,
+                   specials: Sequence[str]) -> Tokenizer:
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="",
+                              end_of_word_suffix=END_OF_WORD, fuse_unk=False, unk_token=unk_token))
+    tokenizer.normalizer = _NORMALIZER
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return tokenizer
 
 
 @functools.lru_cache(maxsize=1)
@@ -244,7 +220,7 @@ def _shipped_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
         lines = f.read().split("\n")
     merges = [tuple(line.split()) for line in lines[1:NUM_MERGES + 1]]
     symbols = list(bytes_to_unicode().values())
-    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    tokens = symbols + [s + END_OF_WORD for s in symbols] + ["".join(m) for m in merges]
     tokens += [BOS_TOKEN, EOS_TOKEN]
     return {t: i for i, t in enumerate(tokens)}, merges
 
