@@ -222,3 +222,60 @@ def test_an_unreadable_image_file_is_one_line(tmp_path, flag, what):
     assert result.returncode == 1
     assert f"{what} '{broken}' cannot be read as an image" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- train checkpoints ------------------------------------------------------------------------------
+
+def _damage_metadata(step_dir):
+    (step_dir / "meta" / "metadata").write_text("{trunc")
+
+
+def _damage_arrays(step_dir):
+    for path in (step_dir / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 1000:
+            with open(path, "r+b") as f:
+                f.truncate(100)
+
+
+def _remove_tree_metadata(step_dir):
+    (step_dir / "state" / "_METADATA").unlink()
+
+
+@pytest.mark.parametrize("damage", [_damage_metadata, _damage_arrays, _remove_tree_metadata])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, damage, caplog):
+    from sdjax.training.checkpoints import Checkpoints
+    from tests.helpers import make_state
+
+    ckpt = Checkpoints(tmp_path, save_every=1, async_save=False)
+    for step in (1, 2):
+        ckpt.save(step, make_state(step), {"step": step})
+    ckpt.wait()
+    ckpt.close()
+    damage(tmp_path / "2")
+    with caplog.at_level("WARNING"):
+        restored, meta = Checkpoints(tmp_path, save_every=1).restore(make_state(0))
+    assert meta == {"step": 1}
+    np.testing.assert_array_equal(np.asarray(restored.params["unet"]["big"]),
+                                  np.asarray(make_state(1).params["unet"]["big"]))
+    warnings = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(warnings) == 1 and f"{tmp_path}/2" in warnings[0] and "restored step 1" in warnings[0]
+    assert len(warnings[0].splitlines()) == 1
+
+
+def test_when_no_checkpoint_is_readable_the_error_is_one_line_naming_each(tmp_path):
+    from sdjax.training.checkpoints import Checkpoints
+    from tests.helpers import make_state
+
+    ckpt = Checkpoints(tmp_path, save_every=1, async_save=False)
+    for step in (1, 2):
+        ckpt.save(step, make_state(step), {"step": step})
+    ckpt.wait()
+    ckpt.close()
+    _damage_metadata(tmp_path / "1")
+    _damage_metadata(tmp_path / "2")
+    with pytest.raises(ValueError) as error:
+        Checkpoints(tmp_path, save_every=1).restore(make_state(0))
+    message = str(error.value)
+    assert "no checkpoint restores into this run's train state" in message
+    assert "2: JSONDecodeError" in message and "1: JSONDecodeError" in message
+    assert len(message.splitlines()) == 1

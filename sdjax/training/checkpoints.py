@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from sdjax.training.state import TrainState
 
@@ -35,6 +36,11 @@ def _abstract(tree: Any) -> Any:
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
         x.shape, x.dtype, sharding=getattr(x, "sharding", default)), tree)
+
+
+def _first_line(err: Exception, limit: int = 300) -> str:
+    text = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class Checkpoints:
@@ -70,18 +76,40 @@ class Checkpoints:
             force=True)
 
     def restore(self, template: TrainState, step: Optional[int] = None) -> tuple[TrainState, dict]:
-        """Checkpoint `step` (default: the latest) laid out like `template`: same structure and
-        dtypes required, each leaf placed with the template's sharding. Returns (state, meta)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        """Checkpoint `step` laid out like `template`: same structure and dtypes required, each leaf
+        placed with the template's sharding. Returns (state, meta).
+
+        Without `step`, the newest checkpoint that can be read: a damaged one (truncated or missing
+        files, a crash between orbax's writes) is skipped with a one-line warning naming it, and
+        the one before it restored; the meta returned is always that of the state returned."""
+        if step is not None:
+            try:
+                return self._restore(template, step)
+            except (ValueError, KeyError) as err:
+                raise ValueError(f"{self.directory}/{step}: checkpoint does not match this run's "
+                                 f"train state ({_first_line(err)})") from None
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
             raise FileNotFoundError(f"{self.directory}: no complete checkpoint to restore")
+        problems = []
+        for candidate in steps:
+            try:
+                restored = self._restore(template, candidate)
+            except Exception as err:  # noqa: BLE001 - judged below, by whether an older one reads
+                problems.append(f"{candidate}: {_first_line(err)}")
+                continue
+            # An older checkpoint of the same run restores: the newer ones were damaged.
+            for problem in problems:
+                logging.warning("checkpoint %s/%s (damaged); restored step %d instead",
+                                self.directory, problem, candidate)
+            return restored
+        raise ValueError(f"{self.directory}: no checkpoint restores into this run's train state "
+                         f"(it does not match, or it is damaged): " + "; ".join(problems))
+
+    def _restore(self, template: TrainState, step: int) -> tuple[TrainState, dict]:
         target = _state_tree(template)
-        try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                **{STATE: ocp.args.StandardRestore(_abstract(target)), META: ocp.args.JsonRestore()}))
-        except (ValueError, KeyError) as err:
-            raise ValueError(f"{self.directory}/{step}: checkpoint does not match this run's train "
-                             f"state ({err})") from None
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            **{STATE: ocp.args.StandardRestore(_abstract(target)), META: ocp.args.JsonRestore()}))
         tree = restored[STATE]
         state = template.replace(step=tree["step"], params=tree["params"],
                                  opt_state=tree["opt_state"],
