@@ -76,8 +76,10 @@ def get_config(arg=None):
     c.clip.projection_dim = 16
     c.clip.patch_size = 8
     # Per example, captions differing in one attribute that its image is also scored against
-    # (NegCLIP-style); shapes-world captions only (sdjax.data.shapes.hard_negative_captions).
+    # (NegCLIP-style), written by the function `hard_negative_captions` names:
+    # "package.module:function", f(caption, rng, count) -> count captions.
     c.clip.hard_negatives = 0
+    c.clip.hard_negative_captions = ""
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 10

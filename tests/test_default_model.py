@@ -90,15 +90,27 @@ TOY = {
 }
 
 
+def toy_configs():
+    """The build's own configs, one step per stage, at TOY sizes."""
+    from configs import shapes, shapes_clip, shapes_ldm, shapes_ldm_captions, shapes_vae
+    from sdjax.evaluation.default_model_build import BuildConfigs
+
+    stages = {"clip": shapes_clip, "vae": shapes_vae, "ldm": shapes_ldm,
+              "captions": shapes_ldm_captions}
+    configs = {}
+    for name, module in stages.items():
+        configs[name] = module.get_config("1")
+        configs[name].update_from_flattened_dict(TOY[name])
+    return BuildConfigs(**configs, generation=shapes.get_config())
+
+
 @pytest.fixture(scope="module")
 def toy_build(tmp_path_factory):
-    from experiments import build_default_model
+    from sdjax.evaluation.default_model_build import build
 
     root = tmp_path_factory.mktemp("build")
-    record = build_default_model.build(str(root / "work"), str(root / "model"), num_examples=16,
-                                       clip_steps=1, vae_steps=1, ldm_steps=1, captions_steps=1,
-                                       num_eval_prompts=2,
-                                       num_eval_images=8, progress=False, overrides=TOY)
+    record = build(str(root / "work"), str(root / "model"), toy_configs(), num_examples=16,
+                   num_eval_prompts=2, num_eval_images=8, progress=False)
     return root, record
 
 

@@ -219,6 +219,50 @@ def test_nonfinite_steps_stop_the_run_after_a_checkpoint_of_the_last_good_state(
         np.testing.assert_array_equal(_flat(restored.params)[name], value, err_msg=name)
 
 
+def test_hard_negatives_come_from_the_function_the_config_names():
+    from configs import shapes_clip
+    from sdjax.text.tokenizer import CLIPTokenizer
+
+    write = loop.import_function(shapes_clip.get_config().clip.hard_negative_captions)
+    assert write is shapes.hard_negative_captions
+    tokenizer = CLIPTokenizer.default()
+    captions = [e.caption for e in itertools.islice(shapes.train_examples(0, 32), 3)]
+    ids = loop.hard_negative_ids(captions, tokenizer, write, 2, np.random.default_rng(7))
+    rng = np.random.default_rng(7)
+    expected = [n for c in captions for n in shapes.hard_negative_captions(c, rng, 2)]
+    assert ids.shape == (3, 2, 77)
+    np.testing.assert_array_equal(ids.reshape(6, 77), tokenizer(expected))
+
+
+def test_hard_negatives_without_a_function_to_write_them_are_an_error():
+    from configs.train_tiny import get_config
+
+    config = get_config("clip")
+    config.clip.hard_negatives = 2
+    with pytest.raises(ValueError, match="hard_negative_captions"):
+        loop.build(config)
+    config.clip.hard_negative_captions = "sdjax.data.shapes:no_such_function"
+    with pytest.raises(ValueError, match="no_such_function"):
+        loop.build(config)
+    config.clip.hard_negative_captions = "sdjax.data.shapes.hard_negative_captions"
+    with pytest.raises(ValueError, match="package.module:function"):
+        loop.build(config)
+
+
+def test_shapes_clip_trains_with_hard_negatives(setting):
+    workdir = setting["root"] / "clip_hard_negatives"
+    args = [sys.executable, "-m", "experiments.train", "--config=configs/shapes_clip.py:2",
+            f"--workdir={workdir}", "--progress=false", "--config.clip.hard_negatives=2",
+            f"--config.data.folder={setting['data']}", f"--config.data.batch_size={BATCH}",
+            "--config.clip.layers=1", "--config.log_every=1",
+            "--config.checkpoint.async_save=false"]
+    out = subprocess.run(args, cwd=REPO, env=setting["env"], capture_output=True, text=True,
+                         timeout=400)
+    assert out.returncode == 0, out.stderr[-4000:]
+    losses = _losses(workdir)
+    assert sorted(losses) == [1, 2] and np.isfinite(list(losses.values())).all()
+
+
 @pytest.mark.slow
 def test_finetune_from_a_loaded_checkpoint_exports_a_folder_that_samples(setting):
     from sdjax.weights.presets import random_pretrained

@@ -14,12 +14,13 @@ files in `<workdir>/tensorboard` (tensorboardX: no tensorflow needed).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import signal
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -70,11 +71,13 @@ class TrainingDiverged(RuntimeError):
 
 @dataclasses.dataclass
 class Setup:
-    """What a run is built from: the models (as a Pretrained for ldm/vae), the task, the state."""
+    """What a run is built from: the models (as a Pretrained for ldm/vae), the task, the state,
+    and for the clip objective with hard negatives, the function that writes them."""
     task: Any
     state: TrainState
     model: Optional[Pretrained]
     tokenizer: Any
+    hard_negative_captions: Optional[Callable[[str, np.random.Generator, int], list[str]]] = None
 
 
 def _dtype(name: str):
@@ -83,7 +86,8 @@ def _dtype(name: str):
     return DTYPES[name]
 
 
-def _clip_config(config: ml_collections.ConfigDict) -> CLIPConfig:
+def clip_config(config: ml_collections.ConfigDict) -> CLIPConfig:
+    """The CLIPConfig of the clip objective's model, from `config.clip` and the data resolution."""
     c = config.clip
     text = CLIPTextConfig(vocab_size=49408, hidden_size=c.hidden_size,
                           intermediate_size=4 * c.hidden_size, num_layers=c.layers,
@@ -95,21 +99,39 @@ def _clip_config(config: ml_collections.ConfigDict) -> CLIPConfig:
     return CLIPConfig(text=text, vision=vision)
 
 
+def import_function(path: str) -> Callable:
+    """The function a "package.module:function" string names. Configs name code this way, so
+    that loading a config imports nothing and the loop does not know whose function it runs."""
+    module, sep, name = path.partition(":")
+    if not (sep and module and name):
+        raise ValueError(f"{path!r} is not \"package.module:function\"")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import {path!r}: {err}") from None
+
+
 def build(config: ml_collections.ConfigDict) -> Setup:
     """Models (loaded from `init_from` or random), the objective's task and a fresh train state
     (host arrays; the loop places it on the mesh)."""
     if config.objective not in step_lib.OBJECTIVES:
         raise ValueError(f"objective {config.objective!r} is not one of {step_lib.OBJECTIVES}")
     dtype = _dtype(config.compute_dtype)
-    model = None
+    model, negatives = None, None
     if config.objective == "clip":
-        clip_config = _clip_config(config)
+        if config.clip.hard_negatives:
+            if not config.clip.hard_negative_captions:
+                raise ValueError("config.clip.hard_negatives is set but "
+                                 "config.clip.hard_negative_captions names no function "
+                                 "(\"package.module:function\") that writes them")
+            negatives = import_function(config.clip.hard_negative_captions)
+        model_config = clip_config(config)
         tokenizer = CLIPTokenizer.default()
         s = config.data.resolution
-        params = {"clip": CLIPModel(clip_config).init(
+        params = {"clip": CLIPModel(model_config).init(
             jax.random.key(config.seed), np.zeros((1, 77), np.int32),
             np.zeros((1, s, s, 3), np.float32))["params"]}
-        task = step_lib.CLIPTask(clip_config, dtype=dtype, remat=config.remat)
+        task = step_lib.CLIPTask(model_config, dtype=dtype, remat=config.remat)
     else:
         if config.init_from:
             model = load_pretrained(config.init_from, vae=config.vae or None)
@@ -148,15 +170,16 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     ema = EMAConfig(decay=config.ema.decay, warmup=config.ema.warmup) if config.ema.use else None
     state = init_train_state(params, optimizer, jax.random.key(config.seed), use_ema=config.ema.use,
                              ema=ema)
-    return Setup(task=task, state=state, model=model, tokenizer=tokenizer)
+    return Setup(task=task, state=state, model=model, tokenizer=tokenizer,
+                 hard_negative_captions=negatives)
 
 
-def hard_negative_ids(captions: list[str], tokenizer, count: int,
-                      rng: np.random.Generator) -> np.ndarray:
-    """(B, count, 77) token ids of shapes-world captions that each differ from their caption in
-    one attribute (`shapes.hard_negative_captions`): the CLIP objective's hard negatives."""
-    from sdjax.data.shapes import hard_negative_captions
-
+def hard_negative_ids(captions: list[str], tokenizer,
+                      hard_negative_captions: Callable[[str, np.random.Generator, int], list[str]],
+                      count: int, rng: np.random.Generator) -> np.ndarray:
+    """(B, count, 77) token ids of `count` hard negatives per caption, written by
+    `hard_negative_captions(caption, rng, count)` (the function `config.clip.hard_negative_captions`
+    names): the captions the CLIP objective also scores each image against."""
     negatives = [n for c in captions for n in hard_negative_captions(c, rng, count)]
     return np.asarray(tokenizer(negatives)).reshape(len(captions), count, -1)
 
@@ -319,9 +342,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         with _Preemption() as preemption:
             while step < config.total_steps:
                 local = next(dataset)
-                if config.objective == "clip" and config.clip.hard_negatives:
+                if setup.hard_negative_captions is not None:
                     local["negative_input_ids"] = hard_negative_ids(
-                        local["captions"], setup.tokenizer, config.clip.hard_negatives,
+                        local["captions"], setup.tokenizer, setup.hard_negative_captions,
+                        config.clip.hard_negatives,
                         np.random.default_rng([config.seed, jax.process_index(), step]))
                 batch = step_lib.device_batch(local, mesh)
                 key = key_fn(state.rng, step)

@@ -3,20 +3,24 @@
 Key layouts accepted: transformers 4 / real SD checkpoints (`text_model.embeddings...`),
 transformers 5 `save_pretrained` of a bare CLIPTextModel / CLIPVisionModel (no tower prefix),
 the `*WithProjection` models (`text_projection.weight`, `visual_projection.weight`) and CLIPModel.
+A CLIPModel's text tower also becomes a diffusion model's text encoder (`text_encoder_from_clip`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 from typing import Callable, Optional
 
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 from sdjax.models.clip import (CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
                                CLIPVisionModel)
-from sdjax.weights.common import (MergedSource, SafetensorsFile, TensorSource, WeightsError,
-                                  abstract_params, convert_state_dict, regex_renamer)
+from sdjax.weights.common import (DictSource, MergedSource, SafetensorsFile, TensorSource,
+                                  WeightsError, abstract_params, convert_state_dict, regex_renamer)
 
 _TOWER = r"(text_model|vision_model)"
 
@@ -89,6 +93,19 @@ def clip_params(source: TensorSource, config: CLIPConfig, dtype=None) -> dict:
                 "vision_model": clip_vision_shapes(config.vision),
                 "logit_scale": jnp.zeros((), jnp.float32)}
     return convert_state_dict(source, _rename, expected, what="CLIP model", dtype=dtype)
+
+
+def text_encoder_from_clip(config: CLIPConfig, params: dict) -> tuple[CLIPTextConfig, dict]:
+    """A CLIPModel's text tower (sdjax params) as a diffusion model's text encoder: its config
+    without the projection, which the U-Net never reads, and the tower's params without it,
+    checked against that config's shapes."""
+    text_config = dataclasses.replace(config.text, projection_dim=None)
+    tower = {k: v for k, v in params["text_model"].items() if k != "text_projection"}
+    flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tower).items()}
+    text_params = convert_state_dict(DictSource(flat, name="CLIP text tower"), lambda key: key,
+                                     clip_text_shapes(text_config), what="text_encoder",
+                                     reference_layout=False)
+    return text_config, text_params
 
 
 def open_transformers_weights(folder: str | os.PathLike) -> TensorSource:

@@ -1,0 +1,238 @@
+"""The embedded default model's evaluation (experiments/evaluate_default_model.py, and the last
+stage of its build):
+
+  held-out accuracy   every single-object held-out prompt (`shapes.heldout_prompts`, 280) drawn
+                      once at the default generation settings (configs/shapes.py), checked by
+                      `judge`; the fraction with every attribute right (target >= 90%)
+  CLIP zero-shot      for held-out single-object images, each attribute (colour, shape, size,
+                      position, background) is predicted by the caption, among the true caption
+                      with that attribute set to each possible value, that the shapes CLIP ranks
+                      first; the fraction of right predictions (target >= 95%)
+  as prompts are      the same held-out scenes in the phrasings people write
+  written             (`shapes.caption_variant`: attributes left out, "on a blue background"),
+                      judged on what each prompt says (reported, no target)
+  VAE PSNR            mean per-image PSNR of posterior-mean reconstructions of held-out images
+                      (target >= 30 dB)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sdjax import DEFAULT_MODEL
+from sdjax import images as images_lib
+from sdjax.data import shapes
+from sdjax.data.shapes_dataset import example_batch
+from sdjax.evaluation.judge import ATTRIBUTES, judge
+from sdjax.evaluation.metrics import load_clip_scorer
+from sdjax.models.clip import CLIPModel
+from sdjax.models.vae import AutoencoderKL
+from sdjax.sampling.generate import spec_from_config
+from sdjax.sampling.generator import Generator
+from sdjax.sampling.requests import Request
+from sdjax.weights.pretrained import Pretrained, load_pretrained
+
+TARGETS = {"heldout_accuracy": 0.90, "clip_zero_shot_accuracy": 0.95, "vae_psnr_db": 30.0}
+CLIP_ATTRIBUTES = ("colour", "shape", "size", "position", "background")
+
+
+# --- VAE -------------------------------------------------------------------------------------------
+
+def vae_psnr(model: Pretrained, images: np.ndarray, batch_size: int = 64) -> dict:
+    """PSNR (dB, 8-bit) of posterior-mean reconstructions of uint8 (N, S, S, 3) `images`."""
+    vae = AutoencoderKL(model.vae_config)
+
+    @jax.jit
+    def reconstruct(params, pixels):
+        posterior = vae.apply({"params": params}, pixels, method=AutoencoderKL.encode)
+        return vae.apply({"params": params}, posterior.mean, method=AutoencoderKL.decode)
+
+    out = []
+    for i in range(0, len(images), batch_size):
+        pixels = images[i:i + batch_size].astype(np.float32) / 127.5 - 1.0
+        recon = np.asarray(reconstruct(model.params["vae"], pixels))
+        out.append(np.clip(np.round((recon + 1.0) * 127.5), 0, 255))
+    recon = np.concatenate(out)
+    mse = ((recon - images.astype(np.float32)) ** 2).mean(axis=(1, 2, 3))
+    psnr = 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))
+    return {"vae_psnr_db": float(psnr.mean()), "vae_psnr_min_db": float(psnr.min()),
+            "vae_images": int(len(images))}
+
+
+def latent_std(model: Pretrained, images: np.ndarray, batch_size: int = 64) -> float:
+    """Std of the unscaled posterior means of `images`: 1 / this is the latent scaling factor."""
+    vae = AutoencoderKL(model.vae_config)
+    encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=AutoencoderKL.encode).mean)
+    means = [np.asarray(encode(model.params["vae"],
+                               images[i:i + batch_size].astype(np.float32) / 127.5 - 1.0))
+             for i in range(0, len(images), batch_size)]
+    return float(np.concatenate(means).std())
+
+
+# --- CLIP ------------------------------------------------------------------------------------------
+
+def _variants(scene: shapes.Scene, attribute: str) -> list:
+    """Scenes equal to the single-object `scene` but for `attribute`, the true one first."""
+    obj = scene.objects[0]
+    if attribute == "background":
+        values = [c for c in shapes.COLOURS if c != obj.colour]
+        return [scene] + [dataclasses.replace(scene, background=v) for v in values
+                          if v != scene.background]
+    allowed = {"colour": [c for c in shapes.COLOURS if c != scene.background],
+               "shape": shapes.SHAPES, "size": shapes.SIZES, "position": shapes.POSITIONS}
+    current = getattr(obj, attribute)
+    return [scene] + [dataclasses.replace(scene, objects=(dataclasses.replace(obj, **{attribute: v}),))
+                      for v in allowed[attribute] if v != current]
+
+
+def clip_zero_shot(config, params, tokenizer, images: np.ndarray, scenes: Sequence) -> dict:
+    """Zero-shot attribute accuracy of a CLIP (sdjax CLIPModel params) on single-object scenes.
+    Pixels go in as the training data loader gives them: [-1, 1]."""
+    model = CLIPModel(config)
+    text_fn = jax.jit(lambda p, ids: model.apply({"params": p}, ids,
+                                                 method=CLIPModel.get_text_features))
+    image_fn = jax.jit(lambda p, x: model.apply({"params": p}, x,
+                                                method=CLIPModel.get_image_features))
+
+    def unit(x):
+        x = np.asarray(x, np.float32)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    image_features = unit(np.concatenate([
+        image_fn(params, jnp.asarray(images[i:i + 128].astype(np.float32) / 127.5 - 1.0))
+        for i in range(0, len(images), 128)]))
+    captions = sorted({shapes.caption(v) for s in scenes for a in CLIP_ATTRIBUTES
+                       for v in _variants(s, a)})
+    index = {c: i for i, c in enumerate(captions)}
+    text_features = unit(np.concatenate([
+        text_fn(params, jnp.asarray(tokenizer(captions[i:i + 256])))
+        for i in range(0, len(captions), 256)]))
+    right = {a: [] for a in CLIP_ATTRIBUTES}
+    for feature, scene in zip(image_features, scenes):
+        for attribute in CLIP_ATTRIBUTES:
+            rows = [index[shapes.caption(v)] for v in _variants(scene, attribute)]
+            right[attribute].append(int(np.argmax(text_features[rows] @ feature) == 0))
+    per_attribute = {a: float(np.mean(r)) for a, r in right.items()}
+    return {"clip_zero_shot_accuracy": float(np.mean([np.mean(r) for r in right.values()])),
+            "clip_zero_shot_per_attribute": per_attribute, "clip_images": int(len(images))}
+
+
+# --- the diffusion model ---------------------------------------------------------------------------
+
+def generate_and_judge(model: Pretrained, prompts: Sequence[str],
+                       config: ml_collections.ConfigDict, *, seed: int = 0,
+                       batch_size: int = 56) -> tuple[dict, np.ndarray, list]:
+    """Draw each prompt once at `config`'s settings (a configs/shapes.py config) and judge it.
+    Returns (accuracy, per-attribute rates and seconds per image; the images, uint8; the
+    verdicts)."""
+    batch_size = min(batch_size, len(prompts))
+    spec = dataclasses.replace(spec_from_config(config), progress=False, microbatch=batch_size)
+    generator = Generator(model)
+    drawn = []
+    started, timed = None, 0
+    for first in range(0, len(prompts), batch_size):
+        chunk = list(prompts[first:first + batch_size])
+        if len(chunk) < batch_size:  # keep one compiled program
+            chunk += [chunk[-1]] * (batch_size - len(chunk))
+        out = generator(Request(prompt=chunk, num_images=len(chunk), seed=seed + first,
+                                cfg_scale=float(config.cfg_scale)), spec)
+        if started is None:  # the first call compiles
+            started = time.perf_counter()
+        else:
+            timed += len(chunk)
+        drawn.append(images_lib.to_uint8(out["images"]))
+    elapsed = time.perf_counter() - started
+    images = np.concatenate(drawn)[:len(prompts)]
+    verdicts = [judge(image, prompt) for image, prompt in zip(images, prompts)]
+    result = {"accuracy": float(np.mean([v["all_correct"] for v in verdicts])),
+              "per_attribute": {a: float(np.mean([v[a] for v in verdicts])) for a in ATTRIBUTES},
+              "prompts": len(prompts),
+              "seconds_per_image": elapsed / timed if timed else None}
+    return result, images, verdicts
+
+
+def evaluate(config: ml_collections.ConfigDict, model_dir: Optional[str] = None,
+             clip_dir: Optional[str] = None, *, num_prompts: int = 0, num_images: int = 256,
+             out: Optional[str] = None, grid: Optional[str] = None) -> dict:
+    """Every figure of the module docstring for the model at `model_dir` (default: the embedded
+    one) drawn at `config`'s settings (configs/shapes.py); CLIP only when `clip_dir` is given.
+    Written to `out` as JSON when given, with a grid of the first held-out drawings at `grid`."""
+    model_dir = model_dir or DEFAULT_MODEL
+    model = load_pretrained(model_dir)
+    results: dict = {"model": str(model_dir),
+                     "settings": {"sampler": config.sampler, "steps": config.steps,
+                                  "cfg_scale": config.cfg_scale,
+                                  "size": f"{config.width}x{config.height}"},
+                     "targets": TARGETS}
+    timings = {}
+
+    started = time.perf_counter()
+    heldout_images, _, _ = example_batch(num_images, seed=1234, held_out=True)
+    results.update(vae_psnr(model, heldout_images))
+    timings["vae"] = time.perf_counter() - started
+
+    if clip_dir:
+        started = time.perf_counter()
+        scorer = load_clip_scorer(clip_dir)
+        images, _, scenes = example_batch(num_images, seed=4321, held_out=True, two_object_prob=0.0)
+        results.update(clip_zero_shot(scorer.config, scorer.params, scorer.tokenizer, images,
+                                      scenes))
+        timings["clip"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    prompts = list(shapes.heldout_prompts())
+    if num_prompts:
+        prompts = prompts[::max(1, len(prompts) // num_prompts)][:num_prompts]
+    heldout, images, _ = generate_and_judge(model, prompts, config)
+    results["heldout_accuracy"] = heldout["accuracy"]
+    results["heldout_per_attribute"] = heldout["per_attribute"]
+    results["heldout_prompts"] = heldout["prompts"]
+    results["seconds_per_image_batched"] = heldout["seconds_per_image"]
+    rng = np.random.default_rng(5)
+    written = [shapes.caption_variant(shapes.parse_caption(p), rng) for p in prompts]
+    varied, _, _ = generate_and_judge(model, written, config, seed=20_000)
+    results["heldout_written_accuracy"] = varied["accuracy"]
+    results["heldout_written_per_attribute"] = varied["per_attribute"]
+    train_prompts = []
+    stream = shapes.train_examples(99, two_object_prob=0.0)
+    while len(train_prompts) < min(len(prompts), 56):
+        train_prompts.append(next(stream).caption)
+    seen, _, _ = generate_and_judge(model, train_prompts, config, seed=10_000)
+    results["train_prompt_accuracy"] = seen["accuracy"]
+    results["train_prompt_per_attribute"] = seen["per_attribute"]
+    timings["generation"] = time.perf_counter() - started
+    results["evaluation_seconds"] = timings
+    results["meets_targets"] = {k: results[k] >= v for k, v in TARGETS.items() if k in results}
+    if grid:
+        images_lib.save_png(images_lib.grid(list(images[:64])), grid)
+    if out:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=2, sort_keys=True)
+    return results
+
+
+def format_results(results: dict) -> str:
+    """The figures of `evaluate`'s results as lines of text, each target marked met or not."""
+    lines = []
+    for key, target in TARGETS.items():
+        if key in results:
+            value = results[key]
+            shown = f"{value:.2f} dB" if key.endswith("_db") else f"{100 * value:.1f}%"
+            goal = f"{target:.0f} dB" if key.endswith("_db") else f"{100 * target:.0f}%"
+            mark = "ok" if value >= target else "below target"
+            lines.append(f"{key:26s} {shown:>10s}   (target >= {goal}: {mark})")
+    for key in ("heldout_per_attribute", "clip_zero_shot_per_attribute"):
+        if key in results:
+            lines.append(f"{key:26s} " + ", ".join(f"{a} {100 * v:.1f}%"
+                                                   for a, v in results[key].items()))
+    for key in ("heldout_written_accuracy", "train_prompt_accuracy"):
+        if key in results:
+            lines.append(f"{key:26s} {100 * results[key]:9.1f}%")
+    return "\n".join(lines)
