@@ -5,7 +5,8 @@ setuptools.setup(
     name="sdjax",
     version="0.1.0",
     description="Latent diffusion (Stable Diffusion) in JAX/Flax: sampling, training, checkpoints.",
-    packages=setuptools.find_packages(include=["sdjax", "sdjax.*"]),
+    # experiments/ and configs/ too, so `python -m experiments.generate` runs from any directory.
+    packages=setuptools.find_packages(include=["sdjax", "sdjax.*", "experiments", "configs"]),
     package_data={"sdjax": ["assets/*", "assets/**/*"]},
     python_requires=">=3.10",
     install_requires=[

@@ -279,3 +279,16 @@ def test_when_no_checkpoint_is_readable_the_error_is_one_line_naming_each(tmp_pa
     assert "no checkpoint restores into this run's train state" in message
     assert "2: JSONDecodeError" in message and "1: JSONDecodeError" in message
     assert len(message.splitlines()) == 1
+
+
+def test_entry_points_run_from_another_directory(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.generate", "--config=configs/shapes.py",
+         "--prompt=a red circle", "--model=random:tiny", "--config.steps=1", "--out_dir=out",
+         f"--config.compilation_cache={tmp_path / 'cache'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "out" / "00000-0.png").is_file()
