@@ -292,3 +292,57 @@ def test_entry_points_run_from_another_directory(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "out" / "00000-0.png").is_file()
+
+
+# --- training hyper-parameters and the non-finite guard ------------------------------------------------
+
+@pytest.mark.parametrize("group, message", [
+    ({"lr": math.nan}, "param group 'unet': lr must be a finite number, got nan"),
+    ({"lr": math.inf}, "lr must be a finite number, got inf"),
+    ({"lr": 1e39}, "lr must be a finite number, got 1e+39"),  # inf in float32
+    ({"lr": -1e-4}, "lr must be > 0 for a trainable model"),
+    ({"lr": 1e-4, "weight_decay": math.nan}, "weight_decay must be a finite number, got nan"),
+    ({"lr": 1e-4, "b2": 1.0}, "b2 must be in [0, 1), got 1.0"),
+    ({"lr": 1e-4, "eps": 0.0}, "eps must be > 0, got 0.0"),
+    ({"lr": 1e-4, "warmup_steps": -5}, "warmup_steps must be an integer >= 0, got -5"),
+])
+def test_bad_optimizer_settings_are_refused_up_front(group, message):
+    from sdjax.training.state import make_optimizer
+
+    with pytest.raises(ValueError) as error:
+        make_optimizer({"unet": group}, total_steps=10)
+    assert message in str(error.value)
+
+
+def test_bad_clip_norm_and_ema_decay_are_refused():
+    from sdjax.training.state import EMAConfig, make_optimizer
+
+    with pytest.raises(ValueError, match="grad_clip_norm must be a finite number > 0"):
+        make_optimizer({"unet": {"lr": 1e-4}}, total_steps=10, grad_clip_norm=math.nan)
+    with pytest.raises(ValueError, match=r"EMA decay must be in \[0, 1\], got 1.5"):
+        EMAConfig(decay=1.5)
+
+
+def test_an_update_that_overflows_the_params_is_skipped():
+    """Finite loss and gradients, but a learning rate so large the new params overflow: the step
+    keeps the old params (so a 'last good state' never holds inf)."""
+    import jax
+
+    from sdjax.training import state as state_lib
+    from sdjax.training import step as step_lib
+
+    class Task:
+        dtype = np.float32
+
+        def loss(self, params, batch, key):
+            return jax.numpy.sum(params["unet"]["w"] * batch["x"]), {}
+
+    params = {"unet": {"w": np.full((4,), 3e38, np.float32)}}
+    optimizer = state_lib.make_optimizer({"unet": {"lr": 3e38, "b1": 0.0, "b2": 0.0}}, 10)
+    state = state_lib.init_train_state(params, optimizer, jax.random.key(0), use_ema=False)
+    new, metrics = jax.jit(lambda s, b, k: step_lib.train_step(Task(), s, b, k))(
+        state, {"x": np.full((4,), -1e-10, np.float32)}, jax.random.key(1))
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert int(metrics["finite"]) == 0
+    np.testing.assert_array_equal(np.asarray(new.params["unet"]["w"]), params["unet"]["w"])
+    assert int(new.step) == int(state.step)

@@ -11,6 +11,7 @@ accumulation over k micro-steps the params, the schedules and the EMA move once 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Mapping, Optional, Union
 
 import flax
@@ -35,6 +36,33 @@ class ParamGroup:
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_group(name: str, group: ParamGroup) -> None:
+    """Settings that would make the params non-finite (or train nothing) are refused up front."""
+    def bad(field, rule):
+        return ValueError(f"param group {name!r}: {field} must be {rule}, got {getattr(group, field)!r}")
+
+    for field in ("lr", "weight_decay", "b1", "b2", "eps"):
+        value = getattr(group, field)
+        # Finite as the float32 the optimizer computes in, not only as a Python float.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+            raise bad(field, "a finite number")
+    if not group.frozen and group.lr <= 0:
+        raise ValueError(f"param group {name!r}: lr must be > 0 for a trainable model "
+                         f"(got {group.lr}); set frozen=True to train nothing")
+    if group.weight_decay < 0:
+        raise bad("weight_decay", ">= 0")
+    if not (0 <= group.b1 < 1 and 0 <= group.b2 < 1):
+        raise bad("b1" if not 0 <= group.b1 < 1 else "b2", "in [0, 1)")
+    if group.eps <= 0:
+        raise bad("eps", "> 0")
+    if not isinstance(group.warmup_steps, int) or group.warmup_steps < 0:
+        raise bad("warmup_steps", "an integer >= 0")
 
 
 def _schedule(name: str, group: ParamGroup, total_steps: int) -> optax.Schedule:
@@ -172,14 +200,14 @@ def make_optimizer(param_groups: Mapping[str, Union[ParamGroup, Mapping[str, Any
                 raise ValueError(f"param group {name!r}: unknown settings {unknown}; known: "
                                  f"{sorted(fields)}")
             group = ParamGroup(**dict(group))
-        if not group.frozen and group.lr <= 0:
-            raise ValueError(f"param group {name!r}: lr must be > 0 for a trainable model "
-                             f"(got {group.lr}); set frozen=True to train nothing")
+        _check_group(name, group)
         groups[name] = group
     if not groups:
         raise ValueError("make_optimizer needs at least one param group")
     if accumulate_steps < 1:
         raise ValueError(f"accumulate_steps must be >= 1, got {accumulate_steps}")
+    if grad_clip_norm is not None and not (math.isfinite(grad_clip_norm) and grad_clip_norm > 0):
+        raise ValueError(f"grad_clip_norm must be a finite number > 0 (or None), got {grad_clip_norm!r}")
     schedules = {name: _schedule(name, g, total_steps) for name, g in groups.items()}
     trainable = [name for name, g in groups.items() if not g.frozen]
 
@@ -220,6 +248,10 @@ class EMAConfig:
     def __post_init__(self):
         if self.warmup not in EMA_WARMUPS:
             raise ValueError(f"EMA warmup {self.warmup!r} is not one of {EMA_WARMUPS}")
+        for field in ("decay", "min_decay"):
+            value = getattr(self, field)
+            if not (isinstance(value, (int, float)) and 0 <= value <= 1):
+                raise ValueError(f"EMA {field} must be in [0, 1], got {value!r}")
 
 
 def ema_decay(optimization_step: jax.Array, config: EMAConfig) -> jax.Array:

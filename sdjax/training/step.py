@@ -183,6 +183,9 @@ def train_step(task, state: TrainState, batch: dict, key: jax.Array) -> tuple[Tr
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     rates = learning_rates(state)
     new = state.apply_gradients(full_grads, finite)
+    # What the step would keep must be finite too (an overflowing update): else it is skipped. The
+    # guarded Adam has then already taken the (finite) gradients into its moments.
+    finite = finite & _all_finite({name: new.params[name] for name in trainable})
     state = state.replace(step=jnp.where(finite, new.step, state.step),
                           params=_select(finite, new.params, state.params),
                           opt_state=state.optimizer.keep_if_finite(finite, new.opt_state,
@@ -194,6 +197,12 @@ def train_step(task, state: TrainState, batch: dict, key: jax.Array) -> tuple[Tr
                "finite": finite.astype(jnp.int32), **aux}
     metrics.update({f"lr/{name}": rate for name, rate in rates.items()})
     return state, metrics
+
+
+def _all_finite(tree) -> jax.Array:
+    # One reduction per leaf, which XLA fuses into the update that writes the leaf.
+    return jnp.all(jnp.stack([jnp.isfinite(jnp.sum(x, dtype=jnp.float32))
+                              for x in jax.tree.leaves(tree)] or [jnp.bool_(True)]))
 
 
 def state_sharding(mesh: jax.sharding.Mesh, state: TrainState) -> TrainState:
