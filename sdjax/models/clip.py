@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from sdjax.models.layers import ATTENTION_IMPLEMENTATIONS, Dense, dot_product_attention, einsum
+from sdjax.models.layers import (ATTENTION_IMPLEMENTATIONS, Attention, Dense, SerializableConfig,
+                                 einsum)
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -43,16 +44,31 @@ def _check_tower(config) -> None:
                          f"choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
 
 
-def _with_projection(config: Mapping, with_projection: Optional[bool]) -> bool:
-    # transformers writes projection_dim into every CLIP config; only the architecture
-    # says whether a projection layer exists.
-    if with_projection is not None:
-        return with_projection
-    return any(a.endswith("WithProjection") for a in config.get("architectures") or ())
+def _tower_from_transformers(config: Mapping[str, Any], section: str, defaults: Mapping[str, Any],
+                             with_projection: Optional[bool], attention: str) -> tuple[dict, dict]:
+    """The fields both towers read from a transformers `config.json` dict (the tower's own, or a
+    CLIPModel's, whose `section` is then taken with the model's projection), and the dict with
+    defaults filled in for the tower's other fields."""
+    if section in config:
+        tower = {**defaults, **config[section], "projection_dim": config.get("projection_dim", 512)}
+        with_projection = True if with_projection is None else with_projection
+    else:
+        tower = {**defaults, **config}
+        # transformers writes projection_dim into every CLIP config; only the architecture
+        # says whether a projection layer exists.
+        if with_projection is None:
+            with_projection = any(a.endswith("WithProjection")
+                                  for a in config.get("architectures") or ())
+    fields = dict(hidden_size=tower["hidden_size"], intermediate_size=tower["intermediate_size"],
+                  num_layers=tower["num_hidden_layers"], num_heads=tower["num_attention_heads"],
+                  hidden_act=tower["hidden_act"], layer_norm_eps=tower["layer_norm_eps"],
+                  projection_dim=tower["projection_dim"] if with_projection else None,
+                  attention=attention)
+    return fields, tower
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPTextConfig:
+class CLIPTextConfig(SerializableConfig):
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -75,31 +91,15 @@ class CLIPTextConfig:
                           attention: str = "xla") -> "CLIPTextConfig":
         """From a transformers `config.json` dict (CLIPTextModel[WithProjection], or a CLIPModel,
         whose text tower is then taken with the model's projection)."""
-        if "text_config" in config:
-            text = {**_TEXT_DEFAULTS, **config["text_config"],
-                    "projection_dim": config.get("projection_dim", 512)}
-            with_projection = True if with_projection is None else with_projection
-        else:
-            text = {**_TEXT_DEFAULTS, **config}
-            with_projection = _with_projection(config, with_projection)
-        return cls(vocab_size=text["vocab_size"], hidden_size=text["hidden_size"],
-                   intermediate_size=text["intermediate_size"],
-                   num_layers=text["num_hidden_layers"], num_heads=text["num_attention_heads"],
+        fields, text = _tower_from_transformers(config, "text_config", _TEXT_DEFAULTS,
+                                                with_projection, attention)
+        return cls(vocab_size=text["vocab_size"],
                    max_position_embeddings=text["max_position_embeddings"],
-                   hidden_act=text["hidden_act"], layer_norm_eps=text["layer_norm_eps"],
-                   projection_dim=text["projection_dim"] if with_projection else None,
-                   eos_token_id=text["eos_token_id"], attention=attention)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CLIPTextConfig":
-        return cls(**d)
+                   eos_token_id=text["eos_token_id"], **fields)
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig:
+class CLIPVisionConfig(SerializableConfig):
     hidden_size: int
     intermediate_size: int
     num_layers: int
@@ -126,31 +126,14 @@ class CLIPVisionConfig:
     def from_transformers(cls, config: Mapping[str, Any], *, with_projection: Optional[bool] = None,
                           attention: str = "xla") -> "CLIPVisionConfig":
         """From a transformers `config.json` dict (CLIPVisionModel[WithProjection] or CLIPModel)."""
-        if "vision_config" in config:
-            vision = {**_VISION_DEFAULTS, **config["vision_config"],
-                      "projection_dim": config.get("projection_dim", 512)}
-            with_projection = True if with_projection is None else with_projection
-        else:
-            vision = {**_VISION_DEFAULTS, **config}
-            with_projection = _with_projection(config, with_projection)
-        return cls(hidden_size=vision["hidden_size"], intermediate_size=vision["intermediate_size"],
-                   num_layers=vision["num_hidden_layers"], num_heads=vision["num_attention_heads"],
-                   image_size=vision["image_size"], patch_size=vision["patch_size"],
-                   num_channels=vision["num_channels"], hidden_act=vision["hidden_act"],
-                   layer_norm_eps=vision["layer_norm_eps"],
-                   projection_dim=vision["projection_dim"] if with_projection else None,
-                   attention=attention)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CLIPVisionConfig":
-        return cls(**d)
+        fields, vision = _tower_from_transformers(config, "vision_config", _VISION_DEFAULTS,
+                                                  with_projection, attention)
+        return cls(image_size=vision["image_size"], patch_size=vision["patch_size"],
+                   num_channels=vision["num_channels"], **fields)
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPConfig:
+class CLIPConfig(SerializableConfig):
     """Both towers, each with its projection to the shared `projection_dim`."""
     text: CLIPTextConfig
     vision: CLIPVisionConfig
@@ -170,16 +153,6 @@ class CLIPConfig:
         return cls(text=CLIPTextConfig.from_transformers(config, attention=attention),
                    vision=CLIPVisionConfig.from_transformers(config, attention=attention),
                    logit_scale_init_value=config.get("logit_scale_init_value", 2.6592))
-
-    def to_dict(self) -> dict:
-        return {"text": self.text.to_dict(), "vision": self.vision.to_dict(),
-                "logit_scale_init_value": self.logit_scale_init_value}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CLIPConfig":
-        return cls(text=CLIPTextConfig.from_dict(d["text"]),
-                   vision=CLIPVisionConfig.from_dict(d["vision"]),
-                   logit_scale_init_value=d["logit_scale_init_value"])
 
 
 @struct.dataclass
@@ -206,26 +179,6 @@ class CLIPOutput:
     image_embeds: jax.Array      # (B_image, P), unit norm
     text_output: CLIPTextOutput
     vision_output: CLIPVisionOutput
-
-
-class CLIPAttention(nn.Module):
-    num_heads: int
-    attention: str = "xla"
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
-                 is_causal: bool = False) -> jax.Array:
-        batch, length, features = x.shape
-        dense = functools.partial(Dense, features, dtype=self.dtype, param_dtype=self.param_dtype)
-        heads = lambda t: t.reshape(batch, length, self.num_heads, features // self.num_heads)
-        q = heads(dense(name="q_proj")(x))
-        k = heads(dense(name="k_proj")(x))
-        v = heads(dense(name="v_proj")(x))
-        out = dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
-                                    implementation=self.attention)
-        return dense(name="out_proj")(out.reshape(batch, length, features))
 
 
 class CLIPMLP(nn.Module):
@@ -255,9 +208,10 @@ class CLIPEncoderLayer(nn.Module):
         c = self.config
         norm = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, dtype=self.dtype,
                                  param_dtype=self.param_dtype)
-        x = x + CLIPAttention(c.num_heads, c.attention, dtype=self.dtype,
-                              param_dtype=self.param_dtype, name="self_attn")(
-            norm(name="layer_norm1")(x), mask, is_causal=self.causal)
+        x = x + Attention(c.num_heads, names=("q_proj", "k_proj", "v_proj", "out_proj"),
+                          implementation=c.attention, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name="self_attn")(
+            norm(name="layer_norm1")(x), mask=mask, is_causal=self.causal)
         return x + CLIPMLP(c.intermediate_size, c.hidden_act, dtype=self.dtype,
                            param_dtype=self.param_dtype, name="mlp")(norm(name="layer_norm2")(x))
 

@@ -1,8 +1,11 @@
 """Building blocks shared by the model families: attention, feed-forward, resnet block,
-up/down sampling and timestep embeddings. Shapes are NHWC / (batch, length, features)."""
+up/down sampling, timestep embeddings and the configs' dict form. Shapes are NHWC /
+(batch, length, features)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+import dataclasses
+import typing
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +127,91 @@ import flax.linen as nn  # noqa: E402
 class Dense(nn.Dense):
     """`nn.Dense` (same params and names) contracting with `dot_general`: sdjax's dense layer."""
     dot_general: Any = dot_general
+
+
+class SerializableConfig:
+    """`to_dict` / `from_dict` of the frozen config dataclasses, for native checkpoints' manifests:
+    JSON-ready (tuples as lists, nested configs as dicts) and back; an unknown key is an error."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _to_json(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        types = typing.get_type_hints(cls)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown fields: {', '.join(unknown)}")
+        return cls(**{k: types[k].from_dict(v) if _is_config_type(types[k]) else lists_to_tuples(v)
+                      for k, v in d.items()})
+
+
+def _is_config_type(annotation) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, SerializableConfig)
+
+
+def _to_json(value):
+    if isinstance(value, SerializableConfig):
+        return value.to_dict()
+    return [_to_json(v) for v in value] if isinstance(value, tuple) else value
+
+
+def check_block_types(config, **allowed: tuple[str, ...]) -> None:
+    """`config.block_out_channels` must name at least one level, and each named field one of its
+    allowed block types per level."""
+    name, n = type(config).__name__, len(config.block_out_channels)
+    if n == 0:
+        raise ValueError(f"{name}.block_out_channels: must name at least one level")
+    for field, choices in allowed.items():
+        types = getattr(config, field)
+        bad = [t for t in types if t not in choices]
+        if bad:
+            raise ValueError(f"{name}.{field}: unsupported block type {bad[0]!r}; "
+                             f"choose from {', '.join(choices)}")
+        if len(types) != n:
+            raise ValueError(f"{name}.{field}: {len(types)} entries, but block_out_channels "
+                             f"has {n}")
+
+
+def lists_to_tuples(value):
+    """JSON lists (nested too) as tuples, so that a config hashes."""
+    return tuple(lists_to_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+class Attention(nn.Module):
+    """Multi-head attention: queries from `x`, keys and values from `context` (None:
+    self-attention), the core through `dot_product_attention`. `names` (q, k, v, out) and
+    `use_bias` follow each family's reference, so that its weights convert by name."""
+    heads: int
+    head_dim: Optional[int] = None  # None: the input width // heads
+    out_features: Optional[int] = None  # None: the input width
+    names: tuple[str, str, str, str] = ("to_q", "to_k", "to_v", "to_out")
+    use_bias: tuple[bool, bool, bool, bool] = (True, True, True, True)
+    implementation: str = "xla"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: Optional[jax.Array] = None, *,
+                 mask: Optional[jax.Array] = None, is_causal: bool = False) -> jax.Array:
+        context = x if context is None else context
+        head_dim = self.head_dim or x.shape[-1] // self.heads
+        inner = self.heads * head_dim
+        dense = lambda features, i: Dense(features, use_bias=self.use_bias[i], dtype=self.dtype,
+                                          param_dtype=self.param_dtype, name=self.names[i])
+
+        def project(inputs, i):
+            y = dense(inner, i)(inputs)
+            # (B, L, heads * head_dim) -> (B, L, heads, head_dim): a free reshape, no transpose.
+            return y.reshape(y.shape[:-1] + (self.heads, head_dim))
+
+        q, k, v = project(x, 0), project(context, 1), project(context, 2)
+        # diffusers' upcast_attention (SD 2.1-v) computes logits and softmax in float32 to avoid
+        # half-precision overflow; every implementation here always does, so it needs no flag.
+        out = dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                    implementation=self.implementation).astype(self.dtype)
+        out = out.reshape(out.shape[:-2] + (inner,))
+        return dense(self.out_features or x.shape[-1], 3)(out)
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool = True,

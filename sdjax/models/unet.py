@@ -5,15 +5,17 @@ short."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping, Optional, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sdjax.models import layers
 from sdjax.models.layers import (ATTENTION_IMPLEMENTATIONS, Dense, Downsample, GEGLUFeedForward,
-                                 ResnetBlock, TimestepEmbedding, Upsample, dot_product_attention,
-                                 timestep_embedding)
+                                 ResnetBlock, SerializableConfig, TimestepEmbedding, Upsample,
+                                 check_block_types, lists_to_tuples, timestep_embedding)
 
 IntOrTuple = Union[int, tuple[int, ...]]
 
@@ -59,7 +61,7 @@ _IGNORED_FIELDS = ("addition_embed_type_num_heads",)
 
 
 @dataclasses.dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(SerializableConfig):
     """diffusers' `UNet2DConditionModel` config (same field names, defaults and meanings), restricted
     to what SD 1.x / 2.x / XL use, plus sdjax's `attention` implementation.
 
@@ -97,19 +99,7 @@ class UNetConfig:
     attention: str = "xla"
 
     def __post_init__(self):
-        n = len(self.block_out_channels)
-        if n == 0:
-            raise ValueError("UNetConfig.block_out_channels: must name at least one level")
-        for field, allowed in (("down_block_types", DOWN_BLOCK_TYPES),
-                               ("up_block_types", UP_BLOCK_TYPES)):
-            types = getattr(self, field)
-            bad = [t for t in types if t not in allowed]
-            if bad:
-                raise ValueError(f"UNetConfig.{field}: unsupported block type {bad[0]!r}; "
-                                 f"choose from {', '.join(allowed)}")
-            if len(types) != n:
-                raise ValueError(f"UNetConfig.{field}: {len(types)} entries, but "
-                                 f"block_out_channels has {n}")
+        check_block_types(self, down_block_types=DOWN_BLOCK_TYPES, up_block_types=UP_BLOCK_TYPES)
         if self.mid_block_type not in MID_BLOCK_TYPES:
             raise ValueError(f"UNetConfig.mid_block_type: unsupported {self.mid_block_type!r}; "
                              f"only {', '.join(MID_BLOCK_TYPES)}")
@@ -117,9 +107,9 @@ class UNetConfig:
                       "num_attention_heads"):
             value = getattr(self, field)
             if isinstance(value, tuple):
-                if len(value) != n:
+                if len(value) != self.num_levels:
                     raise ValueError(f"UNetConfig.{field}: {len(value)} entries, but "
-                                     f"block_out_channels has {n}")
+                                     f"block_out_channels has {self.num_levels}")
                 if not all(isinstance(v, int) for v in value):
                     raise ValueError(f"UNetConfig.{field}: entries must be ints, got {value!r}")
         if not isinstance(self.cross_attention_dim, int):
@@ -208,7 +198,8 @@ class UNetConfig:
                 continue
             if key in fields:
                 # Some released configs write null for a false flag (SDXL: upcast_attention).
-                kwargs[key] = False if value is None and key in _FLAG_FIELDS else _to_tuple(value)
+                kwargs[key] = (False if value is None and key in _FLAG_FIELDS
+                               else lists_to_tuples(value))
             elif key in _REFERENCE_ONLY_FIELDS:
                 allowed = _REFERENCE_ONLY_FIELDS[key]
                 # only_cross_attention may be given per level.
@@ -229,55 +220,9 @@ class UNetConfig:
             kwargs["cross_attention_dim"] = cross[0]
         return cls(**kwargs)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples as lists) of every field, `attention` included."""
-        return {f.name: _to_json(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "UNetConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"UNetConfig: unknown fields: {', '.join(unknown)}")
-        return cls(**{k: _to_tuple(v) for k, v in d.items()})
-
-
-def _to_tuple(value):
-    return tuple(_to_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _to_json(value):
-    return [_to_json(v) for v in value] if isinstance(value, tuple) else value
-
-
-class Attention(nn.Module):
-    """Multi-head attention of the U-Net's transformer blocks: to_q/to_k/to_v without bias, to_out
-    with bias. `context` None means self-attention."""
-    heads: int
-    head_dim: int
-    out_features: int
-    implementation: str = "xla"
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
-        context = x if context is None else context
-        inner = self.heads * self.head_dim
-
-        def project(inputs, name):
-            y = Dense(inner, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                         name=name)(inputs)
-            # (B, L, heads * head_dim) -> (B, L, heads, head_dim): a free reshape, no transpose.
-            return y.reshape(y.shape[:-1] + (self.heads, self.head_dim))
-
-        q, k, v = project(x, "to_q"), project(context, "to_k"), project(context, "to_v")
-        # diffusers' upcast_attention (SD 2.1-v) computes logits and softmax in float32 to avoid
-        # half-precision overflow; every implementation here always does, so it needs no flag.
-        out = dot_product_attention(q, k, v, implementation=self.implementation).astype(self.dtype)
-        out = out.reshape(out.shape[:-2] + (inner,))
-        return Dense(self.out_features, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="to_out")(out)
+# The transformer blocks' attention, as diffusers': to_q/to_k/to_v without bias, to_out with it.
+Attention = functools.partial(layers.Attention, use_bias=(False, False, False, True))
 
 
 class TransformerBlock(nn.Module):
@@ -358,16 +303,11 @@ class UNetLevel(nn.Module):
 
     @nn.compact
     def __call__(self, x, temb, context, skips=(), deterministic=True, upsample_size=None):
-        cfg = self.config
-        # deterministic (argument 3, counting self) is a Python bool: static under remat.
-        resnet_cls = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
         outputs = []
         for i in range(self.num_layers):
             if self.up:
                 x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
-            x = resnet_cls(self.out_channels, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-                           dropout=cfg.dropout, dtype=self.dtype, param_dtype=self.param_dtype,
-                           name=f"resnets_{i}")(x, temb, deterministic)
+            x = _resnet(self, self.out_channels, f"resnets_{i}")(x, temb, deterministic)
             if self.cross_attention:
                 x = _spatial_transformer(self, self.heads, self.depth, f"attentions_{i}")(x, context)
             outputs.append(x)
@@ -391,14 +331,18 @@ class MidBlock(nn.Module):
     @nn.compact
     def __call__(self, x, temb, context, deterministic=True):
         cfg = self.config
-        resnet_cls = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
-        resnet = lambda name: resnet_cls(x.shape[-1], groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-                                         dropout=cfg.dropout, dtype=self.dtype,
-                                         param_dtype=self.param_dtype, name=name)
-        x = resnet("resnets_0")(x, temb, deterministic)
+        x = _resnet(self, x.shape[-1], "resnets_0")(x, temb, deterministic)
         x = _spatial_transformer(self, cfg.heads[-1], cfg.transformer_depths[-1],
                                  "attentions_0")(x, context)
-        return resnet("resnets_1")(x, temb, deterministic)
+        return _resnet(self, x.shape[-1], "resnets_1")(x, temb, deterministic)
+
+
+def _resnet(parent, channels: int, name: str) -> ResnetBlock:
+    cfg = parent.config
+    # deterministic (argument 3, counting self) is a Python bool: static under remat.
+    cls = nn.remat(ResnetBlock, static_argnums=(3,)) if parent.remat else ResnetBlock
+    return cls(channels, groups=cfg.norm_num_groups, eps=cfg.norm_eps, dropout=cfg.dropout,
+               dtype=parent.dtype, param_dtype=parent.param_dtype, name=name)
 
 
 def _spatial_transformer(parent, heads: int, depth: int, name: str) -> SpatialTransformer:

@@ -11,8 +11,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from sdjax.models.layers import (ATTENTION_IMPLEMENTATIONS, Dense, Downsample, ResnetBlock,
-                                 Upsample, dot_product_attention)
+from sdjax.models.layers import (ATTENTION_IMPLEMENTATIONS, Attention, Downsample, ResnetBlock,
+                                 SerializableConfig, Upsample, check_block_types)
 
 # The reference builds its resnets, mid-block attention and output norms with this epsilon.
 _NORM_EPS = 1e-6
@@ -21,7 +21,7 @@ _SUPPORTED_ACTIVATIONS = ("silu", "swish")
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(SerializableConfig):
     """diffusers' `AutoencoderKL` config (same field names and defaults), plus sdjax's `attention`."""
     in_channels: int = 3
     out_channels: int = 3
@@ -45,19 +45,8 @@ class VAEConfig:
     attention: str = "xla"
 
     def __post_init__(self):
-        n = len(self.block_out_channels)
-        if n == 0:
-            raise ValueError("VAEConfig.block_out_channels: must name at least one level")
-        for field, allowed in (("down_block_types", "DownEncoderBlock2D"),
-                               ("up_block_types", "UpDecoderBlock2D")):
-            types = getattr(self, field)
-            bad = [t for t in types if t != allowed]
-            if bad:
-                raise ValueError(f"VAEConfig.{field}: unsupported block type {bad[0]!r}; "
-                                 f"only {allowed!r} is implemented")
-            if len(types) != n:
-                raise ValueError(f"VAEConfig.{field}: {len(types)} entries, but block_out_channels "
-                                 f"has {n}")
+        check_block_types(self, down_block_types=("DownEncoderBlock2D",),
+                          up_block_types=("UpDecoderBlock2D",))
         if self.act_fn not in _SUPPORTED_ACTIVATIONS:
             raise ValueError(f"VAEConfig.act_fn: unsupported activation {self.act_fn!r}; "
                              f"only {' / '.join(_SUPPORTED_ACTIVATIONS)}")
@@ -91,25 +80,6 @@ class VAEConfig:
         if unknown:
             raise ValueError(f"VAEConfig: unknown diffusers config keys: {', '.join(unknown)}")
         return cls.from_dict({k: v for k, v in config.items() if k in fields})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: _to_json(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VAEConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"VAEConfig: unknown fields: {', '.join(unknown)}")
-        return cls(**{k: _to_tuple(v) for k, v in d.items()})
-
-
-def _to_tuple(value):
-    return tuple(_to_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _to_json(value):
-    return [_to_json(v) for v in value] if isinstance(value, tuple) else value
 
 
 def scale_latents(z: jax.Array, config: VAEConfig) -> jax.Array:
@@ -178,16 +148,16 @@ class MidBlockAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.group_norm = nn.GroupNorm(self.groups, epsilon=_NORM_EPS, **kw)
+        self.attend = Attention(1, implementation=self.attention, **kw)
+        # The reference keeps to_q..to_out beside group_norm, not in a submodule of their own.
+        nn.share_scope(self, self.attend)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
-        dense = lambda name: Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-        y = nn.GroupNorm(self.groups, epsilon=_NORM_EPS, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name="group_norm")(x)
-        y = y.reshape(b, h * w, 1, c)
-        y = dot_product_attention(dense("to_q")(y), dense("to_k")(y), dense("to_v")(y),
-                                  implementation=self.attention)
-        y = dense("to_out")(y.reshape(b, h * w, c))
+        y = self.attend(self.group_norm(x).reshape(b, h * w, c))
         return x + y.reshape(b, h, w, c)
 
 
@@ -203,10 +173,12 @@ class MidBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = ResnetBlock(self.channels, groups=self.groups, eps=_NORM_EPS, name="resnets_0", **kw)(x)
+        resnet = lambda name: ResnetBlock(self.channels, groups=self.groups, eps=_NORM_EPS,
+                                          name=name, **kw)
+        x = resnet("resnets_0")(x)
         if self.add_attention:
             x = MidBlockAttention(self.groups, self.attention, name="attention", **kw)(x)
-        return ResnetBlock(self.channels, groups=self.groups, eps=_NORM_EPS, name="resnets_1", **kw)(x)
+        return resnet("resnets_1")(x)
 
 
 class ResnetLevel(nn.Module):
@@ -234,8 +206,34 @@ class ResnetLevel(nn.Module):
         return x
 
 
-def _maybe_remat(cls, remat: bool):
-    return nn.remat(cls) if remat else cls
+# Encoder and Decoder run the same parts in opposite orders; these build them for either (parent).
+def _conv(parent, features: int, name: str) -> nn.Conv:
+    return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=parent.dtype,
+                   param_dtype=parent.param_dtype, name=name)
+
+
+def _levels(parent, x: jax.Array, channels: tuple[int, ...], num_layers: int, resample: str,
+            prefix: str) -> jax.Array:
+    cfg, kw = parent.config, dict(dtype=parent.dtype, param_dtype=parent.param_dtype)
+    level = nn.remat(ResnetLevel) if parent.remat else ResnetLevel
+    for i, out_channels in enumerate(channels):
+        x = level(out_channels, num_layers, cfg.norm_num_groups,
+                  resample=resample if i < len(channels) - 1 else None, name=f"{prefix}_{i}",
+                  **kw)(x)
+    return x
+
+
+def _mid_block(parent, x: jax.Array) -> jax.Array:
+    cfg = parent.config
+    block = nn.remat(MidBlock) if parent.remat else MidBlock
+    return block(x.shape[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, cfg.attention,
+                 dtype=parent.dtype, param_dtype=parent.param_dtype, name="mid_block")(x)
+
+
+def _output(parent, x: jax.Array, features: int) -> jax.Array:
+    x = nn.GroupNorm(parent.config.norm_num_groups, epsilon=_NORM_EPS, dtype=parent.dtype,
+                     param_dtype=parent.param_dtype, name="conv_norm_out")(x)
+    return _conv(parent, features, "conv_out")(nn.silu(x))
 
 
 class Encoder(nn.Module):
@@ -248,21 +246,10 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         channels = cfg.block_out_channels
-        x = nn.Conv(channels[0], (3, 3), padding=((1, 1), (1, 1)), name="conv_in", **kw)(x)
-        level = _maybe_remat(ResnetLevel, self.remat)
-        for i, out_channels in enumerate(channels):
-            x = level(out_channels, cfg.layers_per_block, cfg.norm_num_groups,
-                      resample="down" if i < len(channels) - 1 else None,
-                      name=f"down_blocks_{i}", **kw)(x)
-        x = _maybe_remat(MidBlock, self.remat)(
-            channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, cfg.attention,
-            name="mid_block", **kw)(x)
-        x = nn.GroupNorm(cfg.norm_num_groups, epsilon=_NORM_EPS, name="conv_norm_out", **kw)(x)
-        x = nn.silu(x)
-        return nn.Conv(2 * cfg.latent_channels, (3, 3), padding=((1, 1), (1, 1)), name="conv_out",
-                       **kw)(x)
+        x = _conv(self, channels[0], "conv_in")(x)
+        x = _levels(self, x, channels, cfg.layers_per_block, "down", "down_blocks")
+        return _output(self, _mid_block(self, x), 2 * cfg.latent_channels)
 
 
 class Decoder(nn.Module):
@@ -275,21 +262,11 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         channels = tuple(reversed(cfg.block_out_channels))
-        x = nn.Conv(channels[0], (3, 3), padding=((1, 1), (1, 1)), name="conv_in", **kw)(z)
-        x = _maybe_remat(MidBlock, self.remat)(
-            channels[0], cfg.norm_num_groups, cfg.mid_block_add_attention, cfg.attention,
-            name="mid_block", **kw)(x)
-        level = _maybe_remat(ResnetLevel, self.remat)
-        for i, out_channels in enumerate(channels):
-            # One resnet more per level than the encoder, as in the reference.
-            x = level(out_channels, cfg.layers_per_block + 1, cfg.norm_num_groups,
-                      resample="up" if i < len(channels) - 1 else None,
-                      name=f"up_blocks_{i}", **kw)(x)
-        x = nn.GroupNorm(cfg.norm_num_groups, epsilon=_NORM_EPS, name="conv_norm_out", **kw)(x)
-        x = nn.silu(x)
-        return nn.Conv(cfg.out_channels, (3, 3), padding=((1, 1), (1, 1)), name="conv_out", **kw)(x)
+        x = _mid_block(self, _conv(self, channels[0], "conv_in")(z))
+        # One resnet more per level than the encoder, as in the reference.
+        x = _levels(self, x, channels, cfg.layers_per_block + 1, "up", "up_blocks")
+        return _output(self, x, cfg.out_channels)
 
 
 class AutoencoderKL(nn.Module):
