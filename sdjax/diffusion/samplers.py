@@ -1,10 +1,10 @@
 """Samplers: a registry of pure, scan-friendly solvers for the reverse diffusion process.
 
-A sampler is a frozen dataclass of static options (eta, karras, ...). It turns a NoiseSchedule and a
-step count into a `Plan` (numpy, outside the loop: timesteps, sigmas and every per-step scalar
-coefficient, in float64 before the cast), starts a state pytree with `init`, and maps
-state -> state with `step(plan, denoise, state, i, keys)`. History of multistep solvers lives in the
-state, so one `lax.scan` body (`sample`) drives every sampler.
+A sampler is a frozen dataclass of static options (eta, karras, exponential, s_noise, ...). It
+turns a NoiseSchedule and a step count into a `Plan` (numpy, outside the loop: timesteps, sigmas
+and every per-step scalar coefficient, in float64 before the cast), starts a state pytree with
+`init`, and maps state -> state with `step(plan, denoise, state, i, keys)`. History of multistep
+solvers lives in the state, so one `lax.scan` body (`sample`) drives every sampler.
 
 Conventions. Noise level i of a plan is (sigmas[i], timesteps[i]); step i goes from level i to i+1.
 Sigmas are k-diffusion's (variance-exploding) sigma = sqrt((1 - ab) / ab). Samplers of the
@@ -28,7 +28,7 @@ import numpy as np
 from flax import struct
 from jax import lax
 
-from sdjax.diffusion.schedules import NoiseSchedule, karras_sigmas, sigma_to_t, spaced_timesteps
+from sdjax.diffusion.schedules import SIGMA_SPACINGS, NoiseSchedule, sigma_to_t, spaced_timesteps
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]   # (x_in, t) -> eps / v / x0
 Denoiser = Callable[..., jax.Array]   # (x_in, alpha, sigma_vp, t) -> x0
@@ -115,16 +115,24 @@ def list_samplers() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _options(name: str) -> set[str]:
+    cls, fixed = _REGISTRY[name]
+    return {f.name for f in dataclasses.fields(cls)} - set(fixed)
+
+
 def get_sampler(name: str, **options: Any) -> "Sampler":
     """The sampler registered as `name`, with static `options` (e.g. eta=0.5, karras=True)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(list_samplers())}")
     cls, fixed = _REGISTRY[name]
-    valid = {f.name for f in dataclasses.fields(cls)} - set(fixed)
+    valid = _options(name)
     bad = set(options) - valid
     if bad:
         raise ValueError(f"sampler {name!r} has no option(s) {sorted(bad)}; valid: {sorted(valid)}")
-    return cls(**fixed, **options)
+    try:
+        return cls(**fixed, **options)
+    except ValueError as err:        # option values the sampler refuses (conflicts, ranges)
+        raise ValueError(f"sampler {name!r}: {err}") from None
 
 
 def parse_sampler(text: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
@@ -137,6 +145,13 @@ def parse_sampler(text: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
             raise ValueError(f"sampler {text!r}: option {part!r} is not key=value")
         options[key.strip()] = _literal(value.strip())
     return name, tuple(sorted(options.items()))
+
+
+def _is_neutral(option: str, value: Any) -> bool:
+    """Off, or the one default that every sampler taking `option` has."""
+    defaults = {f.default for n, (cls, _) in _REGISTRY.items() for f in dataclasses.fields(cls)
+                if f.name == option and option in _options(n)}
+    return not value or defaults == {value}
 
 
 def _literal(value: str) -> Any:
@@ -153,14 +168,14 @@ def _literal(value: str) -> Any:
 def options_for(name: str, options) -> tuple[tuple[str, Any], ...]:
     """The subset of `options` (a mapping) that sampler `name` takes, as a sorted tuple.
 
-    An option that is off (False, 0) means nothing to a sampler without it and is dropped, so one
-    config (`karras=False`) serves every sampler; an option that is on but unknown is an error.
+    An option that is off (False, 0), or at the default of every sampler that has it
+    (`s_noise=1.0`), means nothing to a sampler without it and is dropped, so one config
+    (`karras=False`) serves every sampler; an option that is on but unknown is an error.
     """
     if name not in _REGISTRY:
         get_sampler(name)  # raises, listing the valid names
-    cls, fixed = _REGISTRY[name]
-    valid = {f.name for f in dataclasses.fields(cls)} - set(fixed)
-    kept = {k: v for k, v in dict(options).items() if k in valid or v}
+    valid = _options(name)
+    kept = {k: v for k, v in dict(options).items() if k in valid or not _is_neutral(k, v)}
     get_sampler(name, **kept)  # unknown options that are on: the registry's error names them
     return tuple(sorted(kept.items()))
 
@@ -209,6 +224,31 @@ class Sampler:
         return alpha, plan.sigmas[i] * alpha
 
 
+@dataclasses.dataclass(frozen=True)
+class _SigmaSpacing(Sampler):
+    """Respaced sigmas between the plan's end sigmas: Karras et al. 2022 eq. 5 (`karras`) or
+    log-uniform (`exponential`), diffusers' use_karras_sigmas / use_exponential_sigmas."""
+
+    karras: bool = False
+    exponential: bool = False
+
+    def __post_init__(self):
+        if self.karras and self.exponential:
+            raise ValueError("options karras=True and exponential=True conflict: pick one sigma "
+                             "spacing")
+
+    @property
+    def sigma_spacing(self) -> Optional[str]:
+        return "karras" if self.karras else "exponential" if self.exponential else None
+
+
+def _check_nonnegative(sampler: Sampler, *names: str) -> None:
+    for name in names:
+        value = getattr(sampler, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"option {name}={value!r} must be a number >= 0")
+
+
 def start_index(num_steps: int, strength: float) -> int:
     """First step of img2img at `strength` in [0, 1], as diffusers' img2img pipelines compute it."""
     init = min(int(num_steps * strength), num_steps)
@@ -246,14 +286,16 @@ def sample(sampler: Sampler, model_fn: ModelFn, x_T: jax.Array, plan: Plan,
 
 # --- k-diffusion family (ve space, fractional model timesteps) -------------------------------------
 
-def _k_levels(sampler, schedule: NoiseSchedule, num_steps: int, karras: bool):
-    """Timesteps/sigmas of diffusers' Euler/LMS/Heun schedulers (sigma 0 appended)."""
+def _k_levels(sampler, schedule: NoiseSchedule, num_steps: int,
+              sigma_spacing: Optional[str] = None):
+    """Timesteps/sigmas of diffusers' Euler/LMS/Heun schedulers (sigma 0 appended); respaced
+    sigmas (`SIGMA_SPACINGS`) keep the end sigmas and take fractional timesteps from sigma_to_t."""
     ts = spaced_timesteps(num_steps, schedule.spacing(sampler.default_spacing),
                           schedule.num_train_timesteps, schedule.steps_offset, fractional=True)
     sigmas = schedule.sigmas_at(ts).astype(np.float32).astype(np.float64)
-    if karras:
-        sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), num_steps)
-        ts = sigma_to_t(sigmas, np.log(schedule.sigmas.astype(np.float64)))
+    if sigma_spacing is not None:
+        sigmas = SIGMA_SPACINGS[sigma_spacing](float(sigmas[-1]), float(sigmas[0]), num_steps)
+        ts = sigma_to_t(sigmas, np.log(schedule.sigmas))    # float32 log table, as diffusers
         sigmas = sigmas.astype(np.float32).astype(np.float64)
     ts = ts.astype(np.float32).astype(np.float64)
     sigmas = np.concatenate([sigmas, [0.0]])
@@ -265,14 +307,12 @@ def _k_levels(sampler, schedule: NoiseSchedule, num_steps: int, karras: bool):
 
 
 @dataclasses.dataclass(frozen=True)
-class _KarrasODE(Sampler):
+class _KarrasODE(_SigmaSpacing):
     """The plan shared by the deterministic k-diffusion ODE solvers: diffusers' Euler levels, with
-    optional Karras sigmas."""
-
-    karras: bool = False
+    optional Karras or exponential sigmas."""
 
     def plan(self, schedule, num_steps):
-        ts, sigmas, init = _k_levels(self, schedule, num_steps, self.karras)
+        ts, sigmas, init = _k_levels(self, schedule, num_steps, self.sigma_spacing)
         return _plan(ts, sigmas, init, schedule.prediction_type)
 
 
@@ -287,25 +327,45 @@ class Euler(_KarrasODE):
         return {**state, "x": x + d * (sigma_next - sigma), "count": state["count"] + 1}
 
 
+def _ancestral_step(sigma_from, sigma_to, eta):
+    """k-diffusion get_ancestral_step: sigma_up = min(sigma_to, eta sqrt(sigma_to^2 (sigma_from^2 -
+    sigma_to^2) / sigma_from^2)), sigma_down = sqrt(sigma_to^2 - sigma_up^2)."""
+    sigma_up = np.minimum(sigma_to, eta * np.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2)
+                                                  / sigma_from**2))
+    return np.sqrt(sigma_to**2 - sigma_up**2), sigma_up
+
+
 @register_sampler("euler_a")
 @dataclasses.dataclass(frozen=True)
 class EulerAncestral(Sampler):
-    """Ancestral Euler (k-diffusion sample_euler_ancestral, eta=1): Euler to sigma_down, then add sigma_up noise."""
+    """Ancestral Euler (k-diffusion sample_euler_ancestral(eta, s_noise)): Euler to sigma_down, then
+    add s_noise * sigma_up noise. eta=1 is diffusers' EulerAncestralDiscreteScheduler, eta=0 Euler.
 
-    stochastic: ClassVar[bool] = True
+    No Karras/exponential sigmas: diffusers' EulerAncestralDiscreteScheduler has none.
+    """
+
+    eta: float = 1.0
+    s_noise: float = 1.0
+
+    def __post_init__(self):
+        _check_nonnegative(self, "eta", "s_noise")
+
+    @property
+    def stochastic(self):
+        return self.eta > 0 and self.s_noise > 0
 
     def plan(self, schedule, num_steps):
-        ts, s, init = _k_levels(self, schedule, num_steps, False)
-        s_from, s_to = s[:-1], s[1:]
-        sigma_up = np.sqrt(s_to**2 * (s_from**2 - s_to**2) / s_from**2)
-        sigma_down = np.sqrt(s_to**2 - sigma_up**2)
-        return _plan(ts, s, init, schedule.prediction_type, sigma_up=sigma_up, sigma_down=sigma_down)
+        ts, s, init = _k_levels(self, schedule, num_steps)
+        sigma_down, sigma_up = _ancestral_step(s[:-1], s[1:], self.eta)
+        return _plan(ts, s, init, schedule.prediction_type, sigma_down=sigma_down,
+                     noise=self.s_noise * sigma_up)
 
     def step(self, plan, denoise, state, i, keys):
         x, sigma = state["x"], plan.sigmas[i]
         d = (x - _ve_x0(denoise, x, sigma, plan.timesteps[i])) / sigma
         x = x + d * (plan.coeffs["sigma_down"][i] - sigma)
-        x = x + step_noise(keys, i, x.shape, x.dtype) * plan.coeffs["sigma_up"][i]
+        if self.stochastic:
+            x = x + step_noise(keys, i, x.shape, x.dtype) * plan.coeffs["noise"][i]
         return {**state, "x": x, "count": state["count"] + 1}
 
 
@@ -339,14 +399,13 @@ def _lagrange_integral(nodes: np.ndarray, j: int, a: float, b: float) -> float:
 
 @register_sampler("lms")
 @dataclasses.dataclass(frozen=True)
-class LMS(Sampler):
+class LMS(_SigmaSpacing):
     """Linear multistep (Adams-Bashforth in sigma, order up to 4; k-diffusion sample_lms / Crowson)."""
 
-    karras: bool = False
     order: int = 4
 
     def plan(self, schedule, num_steps):
-        ts, s, init = _k_levels(self, schedule, num_steps, self.karras)
+        ts, s, init = _k_levels(self, schedule, num_steps, self.sigma_spacing)
         # weights[i, o - 1, j]: coefficient of the derivative j steps back, at order o (exact
         # integrals of the Lagrange basis; diffusers integrates the same polynomials numerically).
         w = np.zeros((num_steps, self.order, self.order))
@@ -518,16 +577,20 @@ class PLMS(Sampler):
 
 # --- exponential-integrator multistep solvers on x0 (vp space) -------------------------------------
 
-def _dpm_levels(schedule: NoiseSchedule, num_steps: int, karras: bool, round_karras: bool):
-    """Timesteps/sigmas of diffusers' DPMSolverMultistep/UniPC schedulers (final sigma 0)."""
+def _dpm_levels(schedule: NoiseSchedule, num_steps: int, sigma_spacing: Optional[str],
+                round_karras: bool):
+    """Timesteps/sigmas of diffusers' DPMSolverMultistep/UniPC schedulers (final sigma 0).
+
+    Respaced sigmas span the whole training table. Their timesteps are integers as diffusers makes
+    them: rounded for Karras sigmas where `round_karras`, otherwise cut by its int64 cast (toward 0).
+    """
     ts = spaced_timesteps(num_steps, schedule.spacing("linspace"), schedule.num_train_timesteps,
                           schedule.steps_offset, drop_last_of=True)
     train = schedule.sigmas.astype(np.float64)
-    if karras:
-        sigmas = karras_sigmas(train[0], train[-1], num_steps)
-        ts = sigma_to_t(sigmas, np.log(train))
-        if round_karras:
-            ts = ts.round()
+    if sigma_spacing is not None:
+        sigmas = SIGMA_SPACINGS[sigma_spacing](train[0], train[-1], num_steps)
+        ts = sigma_to_t(sigmas, np.log(schedule.sigmas))    # float32 log table, as diffusers
+        ts = ts.round() if sigma_spacing == "karras" and round_karras else np.trunc(ts)
     else:
         sigmas = schedule.sigmas_at(ts)
     sigmas = np.append(sigmas.astype(np.float32).astype(np.float64), 0.0)
@@ -582,28 +645,35 @@ def _dpmpp_weights(s, i, order, sde):
     return a, w, noise
 
 
-@register_sampler("dpmpp_2m", order=2, sde=False)
+@register_sampler("dpmpp_2m", order=2, sde=False, s_noise=1.0)
 @register_sampler("dpmpp_2m_sde", order=2, sde=True)
 @register_sampler("dpmpp_3m_sde", order=3, sde=True)
 @dataclasses.dataclass(frozen=True)
-class DPMSolverPP(Sampler):
-    """DPM-Solver++ multistep on x0 predictions (Lu et al. 2022), ODE or SDE; midpoint 2nd order."""
+class DPMSolverPP(_SigmaSpacing):
+    """DPM-Solver++ multistep on x0 predictions (Lu et al. 2022), ODE or SDE; midpoint 2nd order.
+
+    s_noise scales the SDE's injected noise (k-diffusion sample_dpmpp_2m_sde / 3m_sde(s_noise)).
+    """
 
     order: int = 2
     sde: bool = False
-    karras: bool = False
     lower_order_final: bool = True
+    s_noise: float = 1.0
     space: ClassVar[str] = "vp"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_nonnegative(self, "s_noise")
 
     @property
     def stochastic(self):
-        return self.sde
+        return self.sde and self.s_noise > 0
 
     def plan(self, schedule, num_steps):
         if self.order == 3 and not self.sde:
             raise ValueError("dpmpp order 3 is registered only as the SDE variant (dpmpp_3m_sde)")
         round_ts = schedule.beta_schedule != "squaredcos_cap_v2" or schedule.trained_betas is not None
-        ts, s = _dpm_levels(schedule, num_steps, self.karras, round_ts)
+        ts, s = _dpm_levels(schedule, num_steps, self.sigma_spacing, round_ts)
         n = num_steps
         cap = np.full(n, self.order)
         few = self.lower_order_final and n < 15
@@ -616,7 +686,8 @@ class DPMSolverPP(Sampler):
         for i in range(n):
             for o in range(1, min(i + 1, self.order) + 1):
                 a[i, o - 1], w[i, o - 1], noise[i, o - 1] = _dpmpp_weights(s, i, o, self.sde)
-        return _plan(ts, s, 1.0, schedule.prediction_type, a=a, w=w, noise=noise, cap=cap)
+        return _plan(ts, s, 1.0, schedule.prediction_type, a=a, w=w, noise=self.s_noise * noise,
+                     cap=cap)
 
     def _extra_state(self, x):
         return {"hist": jnp.zeros((3,) + x.shape, x.dtype)}
@@ -626,7 +697,7 @@ class DPMSolverPP(Sampler):
         hist = _push(state["hist"], self._vp_x0(plan, denoise, x, i))
         o = jnp.minimum(c["cap"][i].astype(jnp.int32), jnp.minimum(count + 1, self.order)) - 1
         x_next = c["a"][i, o] * x + _combine(c["w"][i, o], hist)
-        if self.sde:
+        if self.stochastic:
             x_next = x_next + c["noise"][i, o] * step_noise(keys, i, x.shape, x.dtype)
         return {**state, "x": x_next, "hist": hist, "count": count + 1}
 
@@ -676,15 +747,14 @@ def _unipc_weights(s, i, order, corrector):
 
 @register_sampler("unipc")
 @dataclasses.dataclass(frozen=True)
-class UniPC(Sampler):
+class UniPC(_SigmaSpacing):
     """UniPC multistep predictor-corrector, bh2, on x0 predictions (Zhao et al. 2023)."""
 
     order: int = 2
-    karras: bool = False
     space: ClassVar[str] = "vp"
 
     def plan(self, schedule, num_steps):
-        ts, s = _dpm_levels(schedule, num_steps, self.karras, True)
+        ts, s = _dpm_levels(schedule, num_steps, self.sigma_spacing, True)
         n = num_steps
         cap = np.minimum(self.order, n - np.arange(n))     # lower_order_final
         pred = np.zeros((n, self.order, 5))

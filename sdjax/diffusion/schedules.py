@@ -1,4 +1,5 @@
-"""Discrete-time noise schedules: betas, alphas_cumprod, sigmas, timestep spacings, Karras sigmas.
+"""Discrete-time noise schedules: betas, alphas_cumprod, sigmas, timestep spacings, Karras and
+exponential sigmas.
 
 Everything here is numpy, computed once outside the sampling loop. The arithmetic follows
 diffusers' dtype choices on purpose (betas and alphas_cumprod in float32, cumprod accumulated in
@@ -87,6 +88,15 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float
     return (hi + ramp * (lo - hi)) ** rho
 
 
+def exponential_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> np.ndarray:
+    """Log-uniform sigmas, exp(linspace(log max, log min, n)) (k-diffusion get_sigmas_exponential;
+    diffusers' use_exponential_sigmas, whose numpy float64 arithmetic this is)."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_steps))
+
+
+SIGMA_SPACINGS = {"karras": karras_sigmas, "exponential": exponential_sigmas}
+
+
 def sigma_to_t(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:
     """Fractional timesteps of `sigmas` by linear interpolation in log-sigma (diffusers' _sigma_to_t)."""
     sigmas = np.asarray(sigmas, np.float64)
@@ -133,11 +143,16 @@ class NoiseSchedule:
     def from_diffusers(cls, config: Mapping[str, Any]) -> "NoiseSchedule":
         """From a diffusers `scheduler_config.json` dict (any scheduler class).
 
-        Keys that would change the numbers but that sdjax does not implement are errors.
+        Keys that would change the numbers but that sdjax does not implement are errors. Like the
+        class name, `use_karras_sigmas` / `use_exponential_sigmas` choose how a sampler spaces its
+        sigmas, not the training schedule: sdjax takes them from the sampler's options
+        (`karras=True`, `exponential=True`), and only checks here that they do not conflict.
         """
         where = f"scheduler config ({config.get('_class_name', 'unknown class')})"
-        for key, ok in (("thresholding", False), ("clip_sample", False),
-                        ("use_exponential_sigmas", False), ("use_beta_sigmas", False),
+        if config.get("use_karras_sigmas") and config.get("use_exponential_sigmas"):
+            raise ValueError(f"{where}: use_karras_sigmas and use_exponential_sigmas are both true; "
+                             "at most one sigma spacing can be used")
+        for key, ok in (("thresholding", False), ("clip_sample", False), ("use_beta_sigmas", False),
                         ("timestep_type", "discrete"), ("interpolation_type", "linear"),
                         ("final_sigmas_type", "zero"), ("variance_type", None)):
             value = config.get(key, ok)
