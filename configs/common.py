@@ -27,7 +27,8 @@ def generation_config(*, height: int, width: int, model: str = "", cfg_scale: fl
     c.subseed_strength = 0.0
     c.sampler = sampler
     c.steps = steps
-    c.sampler_options = ml_collections.ConfigDict({"karras": False})
+    # Options every sampler that has them reads; off values are dropped for the others.
+    c.sampler_options = ml_collections.ConfigDict({"karras": False, "exponential": False})
     c.cfg_scale = cfg_scale
     c.guidance_rescale = 0.0
     c.guidance_interval = (0.0, 1.0)
