@@ -17,6 +17,7 @@ from configs import ablate as ablate_config
 from sdjax import images as images_lib
 from sdjax.diffusion.samplers import parse_sampler
 from sdjax.evaluation import ablation, metrics
+from sdjax.weights import clip as clip_weights
 from sdjax.models.clip import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from sdjax.weights.presets import random_pretrained
 from sdjax.sampling import Generator
@@ -76,7 +77,7 @@ def clip_folder(tmp_path_factory):
                 "logit_scale": jax.ShapeDtypeStruct((), np.float32)}
     params = jax.tree.map(lambda s: rng.normal(0.0, 0.2, s.shape).astype(np.float32), abstract)
     folder = tmp_path_factory.mktemp("clip") / "clip"
-    metrics.save_clip_native(folder, config, params, CLIPTokenizer.default())
+    clip_weights.save_clip_native(folder, config, params, CLIPTokenizer.default())
     return folder
 
 

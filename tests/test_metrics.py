@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sdjax.evaluation import metrics
+from sdjax.weights import clip as clip_weights
 from sdjax.text.tokenizer import _shipped_vocab
 
 import torch
@@ -117,7 +118,7 @@ def test_clip_score_is_not_symmetric_in_pairing(reference):
 def test_native_clip_folder_round_trip(reference, tmp_path):
     _, _, folder = reference
     scorer = metrics.load_clip_scorer(folder)
-    metrics.save_clip_native(tmp_path / "native", scorer.config, scorer.params, scorer.tokenizer)
+    clip_weights.save_clip_native(tmp_path / "native", scorer.config, scorer.params, scorer.tokenizer)
     again = metrics.load_clip_scorer(tmp_path / "native")
     assert again.config == scorer.config
     images = _images(7, 3, 40, 40)

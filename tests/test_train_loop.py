@@ -261,6 +261,32 @@ def test_shapes_clip_trains_with_hard_negatives(setting):
     assert out.returncode == 0, out.stderr[-4000:]
     losses = _losses(workdir)
     assert sorted(losses) == [1, 2] and np.isfinite(list(losses.values())).all()
+    # The export is a native CLIP folder that the CLIP scorer reads; load_pretrained says so.
+    from sdjax.evaluation.metrics import load_clip_scorer
+    from sdjax.weights.common import WeightsError
+    from sdjax.weights.pretrained import load_pretrained
+
+    scorer = load_clip_scorer(workdir / "export")
+    assert scorer.config.text.num_layers == 1
+    with pytest.raises(WeightsError, match="an sdjax CLIP model .*load_clip_scorer"):
+        load_pretrained(workdir / "export")
+
+
+def test_training_another_parameterisation_exports_and_previews_it(tmp_path):
+    """v-prediction training of an epsilon checkpoint: the export's scheduler and the preview
+    grids' sampler use v-prediction."""
+    from configs.train_tiny import get_config
+    from sdjax.weights.architecture import Architecture
+    from sdjax.weights.pretrained import load_pretrained
+
+    config = get_config()
+    with config.unlocked():
+        config.ldm.prediction_type = "v_prediction"
+    setup = loop.build(config)
+    assert setup.task.prediction_type == "v_prediction"
+    assert Architecture.of(setup.model).schedule.prediction_type == "v_prediction"
+    loop.export(setup, setup.state, str(tmp_path / "export"))
+    assert load_pretrained(tmp_path / "export").scheduler_config["prediction_type"] == "v_prediction"
 
 
 @pytest.mark.slow

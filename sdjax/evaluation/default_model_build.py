@@ -24,7 +24,7 @@ import numpy as np
 
 from sdjax.data.shapes_dataset import example_batch, vocabulary_token_ids, write_shapes_folder
 from sdjax.evaluation import default_model as evaluation
-from sdjax.evaluation.metrics import save_clip_native
+from sdjax.weights.clip import save_clip_native
 from sdjax.models.clip import CLIPConfig
 from sdjax.text.tokenizer import CLIPTokenizer
 from sdjax.training import loop

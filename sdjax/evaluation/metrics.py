@@ -19,7 +19,6 @@ import itertools
 import json
 import os
 import pathlib
-import shutil
 from typing import Any, Optional, Sequence
 
 import jax
@@ -34,8 +33,6 @@ from sdjax.weights.common import WeightsError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-NATIVE_CLIP_MANIFEST = "sdjax_clip.json"
-NATIVE_CLIP_FORMAT_VERSION = 1
 
 
 # --- preprocessing ---------------------------------------------------------------------------------
@@ -163,20 +160,20 @@ class ClipScorer:
 def load_clip_scorer(path: str | os.PathLike, dtype: Any = None) -> ClipScorer:
     """A transformers CLIPModel folder (config.json with text_config/vision_config, safetensors
     weights, optionally the tokenizer and preprocessor_config.json of a CLIPProcessor) or a native
-    sdjax CLIP folder (`save_clip_native`). Without tokenizer files the OpenAI vocabulary is
+    sdjax CLIP folder (`weights.clip.save_clip_native`). Without tokenizer files the OpenAI vocabulary is
     used."""
     folder = pathlib.Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"CLIP model {os.fspath(path)!r} is not a folder")
-    if (folder / NATIVE_CLIP_MANIFEST).is_file():
-        config, params = _load_clip_native(folder, dtype)
+    if (folder / clip_weights.NATIVE_CLIP_MANIFEST).is_file():
+        config, params = clip_weights.load_clip_native(folder, dtype)
         tokenizer_dir = folder / "tokenizer"
     elif (folder / "config.json").is_file():
         config, params = clip_weights.load_clip_folder(folder, dtype=dtype)
         tokenizer_dir = folder
     else:
         raise WeightsError(f"{folder}: neither a transformers CLIPModel folder (config.json) nor "
-                           f"an sdjax CLIP folder ({NATIVE_CLIP_MANIFEST})")
+                           f"an sdjax CLIP folder ({clip_weights.NATIVE_CLIP_MANIFEST})")
     has_tokenizer = any((tokenizer_dir / f).is_file() for f in ("tokenizer.json", "vocab.json"))
     tokenizer = (CLIPTokenizer.from_pretrained(tokenizer_dir) if has_tokenizer
                  else CLIPTokenizer.default())
@@ -187,59 +184,6 @@ def load_clip_scorer(path: str | os.PathLike, dtype: Any = None) -> ClipScorer:
             json.loads(processor_file.read_text()), config, where=str(processor_file))
     return ClipScorer(config=config, params=params, tokenizer=tokenizer,
                       preprocessing=preprocessing, source=str(folder))
-
-
-def save_clip_native(path: str | os.PathLike, config: CLIPConfig, params: dict,
-                     tokenizer: Optional[CLIPTokenizer] = None) -> None:
-    """The native CLIP folder: sdjax_clip.json (config), params/ (orbax), tokenizer/ (optional);
-    written beside its final place and renamed into it."""
-    import orbax.checkpoint as ocp
-
-    path = pathlib.Path(path).absolute()
-    staging = path.with_name(path.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(staging / "params", jax.tree.map(np.asarray, params))
-    checkpointer.wait_until_finished()
-    if tokenizer is not None:
-        tokenizer.save_pretrained(staging / "tokenizer")
-    manifest = {"format": "sdjax-clip", "version": NATIVE_CLIP_FORMAT_VERSION,
-                "config": config.to_dict()}
-    (staging / NATIVE_CLIP_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    if path.exists():
-        shutil.rmtree(path)
-    staging.rename(path)
-
-
-def _load_clip_native(folder: pathlib.Path, dtype) -> tuple[CLIPConfig, dict]:
-    import orbax.checkpoint as ocp
-    from flax import traverse_util
-
-    from sdjax.weights.common import DictSource, convert_state_dict
-
-    manifest_file = folder / NATIVE_CLIP_MANIFEST
-    try:
-        manifest = json.loads(manifest_file.read_text())
-        found = (manifest.get("format"), manifest.get("version"))
-        if found != ("sdjax-clip", NATIVE_CLIP_FORMAT_VERSION):
-            raise ValueError(f"format={found[0]!r}, version={found[1]!r}")
-        config = CLIPConfig.from_dict(manifest["config"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise WeightsError(f"{manifest_file}: not an sdjax CLIP v{NATIVE_CLIP_FORMAT_VERSION} "
-                           f"manifest ({err})") from None
-    try:
-        restored = ocp.StandardCheckpointer().restore(folder / "params")
-    except Exception as err:  # noqa: BLE001 - orbax raises many types for a damaged folder
-        raise WeightsError(f"{folder / 'params'}: cannot restore params ({err})") from None
-    expected = {"text_model": clip_weights.clip_text_shapes(config.text),
-                "vision_model": clip_weights.clip_vision_shapes(config.vision),
-                "logit_scale": jnp.zeros((), jnp.float32)}
-    flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(restored).items()}
-    params = convert_state_dict(DictSource(flat, name=str(folder / "params")), lambda key: key,
-                                expected, what="CLIP model", dtype=dtype, reference_layout=False)
-    return config, params
 
 
 # --- diversity -------------------------------------------------------------------------------------

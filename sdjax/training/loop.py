@@ -38,6 +38,7 @@ from sdjax.training import step as step_lib
 from sdjax.training.checkpoints import Checkpoints
 from sdjax.training.data import ImageCaptionDataset
 from sdjax.training.state import EMAConfig, TrainState, init_train_state, make_optimizer
+from sdjax.weights.clip import save_clip_native
 from sdjax.weights.pretrained import Pretrained, load_pretrained, save_pretrained
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -137,6 +138,10 @@ def build(config: ml_collections.ConfigDict) -> Setup:
             model = load_pretrained(config.init_from, vae=config.vae or None)
         else:
             model = random_pretrained(config.preset, seed=config.seed, for_training=True)
+        if config.objective == "ldm" and config.ldm.prediction_type:
+            # Exports and preview grids sample with the parameterisation being trained.
+            model = dataclasses.replace(model, scheduler_config={
+                **model.scheduler_config, "prediction_type": config.ldm.prediction_type})
         arch = Architecture.of(model, dtype)
         if config.objective == "vae":
             params = {"vae": model.params["vae"]}
@@ -215,15 +220,17 @@ def export_params(state: TrainState, use_ema: bool) -> dict:
 
 
 def export(setup: Setup, state: TrainState, path: str, use_ema: bool = True) -> Optional[str]:
-    """Write a native folder (`save_pretrained`) of the model with the trained params."""
-    if setup.model is None:
-        logging.warning("the clip objective has no native checkpoint format; not exporting %s", path)
-        return None
+    """Write a native folder of the model with the trained params: `save_pretrained` for the
+    latent-diffusion objectives, `save_clip_native` for CLIP (what `load_clip_scorer` and
+    `--clip_model` read)."""
     params = _to_host(export_params(state, use_ema))
     if jax.process_index() == 0:
-        model = dataclasses.replace(setup.model, params={**setup.model.params, **params},
-                                    source=path)
-        save_pretrained(model, path)
+        if setup.model is None:
+            save_clip_native(path, setup.task.config, params["clip"], CLIPTokenizer.default())
+        else:
+            model = dataclasses.replace(setup.model, params={**setup.model.params, **params},
+                                        source=path)
+            save_pretrained(model, path)
         logging.info("exported %s", path)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 import re
 from typing import Callable, Optional
 
@@ -20,7 +21,8 @@ from flax import traverse_util
 from sdjax.models.clip import (CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
                                CLIPVisionModel)
 from sdjax.weights.common import (DictSource, MergedSource, SafetensorsFile, TensorSource,
-                                  WeightsError, abstract_params, convert_state_dict, regex_renamer)
+                                  WeightsError, abstract_params, convert_state_dict, regex_renamer,
+                                  save_params_tree, write_native_folder)
 
 _TOWER = r"(text_model|vision_model)"
 
@@ -189,3 +191,54 @@ def _subtree(source: TensorSource, config, tower: str, dtype) -> dict:
     return convert_state_dict(source, _rename, {tower: expected}, what=f"CLIP {tower}",
                               dtype=dtype, ignore=ignore)[tower]
 
+
+
+# --- the native CLIP folder ------------------------------------------------------------------------
+
+NATIVE_CLIP_MANIFEST = "sdjax_clip.json"
+NATIVE_CLIP_FORMAT_VERSION = 1
+
+
+def save_clip_native(path: str | os.PathLike, config: CLIPConfig, params: dict,
+                     tokenizer=None, *, overwrite: bool = False) -> None:
+    """A whole CLIP model (text and vision towers) as a native folder: sdjax_clip.json (config),
+    params/ (orbax), tokenizer/ (optional). Written like `save_pretrained`: nothing else in the
+    folder is touched (`common.write_native_folder`)."""
+    manifest = {"format": "sdjax-clip", "version": NATIVE_CLIP_FORMAT_VERSION,
+                "config": config.to_dict()}
+
+    def write_entries(staging: pathlib.Path) -> None:
+        save_params_tree(staging / "params", params)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging / "tokenizer")
+
+    write_native_folder(path, NATIVE_CLIP_MANIFEST, manifest, write_entries,
+                        ("params", "tokenizer"), overwrite=overwrite)
+
+
+def load_clip_native(folder: str | os.PathLike, dtype=None) -> tuple[CLIPConfig, dict]:
+    """(config, params) of a folder `save_clip_native` wrote, checked against the config."""
+    import orbax.checkpoint as ocp
+
+    folder = pathlib.Path(folder).expanduser()
+    manifest_file = folder / NATIVE_CLIP_MANIFEST
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        found = (manifest.get("format"), manifest.get("version"))
+        if found != ("sdjax-clip", NATIVE_CLIP_FORMAT_VERSION):
+            raise ValueError(f"format={found[0]!r}, version={found[1]!r}")
+        config = CLIPConfig.from_dict(manifest["config"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise WeightsError(f"{manifest_file}: not an sdjax CLIP v{NATIVE_CLIP_FORMAT_VERSION} "
+                           f"manifest ({err})") from None
+    try:
+        restored = ocp.StandardCheckpointer().restore(folder.absolute() / "params")
+    except Exception as err:  # noqa: BLE001 - orbax raises many types for a damaged folder
+        raise WeightsError(f"{folder / 'params'}: cannot restore params ({err})") from None
+    expected = {"text_model": clip_text_shapes(config.text),
+                "vision_model": clip_vision_shapes(config.vision),
+                "logit_scale": jnp.zeros((), jnp.float32)}
+    flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(restored).items()}
+    params = convert_state_dict(DictSource(flat, name=str(folder / "params")), lambda key: key,
+                                expected, what="CLIP model", dtype=dtype, reference_layout=False)
+    return config, params

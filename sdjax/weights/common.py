@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import re
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
@@ -291,3 +292,64 @@ def abstract_params(module, *args, **kwargs):
 def _short_list(items: Sequence[str], limit: int = 8) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def save_params_tree(folder: pathlib.Path, params: dict) -> None:
+    """A params pytree of host arrays into `folder` (orbax), written by the calling process alone
+    in multi-host runs (no barrier with the other hosts)."""
+    import orbax.checkpoint as ocp
+
+    options = ocp.options.MultiprocessingOptions()
+    if jax.process_count() > 1:
+        me = jax.process_index()
+        options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                                     barrier_sync_key_prefix=f"save_params_{me}")
+    checkpointer = ocp.StandardCheckpointer(multiprocessing_options=options)
+    checkpointer.save(folder.absolute(), jax.tree.map(np.asarray, params))
+    checkpointer.wait_until_finished()
+
+
+def write_native_folder(path: str | os.PathLike, manifest_name: str, manifest: dict,
+                        write_entries: Callable[[pathlib.Path], None], entry_names: Sequence[str],
+                        *, overwrite: bool = False) -> pathlib.Path:
+    """Write a native folder: `write_entries(staging)` writes `entry_names` (params/, tokenizer/,
+    ...) into a staging folder, then they replace the folder's own entries and the manifest lands
+    last. Nothing else in the folder is touched.
+
+    A folder that already holds `manifest_name` is updated in place; a non-empty folder that does
+    not is refused unless `overwrite` (then the entries are added beside what is there). The
+    entries replaced stay in `.sdjax-previous` until the new manifest is written, so a crash never
+    leaves a loadable mix of two models and never loses the previous one."""
+    import shutil
+
+    path = pathlib.Path(path).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise WeightsError(f"{path}: exists and is not a folder; a native model is a folder")
+    ours = (manifest_name, *entry_names)
+    if path.is_dir() and not (path / manifest_name).is_file() and not overwrite:
+        others = sorted(p.name for p in path.iterdir() if not p.name.startswith(".sdjax-"))
+        if others:
+            raise WeightsError(
+                f"{path}: not empty and not an sdjax model (holds {', '.join(others[:5])}"
+                f"{', ...' if len(others) > 5 else ''}); pick an empty or new folder, or pass "
+                f"overwrite=True to add the model's files beside them")
+    staging, previous = path / ".sdjax-partial", path / ".sdjax-previous"
+    path.mkdir(parents=True, exist_ok=True)
+    for leftover in (staging, previous):  # from an earlier save that crashed
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    staging.mkdir()
+    write_entries(staging)
+    (staging / manifest_name).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    previous.mkdir()
+    # The old manifest leaves first: until the new one lands the folder is no model at all.
+    for name in ours:
+        if (path / name).exists():
+            (path / name).rename(previous / name)
+    for name in entry_names:
+        if (staging / name).exists():
+            (staging / name).rename(path / name)
+    os.replace(staging / manifest_name, path / manifest_name)
+    shutil.rmtree(previous)
+    staging.rmdir()
+    return path

@@ -22,7 +22,7 @@ from sdjax.text.tokenizer import CLIPTokenizer
 from sdjax.weights import clip as clip_weights
 from sdjax.weights import unet as unet_weights
 from sdjax.weights import vae as vae_weights
-from sdjax.weights.common import WeightsError
+from sdjax.weights.common import WeightsError, save_params_tree, write_native_folder
 
 NATIVE_MANIFEST = "sdjax.json"
 NATIVE_FORMAT_VERSION = 1
@@ -76,6 +76,11 @@ def load_pretrained(path: str | os.PathLike, vae: Optional[str | os.PathLike] = 
             model = _load_native(path, dtype)
         elif (path / "model_index.json").is_file():
             model = _load_diffusers_folder(path, dtype)
+        elif (path / clip_weights.NATIVE_CLIP_MANIFEST).is_file():
+            raise WeightsError(
+                f"{path}: an sdjax CLIP model ({clip_weights.NATIVE_CLIP_MANIFEST}), not a "
+                f"latent-diffusion checkpoint: read it with evaluation.metrics.load_clip_scorer "
+                f"(or --clip_model) or weights.clip.load_clip_native")
         else:
             raise WeightsError(
                 f"{path}: not a checkpoint folder: found neither model_index.json (diffusers) "
@@ -180,69 +185,25 @@ def _load_single_file(path: pathlib.Path, dtype, *, prediction_type, extract_ema
 
 def save_pretrained(model: Pretrained, path: str | os.PathLike, *, overwrite: bool = False) -> None:
     """Write the native format into the folder `path`: sdjax.json (configs), params/ (orbax),
-    tokenizer folders. Nothing else in the folder is touched.
-
-    A folder that already holds an sdjax model is updated in place; a non-empty folder that does not
-    is refused unless `overwrite` (then sdjax's own entries are added beside what is there). The new
-    entries are written into a staging folder inside `path` first; the manifest goes last, and the
-    entries they replace are kept in `.sdjax-previous` until it is written, so a crash never leaves
-    a loadable mix of two models and never loses the previous one.
-    """
-    import shutil
-
-    import jax
-    import orbax.checkpoint as ocp
-
-    path = pathlib.Path(path).expanduser().absolute()
-    if path.exists() and not path.is_dir():
-        raise WeightsError(f"{path}: exists and is not a folder; save_pretrained writes a folder")
-    ours = (NATIVE_MANIFEST, "params", *TOKENIZER_NAMES)
-    if path.is_dir() and not (path / NATIVE_MANIFEST).is_file() and not overwrite:
-        others = sorted(p.name for p in path.iterdir() if not p.name.startswith(".sdjax-"))
-        if others:
-            raise WeightsError(
-                f"{path}: not empty and not an sdjax model (holds {', '.join(others[:5])}"
-                f"{', ...' if len(others) > 5 else ''}); pick an empty or new folder, or pass "
-                f"overwrite=True to add the model's files beside them")
-    staging, previous = path / ".sdjax-partial", path / ".sdjax-previous"
-    path.mkdir(parents=True, exist_ok=True)
-    for leftover in (staging, previous):  # from an earlier save that crashed
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    staging.mkdir()
+    tokenizer folders. Nothing else in the folder is touched; a non-empty folder that holds no
+    sdjax model is refused unless `overwrite` (see `common.write_native_folder`)."""
     manifest = {
         "format": "sdjax", "version": NATIVE_FORMAT_VERSION, "family": model.family,
         "unet": model.unet_config.to_dict(), "vae": model.vae_config.to_dict(),
         "text_encoders": [c.to_dict() for c in model.text_configs],
         "scheduler": model.scheduler_config,
     }
-    options = ocp.options.MultiprocessingOptions()
-    if jax.process_count() > 1:
-        # Host arrays, written by the calling process alone (no barrier with the other hosts).
-        me = jax.process_index()
-        options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
-                                                     barrier_sync_key_prefix=f"save_pretrained_{me}")
-    checkpointer = ocp.StandardCheckpointer(multiprocessing_options=options)
-    checkpointer.save(staging / "params", model.params)
-    checkpointer.wait_until_finished()
-    for tokenizer, name in zip(model.tokenizers, TOKENIZER_NAMES):
-        tokenizer.save_pretrained(staging / name)
-    (staging / NATIVE_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    previous.mkdir()
-    # The old manifest leaves first: until the new one lands the folder is no model at all.
-    for name in ours:
-        if (path / name).exists():
-            (path / name).rename(previous / name)
-    for name in ours:
-        if name != NATIVE_MANIFEST and (staging / name).exists():
-            (staging / name).rename(path / name)
-    os.replace(staging / NATIVE_MANIFEST, path / NATIVE_MANIFEST)
-    shutil.rmtree(previous)
-    staging.rmdir()
+
+    def write_entries(staging: pathlib.Path) -> None:
+        save_params_tree(staging / "params", model.params)
+        for tokenizer, name in zip(model.tokenizers, TOKENIZER_NAMES):
+            tokenizer.save_pretrained(staging / name)
+
+    write_native_folder(path, NATIVE_MANIFEST, manifest, write_entries,
+                        ("params", *TOKENIZER_NAMES), overwrite=overwrite)
 
 
 def _load_native(path: pathlib.Path, dtype) -> Pretrained:
-    import jax
     import orbax.checkpoint as ocp
 
     manifest = _read_json(path / NATIVE_MANIFEST)
