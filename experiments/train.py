@@ -6,7 +6,6 @@
 A run resumes from the latest checkpoint in --workdir. Multi-host: start the same command on every
 host with --coordinator_address=HOST:PORT --num_processes=N --process_id=i.
 """
-import logging as pylogging
 import sys
 
 from absl import app, flags, logging
@@ -23,20 +22,12 @@ flags.DEFINE_bool("progress", True, "show a progress bar")
 FLAGS = flags.FLAGS
 
 
-class _QuietOrbax(pylogging.Filter):
-    """Orbax logs every phase of every save at INFO; keep its warnings and errors."""
-
-    def filter(self, record):
-        return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from sdjax import parallel
     from sdjax.training import loop
 
-    logging.get_absl_handler().addFilter(_QuietOrbax())
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)
     try:
@@ -49,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main)

@@ -346,3 +346,22 @@ def test_an_update_that_overflows_the_params_is_skipped():
     assert int(metrics["finite"]) == 0
     np.testing.assert_array_equal(np.asarray(new.params["unet"]["w"]), params["unet"]["w"])
     assert int(new.step) == int(state.step)
+
+
+def test_resumed_training_keeps_each_metrics_step_once(tmp_path):
+    """After a crash, steps past the restored checkpoint were logged and will be replayed: the
+    metrics file keeps exactly the steps up to the checkpoint (and drops a torn last line)."""
+    import json
+
+    from sdjax.training.loop import MetricsWriter
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": float(s)}) + "\n" for s in range(1, 6))
+                    + '{"step": 6, "lo')
+    writer = MetricsWriter(str(tmp_path), resumed_step=3)
+    for step in (4, 5):
+        writer.write(step, {"step": step, "loss": 10.0 + step})
+    writer.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in records] == [1.0, 2.0, 3.0, 14.0, 15.0]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import os
 import signal
 import threading
@@ -29,7 +28,7 @@ import numpy as np
 from absl import logging
 
 from sdjax import images as images_lib
-from sdjax import parallel
+from sdjax import parallel, runs
 from sdjax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 from sdjax.weights.presets import random_pretrained
 from sdjax.weights.architecture import Architecture
@@ -47,22 +46,25 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 class MetricsWriter:
     """One metrics record per logging step to `metrics.jsonl` and to TensorBoard scalars."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, resumed_step: int = 0):
         from tensorboardX import SummaryWriter
 
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self._path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(self._path):
+            # Records past the restored checkpoint (written before a crash) are replayed by this
+            # run: drop them, so every step appears once and matches the state it came from.
+            runs.write_jsonl_atomically(self._path, [r for r in runs.read_jsonl(self._path)
+                                                     if r.get("step", 0) <= resumed_step])
         self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, record: dict) -> None:
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        runs.append_jsonl(self._path, record)
         for name, value in record.items():
             if name != "step":
                 self._tensorboard.add_scalar(name, value, step)
         self._tensorboard.flush()
 
     def close(self) -> None:
-        self._jsonl.close()
         self._tensorboard.close()
 
 
@@ -334,7 +336,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
             sampler = _Sampler(setup, config, mesh, workdir)
         else:
             logging.warning("sample grids are written in single-process runs only")
-    metrics_file = MetricsWriter(workdir) if main else None
+    metrics_file = MetricsWriter(workdir, resumed_step=step) if main else None
     bar = None
     if progress and main:
         from tqdm.auto import tqdm
