@@ -18,7 +18,8 @@ from sdjax import cli
 from sdjax import parallel
 from sdjax.sampling import batches
 
-cli.define_config_file("config", "configs/sd15.py", "generation config file")
+# Without --config, the embedded model's config: with no --model it draws at its native 32 px.
+cli.define_config_file("config", "configs/shapes.py", "generation config file")
 flags.DEFINE_string("prompts", None, "prompt file: text, one prompt per line, or .jsonl", required=True)
 flags.DEFINE_string("out_dir", None, "where the PNGs and manifest.jsonl go")
 flags.DEFINE_integer("images_per_prompt", None, "images per prompt (config.num_images)")

@@ -365,3 +365,34 @@ def test_resumed_training_keeps_each_metrics_step_once(tmp_path):
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     assert [r["loss"] for r in records] == [1.0, 2.0, 3.0, 14.0, 15.0]
+
+
+# --- prompt files -------------------------------------------------------------------------------------
+
+def test_resuming_after_the_prompt_file_changed_refuses_and_keeps_the_images(tmp_path, tiny_model):
+    import json
+
+    from sdjax.sampling import batches
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    config = _config(num_images=1, steps=1)
+    out = tmp_path / "out"
+    batches.sample_to_dir(config, prompts, str(out), model=tiny_model)
+    before = {p: p.read_bytes() for p in out.glob("*/*.png")}
+    assert len(before) == 2
+    prompts.write_text("a red circle\na green cross\n")
+    with pytest.raises(ValueError, match=r"1 image\(s\) drawn from other prompt-file lines .*"
+                                         r"00001/0000-1.png: prompt 'a blue square' -> "
+                                         r"'a green cross'"):
+        batches.sample_to_dir(config, prompts, str(out), model=tiny_model)
+    # An image whose manifest line was never written is checked by its PNG parameters.
+    manifest = out / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(e) + "\n" for e in batches.read_manifest(out)
+                                if not e["path"].startswith("00001")))
+    with pytest.raises(ValueError, match="00001/0000-1.png: its PNG parameters are not what "
+                                         "prompt 1 draws now"):
+        batches.sample_to_dir(config, prompts, str(out), model=tiny_model)
+    assert {p: p.read_bytes() for p in out.glob("*/*.png")} == before
+    prompts.write_text("a red circle\na blue square\n")  # back as it was: resumes, nothing to draw
+    assert batches.sample_to_dir(config, prompts, str(out), model=tiny_model)["written"] == 0

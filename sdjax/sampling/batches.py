@@ -370,9 +370,19 @@ class BatchSampler:
         needed = _any_process(np.array([bool(m) for m in missing], np.int32))
         manifest = os.path.join(out_dir, self.manifest_name())
         absent = {job for miss in missing for job in miss}
-        _reconcile_manifest(out_dir, manifest,
-                            [job for share in mine for job in share if job not in absent],
-                            self._manifest_record)
+        done = [job for share in mine for job in share if job not in absent]
+        stale = _stale_images(out_dir, done, self._manifest_record, self._parameters_text)
+        refused = _gather(np.array([bool(stale)], np.int32))[:, 0]
+        if stale:
+            raise ValueError(
+                f"{out_dir} holds {len(stale)} image(s) drawn from other prompt-file lines than "
+                f"this run's (the file changed since): {'; '.join(stale[:3])}"
+                f"{'; ...' if len(stale) > 3 else ''}. Use another --out_dir, or delete those "
+                f"images to draw them again")
+        if refused.any():
+            raise ValueError(f"process(es) {np.flatnonzero(refused).tolist()} found images of an "
+                             f"edited prompt file in {out_dir} (see their logs)")
+        _reconcile_manifest(out_dir, manifest, done, self._manifest_record)
         total_mine = sum(len(s) for s in mine)
         todo = sum(len(m) for m in missing)
         logging.info("process %d/%d: %d job(s) in %d batch(es) of %d; %d already written, %d to draw "
@@ -463,6 +473,26 @@ def read_manifest(out_dir: str | os.PathLike) -> list[dict]:
     """Every line of every manifest in `out_dir` (a torn last line, if any, is skipped)."""
     return [entry for name in sorted(os.listdir(out_dir)) if _is_manifest(name)
             for entry in runs.read_jsonl(os.path.join(out_dir, name))]
+
+
+def _stale_images(out_dir: str, done: Sequence[Job], record_of, text_of) -> list[str]:
+    """The images already in `out_dir` that another job drew (a resumed run whose prompt file
+    was edited): each image's manifest line, or for an image the manifest never got, its PNG
+    parameters, must be what this run would write for it."""
+    recorded = {entry.get("path"): entry for entry in read_manifest(out_dir)}
+    stale = []
+    for job in done:
+        want = record_of(job)
+        entry = recorded.get(job.path)
+        if entry is not None:
+            changed = [k for k, v in want.items() if entry.get(k) != v]
+            if changed:
+                stale.append(f"{job.path}: " + ", ".join(
+                    f"{k} {entry.get(k)!r} -> {want[k]!r}" for k in changed))
+        elif images_lib.read_parameters(os.path.join(out_dir, job.path)) != text_of(job):
+            stale.append(f"{job.path}: its PNG parameters are not what prompt "
+                         f"{job.prompt_index} draws now")
+    return stale
 
 
 def _reconcile_manifest(out_dir: str, manifest: str, done: Sequence[Job], record_of) -> None:
