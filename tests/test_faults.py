@@ -396,3 +396,48 @@ def test_resuming_after_the_prompt_file_changed_refuses_and_keeps_the_images(tmp
     assert {p: p.read_bytes() for p in out.glob("*/*.png")} == before
     prompts.write_text("a red circle\na blue square\n")  # back as it was: resumes, nothing to draw
     assert batches.sample_to_dir(config, prompts, str(out), model=tiny_model)["written"] == 0
+
+
+# --- configs of the wrong type ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("part, key, value, message", [
+    ("unet", "block_out_channels", "abc", "UNetConfig.block_out_channels: expected tuple[int, ...], got 'abc'"),
+    ("unet", "norm_num_groups", 2.5, "UNetConfig.norm_num_groups: expected int, got 2.5"),
+    ("vae", "latent_channels", "4", "VAEConfig.latent_channels: expected int, got '4'"),
+    ("vae", "scaling_factor", "x", "VAEConfig.scaling_factor: expected float, got 'x'"),
+])
+def test_a_config_json_value_of_the_wrong_type_names_the_file_and_field(tmp_path, part, key, value,
+                                                                        message):
+    import json
+
+    from sdjax.weights import unet as unet_weights
+    from sdjax.weights import vae as vae_weights
+    from sdjax.weights.common import WeightsError
+    from sdjax.weights.presets import preset
+
+    folder = tmp_path / part
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**preset("tiny")[part], key: value}))
+    load = unet_weights.load_unet_folder if part == "unet" else vae_weights.load_vae_folder
+    with pytest.raises(WeightsError) as error:
+        load(folder)
+    assert str(error.value) == f"{folder / 'config.json'}: {message}"
+
+
+@pytest.mark.parametrize("dtype", ["float8", "int8", "floaty"])
+def test_an_unknown_storage_dtype_is_named_before_reading(dtype):
+    import sdjax
+
+    with pytest.raises(ValueError, match=rf"dtype '{dtype}' is not a floating-point dtype"):
+        sdjax.load_pretrained(sdjax.DEFAULT_MODEL, dtype=dtype)
+
+
+def test_training_an_unknown_compute_dtype_is_named():
+    from configs.train_tiny import get_config
+    from sdjax.training import loop
+
+    config = get_config()
+    with config.unlocked():
+        config.compute_dtype = "float64"
+    with pytest.raises(ValueError, match="compute_dtype 'float64' is not one of"):
+        loop.build(config)

@@ -67,10 +67,10 @@ def load_pretrained(path: str | os.PathLike, vae: Optional[str | os.PathLike] = 
         single files can't say which they were trained for.
       extract_ema: for single files that carry an EMA copy of the U-Net, use it.
     """
+    dtype = storage_dtype(dtype)
     path = pathlib.Path(path).expanduser()
     if not path.exists():
         raise WeightsError(f"{path}: no such file or folder")
-    dtype = np.float32 if dtype is None else dtype
     if path.is_dir():
         if (path / NATIVE_MANIFEST).is_file():
             model = _load_native(path, dtype)
@@ -94,6 +94,21 @@ def load_pretrained(path: str | os.PathLike, vae: Optional[str | os.PathLike] = 
         model.vae_config, model.params["vae"] = load_vae(
             vae, dtype, scaling_factor=model.vae_config.scaling_factor)
     return model
+
+
+def storage_dtype(dtype: Any) -> np.dtype:
+    """The params' storage dtype: None is float32; anything else must name a floating dtype."""
+    import ml_dtypes  # noqa: F401 - registers bfloat16 and the float8 types by name
+
+    if dtype is None:
+        return np.dtype(np.float32)
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or not (np.issubdtype(resolved, np.floating) or resolved.name == "bfloat16"):
+        raise ValueError(f"dtype {dtype!r} is not a floating-point dtype (float32, bfloat16, float16)")
+    return resolved
 
 
 def load_vae(path: str | os.PathLike, dtype: Any = None, *,
