@@ -441,3 +441,25 @@ def test_training_an_unknown_compute_dtype_is_named():
         config.compute_dtype = "float64"
     with pytest.raises(ValueError, match="compute_dtype 'float64' is not one of"):
         loop.build(config)
+
+
+@pytest.mark.parametrize("key, message", [
+    ("model.diffusion_model.time_embed.0.weight",
+     r"U-Net: UNetConfig: unsupported diffusers config value time_embedding_dim=\d+ .*; the value "
+     r"comes from the shape of model.diffusion_model.time_embed.0.weight \(\d+, \d+\): is that "
+     r"tensor mis-shaped\?"),
+    ("model.diffusion_model.input_blocks.1.1.proj_in.weight",
+     r"U-Net: shape mismatch for down_blocks.0.attentions.0.proj_in.weight"),
+])
+def test_a_mis_shaped_tensor_in_a_single_file_is_named(tiny_sd, tmp_path, key, message):
+    from safetensors.numpy import load_file, save_file
+
+    import sdjax
+    from sdjax.weights.common import WeightsError
+
+    tensors = load_file(str(tiny_sd.single_file("sd1")))
+    tensors[key] = np.zeros((tensors[key].shape[0] + 1,) + tensors[key].shape[1:], np.float32)
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(WeightsError, match=rf"{re.escape(str(path))}: {message}"):
+        sdjax.load_pretrained(path)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from sdjax.models.layers import (ATTENTION_IMPLEMENTATIONS, Attention, Dense, SerializableConfig,
-                                 einsum)
+                                 check_field_types, einsum)
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -84,6 +84,7 @@ class CLIPTextConfig(SerializableConfig):
     attention: str = "xla"
 
     def __post_init__(self):
+        check_field_types(self)
         _check_tower(self)
 
     @classmethod
@@ -113,6 +114,7 @@ class CLIPVisionConfig(SerializableConfig):
     attention: str = "xla"
 
     def __post_init__(self):
+        check_field_types(self)
         _check_tower(self)
         if self.image_size % self.patch_size:
             raise ValueError(f"CLIPVisionConfig: image_size {self.image_size} is not a multiple "

@@ -146,6 +146,49 @@ class SerializableConfig:
                       for k, v in d.items()})
 
 
+def check_field_types(config) -> None:
+    """Every field of a config dataclass holds a value of its annotated type (ints are not floats'
+    only stand-ins the other way round), so a config.json with `"block_out_channels": "abc"` is a
+    one-line error naming the field rather than a failure somewhere inside the model."""
+    types = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if not _matches(value, types[field.name]):
+            raise ValueError(f"{type(config).__name__}.{field.name}: expected "
+                             f"{_type_name(types[field.name])}, got {value!r}")
+
+
+def _matches(value, annotation) -> bool:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return True
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        return any(_matches(value, a) for a in args)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True  # a construct not checked here
+
+
+def _type_name(annotation) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
 def _is_config_type(annotation) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, SerializableConfig)
 

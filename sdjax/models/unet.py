@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from sdjax.models import layers
 from sdjax.models.layers import (ATTENTION_IMPLEMENTATIONS, Dense, Downsample, GEGLUFeedForward,
                                  ResnetBlock, SerializableConfig, TimestepEmbedding, Upsample,
-                                 check_block_types, lists_to_tuples, timestep_embedding)
+                                 check_block_types, check_field_types, lists_to_tuples,
+                                 timestep_embedding)
 
 IntOrTuple = Union[int, tuple[int, ...]]
 
@@ -99,6 +100,7 @@ class UNetConfig(SerializableConfig):
     attention: str = "xla"
 
     def __post_init__(self):
+        check_field_types(self)
         check_block_types(self, down_block_types=DOWN_BLOCK_TYPES, up_block_types=UP_BLOCK_TYPES)
         if self.mid_block_type not in MID_BLOCK_TYPES:
             raise ValueError(f"UNetConfig.mid_block_type: unsupported {self.mid_block_type!r}; "

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from sdjax.models.layers import (ATTENTION_IMPLEMENTATIONS, Attention, Downsample, ResnetBlock,
-                                 SerializableConfig, Upsample, check_block_types)
+                                 SerializableConfig, Upsample, check_block_types,
+                                 check_field_types)
 
 # The reference builds its resnets, mid-block attention and output norms with this epsilon.
 _NORM_EPS = 1e-6
@@ -45,6 +46,7 @@ class VAEConfig(SerializableConfig):
     attention: str = "xla"
 
     def __post_init__(self):
+        check_field_types(self)
         check_block_types(self, down_block_types=("DownEncoderBlock2D",),
                           up_block_types=("UpDecoderBlock2D",))
         if self.act_fn not in _SUPPORTED_ACTIVATIONS:

@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from sdjax.models.unet import UNetConfig
 from sdjax.weights.common import RenamedSource, SafetensorsFile, TensorSource, WeightsError
 
 Transform = Optional[Callable[[np.ndarray], np.ndarray]]
@@ -312,6 +313,30 @@ def _depth(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int:
     return len(blocks)
 
 
+# Where the inferred U-Net config's values come from (tensor names under UNET_PREFIX): a config
+# that sdjax refuses is most often one mis-shaped tensor, which the error then names.
+UNET_CONFIG_SOURCES = {
+    "time_embedding_dim": "time_embed.0.weight", "in_channels": "input_blocks.0.0.weight",
+    "out_channels": "out.2.weight", "block_out_channels": "input_blocks.*.0.out_layers.3.weight",
+    "norm_num_groups": "input_blocks.*.0.out_layers.3.weight",
+    "cross_attention_dim": "*.attn2.to_k.weight", "attention_head_dim": "*.proj_in.weight",
+    "projection_class_embeddings_input_dim": "label_emb.0.0.weight",
+    "addition_time_embed_dim": "label_emb.0.0.weight",
+}
+
+
+def unet_config_error(path, err: ValueError, shapes: Mapping[str, tuple[int, ...]]) -> WeightsError:
+    """A refused inferred U-Net config as an error naming the file and the tensors it came from."""
+    import fnmatch
+
+    sources = sorted({source for field, source in UNET_CONFIG_SOURCES.items() if field in str(err)})
+    named = [f"{UNET_PREFIX}{key} {tuple(shapes[key])}" for source in sources
+             for key in sorted(k for k in shapes if fnmatch.fnmatchcase(k, source))][:4]
+    where = (f"; the value comes from the shape of {', '.join(named)}: is that tensor mis-shaped?"
+             if named else " (inferred from the file's tensor shapes)")
+    return WeightsError(f"{path}: U-Net: {err}{where}")
+
+
 def unet_config(shapes: Mapping[str, tuple[int, ...]], family: str, file: str,
                 pooled_dim: Optional[int] = None) -> dict:
     """A diffusers UNet2DConditionModel config inferred from original key names and shapes."""
@@ -577,6 +602,10 @@ def read_single_file(path: str | os.PathLike, *, prediction_type: Optional[str] 
         pooled = result["text_encoder_2"][0]["projection_dim"] if "text_encoder_2" in result else None
         result["unet"] = (unet_config(unet.shapes, family, path, pooled_dim=pooled),
                           RenamedSource(source, unet.mapping))
+        try:
+            UNetConfig.from_diffusers(result["unet"][0])
+        except ValueError as err:
+            raise unet_config_error(path, err, unet.shapes) from None
         result["vae"] = (vae_config(_renamed_shapes(parts["vae"], shape_of), scaling_factor=vae_scale,
                                     sample_size=image_size),
                          RenamedSource(source, parts["vae"].mapping))
