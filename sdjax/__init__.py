@@ -9,17 +9,21 @@ ASSETS_DIR = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "assets
 # The embedded shapes-world model (experiments/build_default_model.py): what an empty `model` loads.
 DEFAULT_MODEL = _os.path.join(ASSETS_DIR, "default_model")
 
-_LAZY = {
+def lazy_exports(module_name: str, table: dict):
+    """A module `__getattr__` that imports `table[name]` (a module path) on first use of `name`,
+    so importing a package stays light: the loaders pull in jax and flax only when used."""
+    def __getattr__(name):
+        if name in table:
+            import importlib
+
+            return getattr(importlib.import_module(table[name]), name)
+        raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
+__getattr__ = lazy_exports(__name__, {
     "load_pretrained": "sdjax.weights.pretrained",
     "save_pretrained": "sdjax.weights.pretrained",
     "Pretrained": "sdjax.weights.pretrained",
-}
-
-
-def __getattr__(name):
-    # Keeps `import sdjax` light: the loaders pull in jax and flax only when used.
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'sdjax' has no attribute {name!r}")
+})

@@ -8,19 +8,13 @@ SamplingSpec`. They load lazily, so importing the package (or `sdjax.sampling.sp
 of jax.
 """
 
-_LAZY = {
+from sdjax import lazy_exports
+
+__getattr__ = lazy_exports(__name__, {
     "SamplingSpec": "sdjax.sampling.spec",
     "MODES": "sdjax.sampling.spec",
     "Request": "sdjax.sampling.requests",
     "Generator": "sdjax.sampling.generator",
     "NonFiniteLatentsError": "sdjax.sampling.generator",
     "enable_compilation_cache": "sdjax.sampling.exported",
-}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'sdjax.sampling' has no attribute {name!r}")
+})

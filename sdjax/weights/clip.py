@@ -143,33 +143,32 @@ def read_config_json(folder: str | os.PathLike) -> dict:
 def load_clip_text_folder(path: str | os.PathLike, dtype=None, *,
                           attention: str = "xla") -> tuple[CLIPTextConfig, dict]:
     """(config, params) of a transformers CLIPTextModel[WithProjection] folder (a diffusers
-    `text_encoder`/`text_encoder_2` folder). A projection is expected when the config's
-    architecture says so, or, with no architecture named, when the weights hold one."""
-    raw = read_config_json(path)
-    source = open_transformers_weights(path)
-    with_projection = None
-    if not raw.get("architectures") and "text_config" not in raw:
-        with_projection = _PROJECTIONS["text_model"] in source
-    config = CLIPTextConfig.from_transformers(raw, with_projection=with_projection,
-                                              attention=attention)
-    if "text_config" in raw:  # a whole CLIPModel folder: take its text tower
-        return config, _subtree(source, config, "text_model", dtype)
-    return config, clip_text_params(source, config, dtype)
+    `text_encoder`/`text_encoder_2` folder), or the text tower of a whole CLIPModel folder. A
+    projection is expected when the config's architecture says so, or, with no architecture
+    named, when the weights hold one."""
+    return _load_tower_folder(path, "text_model", CLIPTextConfig, clip_text_params, dtype, attention)
 
 
 def load_clip_vision_folder(path: str | os.PathLike, dtype=None, *,
                             attention: str = "xla") -> tuple[CLIPVisionConfig, dict]:
-    """(config, params) of a transformers CLIPVisionModel[WithProjection] folder."""
+    """(config, params) of a transformers CLIPVisionModel[WithProjection] folder, or the vision
+    tower of a whole CLIPModel folder."""
+    return _load_tower_folder(path, "vision_model", CLIPVisionConfig, clip_vision_params, dtype,
+                              attention)
+
+
+def _load_tower_folder(path, tower: str, config_class, params_of, dtype, attention: str):
     raw = read_config_json(path)
     source = open_transformers_weights(path)
+    whole_model_key = tower.replace("_model", "_config")  # text_config / vision_config
     with_projection = None
-    if not raw.get("architectures") and "vision_config" not in raw:
-        with_projection = _PROJECTIONS["vision_model"] in source
-    config = CLIPVisionConfig.from_transformers(raw, with_projection=with_projection,
-                                                attention=attention)
-    if "vision_config" in raw:
-        return config, _subtree(source, config, "vision_model", dtype)
-    return config, clip_vision_params(source, config, dtype)
+    if not raw.get("architectures") and whole_model_key not in raw:
+        with_projection = _PROJECTIONS[tower] in source
+    config = config_class.from_transformers(raw, with_projection=with_projection,
+                                            attention=attention)
+    if whole_model_key in raw:  # a whole CLIPModel folder: take this tower
+        return config, _subtree(source, config, tower, dtype)
+    return config, params_of(source, config, dtype)
 
 
 def load_clip_folder(path: str | os.PathLike, dtype=None, *,
