@@ -97,6 +97,7 @@ def test_a_second_run_into_the_same_folder_continues_the_numbering(tmp_path, tin
 
 @pytest.mark.parametrize("args, message", [
     ([], "generate.py: error: --prompt is required"),
+    (["--prompt=a (red:.) circle", "--model=random:tiny"], "emphasis weight '.' at character 7"),
     (["--prompt=x", "--config.batch_size=-1"], "batch_size must be an integer >= 0"),
     (["--prompt=x", "extra"], "unexpected arguments: extra"),
     (["--prompt=x", "--num_images=abc"], "--num_images"),
@@ -222,6 +223,7 @@ def test_an_unreadable_image_file_is_one_line(tmp_path, flag, what):
     assert result.returncode == 1
     assert f"{what} '{broken}' cannot be read as an image" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 # --- train checkpoints ------------------------------------------------------------------------------

@@ -105,6 +105,8 @@ def generate_to_dir(config, model=None) -> list[str]:
     model = model or load_model(config)
     generator = Generator(model, dtype=None if config.dtype == "float32" else DTYPES[config.dtype],
                           parallel_mode=config.parallel, fsdp=int(config.fsdp))
+    # The first request checked whole (prompt syntax, images, mask, sizes) before anything is written.
+    generator.prepare(request_from_config(config, spec, min(batch, total), int(config.seed)), spec)
     os.makedirs(config.out_dir, exist_ok=True)
     # Earlier runs into the same folder are kept: numbering continues after theirs (the WebUI's
     # habit), and this run's config gets its own name when config.json holds another's.
