@@ -120,9 +120,14 @@ def clip_to_original(sd: Mapping[str, np.ndarray], *, with_text_model: bool = Tr
     return out
 
 
+def text_model_key(key: str) -> str:
+    """A CLIP text key in transformers 4 names: transformers 5 saves CLIPTextModel without the
+    `text_model.` prefix (the projection of CLIPTextModelWithProjection never had it)."""
+    return key if key.startswith(("text_model.", "text_projection")) else "text_model." + key
+
+
 def clip_to_open_clip(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    sd = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v
-          for k, v in sd.items()}
+    sd = {text_model_key(k): v for k, v in sd.items()}
     out, fused = {}, {}
     for key, value in sd.items():
         if key in OPEN_CLIP_TOP:

@@ -1,8 +1,5 @@
 """Train checkpoints: round trip, keep-last-N, interrupted writes never win, restore across device
 counts (8 simulated CPU devices in a subprocess <-> this process's one)."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -13,26 +10,7 @@ from sdjax import parallel
 from sdjax.training import state as state_lib
 from sdjax.training import step as step_lib
 from sdjax.training.checkpoints import Checkpoints
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# A state with one leaf large enough (>= parallel.FSDP_MIN_SIZE) to be split over fsdp.
-MAKE_STATE = textwrap.dedent("""
-    import jax, numpy as np
-    from sdjax.training import state as state_lib
-
-    def make_state(seed):
-        rng = np.random.default_rng(seed)
-        params = {"unet": {"big": rng.standard_normal((256, 512), dtype=np.float32),
-                           "bias": rng.standard_normal((8,), dtype=np.float32)},
-                  "vae": {"w": rng.standard_normal((4, 4), dtype=np.float32)}}
-        optimizer = state_lib.make_optimizer({"unet": {"lr": 1e-3}, "vae": {"frozen": True}}, 10)
-        state = state_lib.init_train_state(params, optimizer, jax.random.key(seed), use_ema=True)
-        # Moments and EMA different from the params, as after some steps.
-        grads = jax.tree.map(lambda x: np.full(x.shape, 0.1, np.float32), params)
-        return state.apply_gradients(grads)
-""")
-exec(MAKE_STATE)  # defines make_state here too
+from tests.helpers import make_state, run_python
 
 
 def _leaves(state):
@@ -79,7 +57,7 @@ def test_interrupted_write_never_replaces_the_last_complete_checkpoint(tmp_path)
     ckpt.close()
 
 
-def test_restore_checks_the_structure(tmp_path):
+def test_restore_refuses_a_state_of_another_structure(tmp_path):
     ckpt = Checkpoints(tmp_path, save_every=1, async_save=False)
     ckpt.save(1, make_state(1), {"step": 1})
     ckpt.wait()
@@ -92,10 +70,8 @@ def test_restore_checks_the_structure(tmp_path):
 
 
 def _run_on_8_devices(code: str) -> None:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", MAKE_STATE + textwrap.dedent(code)], cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=300)
+    code = "from tests.helpers import make_state\n" + textwrap.dedent(code)
+    out = run_python("-c", code, devices=8, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
 
 

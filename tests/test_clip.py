@@ -1,7 +1,6 @@
 """CLIP text / vision / contrastive models against transformers, loaded through the folder loaders."""
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +12,7 @@ from sdjax.models.clip import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextMo
 from sdjax.weights.clip import (clip_text_params, load_clip_folder, load_clip_text_folder,
                                 load_clip_vision_folder)
 from sdjax.weights.common import DictSource, WeightsError
+from tests.helpers import rewritten_folder
 
 import torch
 import transformers
@@ -265,15 +265,14 @@ def test_padding_attention_mask_matches_transformers(folders):
 
 def test_legacy_prefixed_keys_and_position_ids_load_the_same(folders, tmp_path):
     """transformers 4 / SD checkpoints prefix `text_model.` and carry a position_ids buffer."""
-    from safetensors.numpy import load_file, save_file
+    def to_legacy(tensors):
+        for key in list(tensors):
+            tensors[f"text_model.{key}"] = tensors.pop(key)
+        tensors["text_model.embeddings.position_ids"] = np.arange(16, dtype=np.int64)[None]
 
     path, _ = folders("openai_legacy_eos", "text")
     config, params = load_clip_text_folder(path)
-    tensors = load_file(os.path.join(path, "model.safetensors"))
-    legacy = {f"text_model.{k}": v for k, v in tensors.items()}
-    legacy["text_model.embeddings.position_ids"] = np.arange(16, dtype=np.int64)[None]
-    save_file(legacy, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    rewritten_folder(path, tmp_path, "model.safetensors", to_legacy)
     legacy_config, legacy_params = load_clip_text_folder(tmp_path, dtype=jnp.bfloat16)
     assert legacy_config == config
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b, jnp.bfloat16)),
@@ -281,25 +280,13 @@ def test_legacy_prefixed_keys_and_position_ids_load_the_same(folders, tmp_path):
     assert {str(x.dtype) for x in jax.tree.leaves(legacy_params)} == {"bfloat16"}
 
 
-def test_sharded_folder_loads(folders, tmp_path):
+def test_sharded_folder_loads_the_same_params(folders, tmp_path):
     path, ref = folders("openclip_h_like", "text_proj")
     ref.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
     _, params = load_clip_text_folder(tmp_path)
     _, whole = load_clip_text_folder(path)
     jax.tree.map(np.testing.assert_array_equal, params, whole)
-
-
-def _rewritten_folder(src, dst, edit):
-    from safetensors.numpy import load_file, save_file
-
-    tensors = load_file(os.path.join(src, "model.safetensors"))
-    edit(tensors)
-    os.makedirs(dst, exist_ok=True)
-    save_file(tensors, os.path.join(dst, "model.safetensors"))
-    with open(os.path.join(src, "config.json")) as f, open(os.path.join(dst, "config.json"), "w") as g:
-        g.write(f.read())
-    return os.path.join(dst, "model.safetensors")
 
 
 @pytest.mark.parametrize("problem,key,message", [
@@ -320,7 +307,7 @@ def test_bad_checkpoints_raise_weights_error_naming_file_and_key(folders, tmp_pa
         else:
             tensors[key] = tensors[key][:, :-1].copy()
 
-    file = _rewritten_folder(path, tmp_path / problem, edit)
+    file = rewritten_folder(path, tmp_path / problem, "model.safetensors", edit)
     with pytest.raises(WeightsError) as info:
         load_clip_text_folder(tmp_path / problem)
     assert file in str(info.value) and message in str(info.value)
@@ -348,7 +335,7 @@ def test_configs_round_trip_and_hash():
         dataclasses.replace(text, hidden_act="relu6")
 
 
-def test_remat_and_bfloat16_forward(folders):
+def test_remat_matches_and_bfloat16_stays_close_to_float32(folders):
     path, _ = folders("openclip_h_like", "text_proj")
     config, params = load_clip_text_folder(path)
     ids = jnp.asarray(_prompt_ids(TEXT["openclip_h_like"], seed=6), jnp.int32)
@@ -372,7 +359,7 @@ def test_clip_skip_out_of_range_raises(folders):
         text_hidden_state(model, params, out, clip_skip=3)
 
 
-def test_in_memory_source_converts():
+def test_in_memory_source_converts_linear_weights_to_kernels():
     """clip_text_params works on any TensorSource (single-file readers hand over renamed views)."""
     config = CLIPTextConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_layers=1,
                             num_heads=2, max_position_embeddings=4)

@@ -1,25 +1,17 @@
 """Compilation is part of the contract: one program per (shape, sampler, steps) whose size does not
 grow with the step count, loaded from the persistent cache on a second launch."""
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from sdjax import parallel
-from sdjax.weights.presets import random_pretrained
 from sdjax.sampling import Generator, Request, SamplingSpec
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import json_result, run_python
 
 
 def _launch(cache_dir):
-    out = subprocess.run([sys.executable, "-m", "tests.compilation_cache_check", str(cache_dir)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json_result(run_python("-m", "tests.compilation_cache_check", str(cache_dir)))
 
 
 def test_second_launch_loads_every_program_from_the_persistent_cache(tmp_path):
@@ -31,8 +23,8 @@ def test_second_launch_loads_every_program_from_the_persistent_cache(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def generator():
-    return Generator(random_pretrained("tiny"))
+def generator(tiny_model):
+    return Generator(tiny_model)
 
 
 def _program_text(generator, steps):

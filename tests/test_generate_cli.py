@@ -1,23 +1,18 @@
 """`python -m experiments.generate`: files, PNG parameters, grid, resolved config, and one-line errors."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from sdjax import images
+from tests.helpers import run_python
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _run(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "experiments.generate", "--model=random:tiny",
-                           "--height=32", "--width=32", "--config.steps=3",
-                           "--config.progress=false", *args],
-                          cwd=cwd, capture_output=True, text=True, timeout=600)
+def _run(*args):
+    return run_python("-m", "experiments.generate", "--model=random:tiny", "--height=32",
+                      "--width=32", "--config.steps=3", "--config.progress=false", *args)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ COND = RNG.randn(3, 8, 8, 4).astype(np.float32) * 1.7 + 0.2
 
 
 @pytest.mark.parametrize("scale,rescale", [(1.0, 0.0), (7.5, 0.0), (7.5, 0.7), (3.0, 1.0)])
-def test_combine_matches_reference(scale, rescale):
+def test_combine_matches_the_diffusers_formulas(scale, rescale):
     reference = torch.from_numpy(UNCOND) + scale * (torch.from_numpy(COND) - torch.from_numpy(UNCOND))
     if rescale > 0:
         reference = rescale_noise_cfg(reference, torch.from_numpy(COND), guidance_rescale=rescale)
@@ -35,16 +35,19 @@ def _toy_model(x, t, context):
     return jnp.tanh(x) * context[:, None, None, :] + t.reshape(-1, 1, 1, 1) / 1000.0
 
 
-def test_one_model_call_on_concatenated_batch():
-    calls = []
-
-    def counting_model(x, t, context):
+def _counting(calls: list):
+    """`_toy_model`, appending the batch size of each call to `calls`."""
+    def model(x, t, context):
         calls.append(x.shape[0])
         return _toy_model(x, t, context)
+    return model
 
+
+def test_guidance_makes_one_model_call_on_the_concatenated_batch():
+    calls = []
     cond = jnp.ones((3, 4)) * 2.0
     uncond = jnp.zeros((3, 4))
-    fn = classifier_free_guidance(counting_model, cond, uncond, jnp.array([1.0, 2.0, 3.0]))
+    fn = classifier_free_guidance(_counting(calls), cond, uncond, jnp.array([1.0, 2.0, 3.0]))
     x = jnp.asarray(COND)
     t = jnp.full((3,), 500.0)
     out = fn(x, t)
@@ -55,19 +58,14 @@ def test_one_model_call_on_concatenated_batch():
 
 def test_no_uncond_means_single_conditional_call():
     calls = []
-
-    def counting_model(x, t, context):
-        calls.append(x.shape[0])
-        return _toy_model(x, t, context)
-
     cond = jnp.ones((3, 4))
-    out = classifier_free_guidance(counting_model, cond, None, 1.0)(jnp.asarray(COND), jnp.full((3,), 10.0))
+    out = classifier_free_guidance(_counting(calls), cond, None, 1.0)(jnp.asarray(COND), jnp.full((3,), 10.0))
     assert calls == [3]
     np.testing.assert_allclose(np.asarray(out), np.asarray(_toy_model(jnp.asarray(COND), jnp.full((3,), 10.0), cond)))
 
 
 @pytest.mark.parametrize("t,inside", [(900.0, False), (500.0, True), (50.0, False)])
-def test_interval_limits_guidance(t, inside):
+def test_guidance_applies_only_inside_its_interval(t, inside):
     cond = jnp.ones((3, 4)) * 2.0
     uncond = jnp.zeros((3, 4))
     x = jnp.asarray(COND)

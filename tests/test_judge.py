@@ -1,6 +1,5 @@
 import dataclasses
 import io
-import itertools
 
 import numpy as np
 import pytest
@@ -9,10 +8,7 @@ from PIL import Image, ImageFilter
 from sdjax.data import shapes
 from sdjax.data.shapes import Scene, ShapeAttrs
 from sdjax.evaluation.judge import ATTRIBUTES, detect, judge
-
-
-def _take(stream, n):
-    return list(itertools.islice(stream, n))
+from tests.helpers import take
 
 
 def _accuracy(examples, perturb=None, seed=0):
@@ -49,8 +45,9 @@ def _everything(image, rng):
 
 
 @pytest.fixture(scope="module")
-def examples32():
-    return _take(shapes.train_examples(0, 32), 2000)
+def examples32(shapes_train_examples):
+    """The first 2,000 training examples (seed 0, 32 px)."""
+    return shapes_train_examples[:2000]
 
 
 def test_judge_agrees_with_truth_on_clean_renders(examples32):
@@ -60,12 +57,12 @@ def test_judge_agrees_with_truth_on_clean_renders(examples32):
 
 @pytest.mark.parametrize("size,antialias", [(64, True), (32, False), (64, False)])
 def test_judge_agrees_with_truth_at_other_sizes_and_hard_edges(size, antialias):
-    acc = _accuracy(_take(shapes.train_examples(1, size, antialias=antialias), 200))
+    acc = _accuracy(take(shapes.train_examples(1, size, antialias=antialias), 200))
     assert all(v >= 0.99 for v in acc.values()), acc
 
 
 def test_judge_agrees_with_truth_on_held_out_scenes():
-    acc = _accuracy(_take(shapes.heldout_examples(2, 32), 200))
+    acc = _accuracy(take(shapes.heldout_examples(2, 32), 200))
     assert all(v >= 0.99 for v in acc.values()), acc
 
 
@@ -87,7 +84,7 @@ def test_judge_tolerates_imperfect_images(examples32, name, perturb, floor):
 
 
 def test_judge_tolerates_imperfect_images_at_64px():
-    examples = _take(shapes.train_examples(4, 64), 200)
+    examples = take(shapes.train_examples(4, 64), 200)
     acc = _accuracy(examples, lambda im, rng: _jpeg(_noise(_blur(im, rng, 1.4), rng), rng))
     assert all(v >= 0.98 for v in acc.values()), acc
 
@@ -186,7 +183,7 @@ def test_judge_accepts_a_scene_and_is_deterministic(examples32):
     assert detect(e.image) == detect(e.image)
 
 
-def test_judge_on_an_empty_image():
+def test_judge_finds_no_object_in_an_empty_image():
     blank = np.full((32, 32, 3), shapes.COLOURS["blue"], np.uint8)
     verdict = judge(blank, "a small red circle in the center, blue background")
     assert verdict["background"] and not verdict["count"] and not verdict["colour"]

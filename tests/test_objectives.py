@@ -11,6 +11,7 @@ from diffusers.training_utils import compute_snr
 
 from sdjax.diffusion.schedules import add_noise
 from sdjax.training import objectives as obj
+from tests.helpers import to_nchw, to_nhwc
 
 T = 1000
 SCHEDULER = DDPMScheduler(num_train_timesteps=T, beta_start=0.00085, beta_end=0.012,
@@ -41,18 +42,16 @@ def test_add_noise_matches_numpy_and_diffusers():
                                 jnp.asarray(TIMESTEPS)))
     ac = ALPHAS_CUMPROD[TIMESTEPS].astype(np.float64)[:, None, None, None]
     np.testing.assert_allclose(ours, np.sqrt(ac) * X0 + np.sqrt(1 - ac) * NOISE, atol=1e-5)
-    nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
-    ref = SCHEDULER.add_noise(nchw(X0), nchw(NOISE), torch.from_numpy(TIMESTEPS).long())
-    np.testing.assert_allclose(ours, ref.numpy().transpose(0, 2, 3, 1), atol=1e-5)
+    ref = SCHEDULER.add_noise(to_nchw(X0), to_nchw(NOISE), torch.from_numpy(TIMESTEPS).long())
+    np.testing.assert_allclose(ours, to_nhwc(ref), atol=1e-5)
 
 
 def test_velocity_matches_numpy_and_diffusers():
     ours = np.asarray(obj.velocity(jnp.asarray(X0), jnp.asarray(NOISE), jnp.asarray(TIMESTEPS),
                                    jnp.asarray(ALPHAS_CUMPROD)))
     np.testing.assert_allclose(ours, _np_targets("v_prediction"), atol=1e-5)
-    nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
-    ref = SCHEDULER.get_velocity(nchw(X0), nchw(NOISE), torch.from_numpy(TIMESTEPS).long())
-    np.testing.assert_allclose(ours, ref.numpy().transpose(0, 2, 3, 1), atol=1e-5)
+    ref = SCHEDULER.get_velocity(to_nchw(X0), to_nchw(NOISE), torch.from_numpy(TIMESTEPS).long())
+    np.testing.assert_allclose(ours, to_nhwc(ref), atol=1e-5)
 
 
 def test_snr_matches_diffusers_compute_snr():
@@ -86,7 +85,7 @@ def test_diffusion_loss_is_zero_when_prediction_equals_target(prediction_type):
     assert np.all(np.asarray(per_example) == 0.0)
 
 
-def test_min_snr_weights_bounded_and_equal_x0_weighting():
+def test_min_snr_weights_are_bounded_and_equal_in_x0_space():
     gamma = 5.0
     s = obj.snr(jnp.arange(T), jnp.asarray(ALPHAS_CUMPROD))
     eps = np.asarray(obj.min_snr_weights(s, gamma, "epsilon"))
@@ -130,7 +129,7 @@ def test_offset_noise_is_noise_plus_scaled_per_channel_offset():
                                10.0 * np.asarray(jax.random.normal(offset_key, (6, 4))), atol=0.5)
 
 
-def test_sample_timesteps_range_and_spread():
+def test_sample_timesteps_cover_the_whole_range_evenly():
     t = np.asarray(obj.sample_timesteps(jax.random.PRNGKey(0), 20000, T))
     assert t.dtype == np.int32 and t.shape == (20000,)
     assert t.min() >= 0 and t.max() == T - 1
@@ -139,7 +138,7 @@ def test_sample_timesteps_range_and_spread():
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 1.0])
-def test_caption_dropout_rate_and_rows(p):
+def test_caption_dropout_replaces_whole_rows_at_the_given_rate(p):
     batch, length = 4000, 6
     ids = jnp.tile(jnp.arange(1, length + 1, dtype=jnp.int32)[None], (batch, 1))
     empty = jnp.array([49406] + [49407] * (length - 1), jnp.int32)
@@ -150,7 +149,7 @@ def test_caption_dropout_rate_and_rows(p):
     assert abs(dropped.mean() - p) < 0.025
 
 
-def test_caption_dropout_on_embeddings_and_shape_error():
+def test_caption_dropout_zeroes_embeddings_and_rejects_a_mismatched_empty():
     emb = jnp.ones((8, 3, 5))
     out = obj.caption_dropout(jax.random.PRNGKey(0), emb, jnp.zeros((3, 5)), 1.0)
     assert np.all(np.asarray(out) == 0)
@@ -288,7 +287,7 @@ def test_losses_compute_in_float32_from_bfloat16_inputs():
     assert loss.dtype == jnp.float32 and per_example.dtype == jnp.float32
 
 
-def test_objectives_jit():
+def test_diffusion_loss_jits_with_traced_timesteps():
     fn = jax.jit(lambda p, t: obj.diffusion_loss(p, jnp.asarray(X0), jnp.asarray(NOISE), t,
                                                  jnp.asarray(ALPHAS_CUMPROD), "v_prediction", 5.0))
     loss, _ = fn(jnp.asarray(X0), jnp.asarray(TIMESTEPS))

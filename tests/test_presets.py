@@ -6,6 +6,7 @@ import pytest
 
 from sdjax.models.unet import UNet
 from sdjax.weights.presets import random_pretrained
+from tests.helpers import flat_params
 
 
 @pytest.fixture(scope="module")
@@ -13,13 +14,8 @@ def training_init():
     return random_pretrained("tiny", seed=0, for_training=True)
 
 
-def _leaves(params):
-    return {jax.tree_util.keystr(p): np.asarray(v)
-            for p, v in jax.tree_util.tree_leaves_with_path(params)}
-
-
 def test_training_init_zeroes_the_unet_residual_branch_outputs(training_init):
-    leaves = _leaves(training_init.params["unet"])
+    leaves = flat_params(training_init.params["unet"])
     zero = sorted(k for k, v in leaves.items() if v.ndim > 1 and not v.any())
     conv2 = [k for k in leaves if "['conv2']['kernel']" in k]
     proj_out = [k for k in leaves if "['proj_out']['kernel']" in k]
@@ -39,15 +35,16 @@ def test_training_init_unet_starts_at_zero_output(training_init):
 
 def test_training_init_kernels_are_fan_in_scaled(training_init):
     for part in ("unet", "vae"):
-        for key, value in _leaves(training_init.params[part]).items():
-            if not key.endswith("['kernel']") or not value.any() or value.size < 2000:
-                continue
+        kernels = {key: value for key, value in flat_params(training_init.params[part]).items()
+                   if key.endswith("['kernel']") and value.any() and value.size >= 2000}
+        assert kernels, part
+        for key, value in kernels.items():
             fan_in = int(np.prod(value.shape[:-1]))
             assert value.std() == pytest.approx(1 / np.sqrt(fan_in), rel=0.1), (part, key)
 
 
-def test_default_init_is_the_small_normal_everywhere():
-    leaves = _leaves(random_pretrained("tiny", seed=0).params["unet"])
+def test_default_init_is_the_small_normal_everywhere(tiny_model):
+    leaves = flat_params(tiny_model.params["unet"])
     kernels = [v for k, v in leaves.items() if k.endswith("['kernel']") and v.size >= 2000]
     assert kernels and all(v.std() == pytest.approx(0.02, rel=0.1) for v in kernels)
     scales = [v for k, v in leaves.items() if k.endswith("['scale']")]

@@ -24,7 +24,7 @@ def tokenizer():
     ("one BREAK two", [("one", 1.0), (BREAK, 0.0), ("two", 1.0)]),
     ("", [("", 1.0)]),
 ])
-def test_parse_emphasis(prompt, expected):
+def test_parse_emphasis_matches_the_webui(prompt, expected):
     got = parse_emphasis(prompt)
     assert [t for t, _ in got] == [t for t, _ in expected]
     np.testing.assert_allclose([w for _, w in got], [w for _, w in expected], rtol=1e-12)

@@ -1,5 +1,7 @@
 """Every sdjax sampler against the diffusers PyTorch scheduler of the same settings, driven by the
-same smooth fake model and (for stochastic samplers) the same injected noise; full trajectories."""
+same smooth fake model and (for stochastic samplers) the same injected noise; full trajectories.
+
+`python -m benchmarks.sampler_report` prints the measured error of every sampler."""
 import functools
 
 import jax
@@ -13,6 +15,7 @@ from diffusers.schedulers import (scheduling_ddim, scheduling_ddpm, scheduling_d
 
 from sdjax.diffusion.samplers import get_sampler, list_samplers, sample, start_index, step_noise
 from sdjax.diffusion.schedules import NoiseSchedule
+from tests.helpers import to_nchw, to_nhwc
 
 SD_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                  beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False,
@@ -123,15 +126,14 @@ def run_diffusers(case, num_steps, prediction_type, monkeypatch):
 
     for module in NOISE_MODULES:
         monkeypatch.setattr(module, "randn_tensor", fake_randn)
-    to_torch = lambda a: torch.from_numpy(np.asarray(a, np.float64)).permute(0, 3, 1, 2)
-    x = to_torch(initial_noise()) * sched.init_noise_sigma
+    x = to_nchw(initial_noise(), np.float64) * sched.init_noise_sigma
     outs = []
     noises = _all_step_noise(len(sched.timesteps))
     for call, t in enumerate(sched.timesteps):
-        current["noise"] = to_torch(noises[call])   # stochastic samplers make one call per step
+        current["noise"] = to_nchw(noises[call], np.float64)   # one call per step if stochastic
         x_in = sched.scale_model_input(x, t)
         x = sched.step(torch_model(x_in, t), t, x, **step_kwargs).prev_sample.to(torch.float64)
-        outs.append(x.permute(0, 2, 3, 1).numpy().copy())
+        outs.append(to_nhwc(x).copy())
     outs = np.stack(outs)
     if name == "heun":      # two calls per step, the last step one
         outs = outs[np.r_[np.arange(1, len(outs) - 1, 2), len(outs) - 1]]
@@ -144,20 +146,24 @@ def rel_err(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-MEASURED = {}
+STEP_COUNTS = (10, 25, 50)
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# diffusers is no reference there: its PNDM mixes v outputs before converting them (test_pndm_v_*).
+NOT_COMPARED = {("pndm", "v_prediction")}
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("num_steps", [10, 25, 50])
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("num_steps", STEP_COUNTS)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_trajectory_matches_diffusers(case, num_steps, prediction_type, monkeypatch):
-    if case == "pndm" and prediction_type == "v_prediction":
+def test_trajectory_matches_diffusers(case, num_steps, prediction_type, monkeypatch,
+                                      record_property):
+    if (case, prediction_type) in NOT_COMPARED:
         pytest.skip("diffusers' PNDM mixes v outputs before converting them; see test_pndm_v_*")
     ours = run_sdjax(case, num_steps, prediction_type)
     ref = run_diffusers(case, num_steps, prediction_type, monkeypatch)
     assert ours.shape == ref.shape
     err = rel_err(ours, ref)
-    MEASURED[(case, num_steps, prediction_type)] = err
+    record_property("rel_err", err)
     assert err <= RTOL, f"{case} {num_steps} steps {prediction_type}: rel err {err:.2e}"
 
 
@@ -230,11 +236,11 @@ def test_img2img_start_matches_diffusers(case, monkeypatch):
     ts = sched.timesteps[k:]
     if hasattr(sched, "set_begin_index"):   # DDIM finds its place from the timestep itself
         sched.set_begin_index(k)
-    to_torch = lambda a: torch.from_numpy(np.asarray(a, np.float64)).permute(0, 3, 1, 2)
-    x = sched.add_noise(to_torch(x0), to_torch(initial_noise()), ts[:1].repeat(SHAPE[0]))
+    x = sched.add_noise(to_nchw(x0, np.float64), to_nchw(initial_noise(), np.float64),
+                        ts[:1].repeat(SHAPE[0]))
     for t in ts:
         x = sched.step(torch_model(sched.scale_model_input(x, t), t), t, x).prev_sample.double()
-    ref = x.permute(0, 2, 3, 1).numpy()
+    ref = to_nhwc(x)
     assert rel_err(np.asarray(ours, np.float64), ref) <= RTOL
 
 
@@ -251,16 +257,3 @@ def test_registry_lists_all_and_rejects_unknown_names_and_options():
         sampler = get_sampler("euler_a")
         sample(sampler, jax_model, initial_noise(),
                sampler.plan(NoiseSchedule.from_diffusers(_sd_config()), 4))
-
-
-def test_report_table(capsys):
-    """Prints the max relative error per sampler over steps/parameterisations measured above."""
-    if not MEASURED:
-        pytest.skip("run with the parity tests")
-    rows = {}
-    for (case, n, pred), err in MEASURED.items():
-        rows.setdefault(case, {})[(n, pred)] = err
-    with capsys.disabled():
-        print("\nsampler               max rel err (10/25/50 steps x eps/v)")
-        for case in sorted(rows):
-            print(f"{case:22s}{max(rows[case].values()):.2e}")

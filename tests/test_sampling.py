@@ -26,6 +26,7 @@ from sdjax.weights.presets import preset  # noqa: E402
 from sdjax.sampling import Generator, Request, SamplingSpec  # noqa: E402
 from sdjax.sampling.generator import NonFiniteLatentsError  # noqa: E402
 from sdjax.sampling.program import initial_noise  # noqa: E402
+from tests.helpers import to_nchw  # noqa: E402
 
 IMAGE = 32                       # pixels; the tiny VAE halves it
 LATENT = IMAGE // 2
@@ -119,14 +120,24 @@ def sd1(folders):
     return Generator(sdjax.load_pretrained(folders["sd1"]))
 
 
-def reference_components(folder) -> dict:
-    return diffusers.StableDiffusionPipeline.from_pretrained(
-        folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False).components
-
-
 @pytest.fixture(scope="module")
-def sd1_reference(folders):
-    return reference_components(folders["sd1"])
+def reference_components(folders):
+    """name -> the diffusers components (PyTorch models, tokenizers) of folders[name], loaded once;
+    pipelines built over them (`reference`) share the models and never change them."""
+    cache = {}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            if name == "sdxl":
+                pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folders[name])
+            else:
+                pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+                    folders[name], safety_checker=None, feature_extractor=None,
+                    requires_safety_checker=False)
+            cache[name] = pipe.components
+        return cache[name]
+
+    return get
 
 
 def reference(pipeline_class, components: dict, sampler: str):
@@ -145,10 +156,6 @@ def seeded_noise(seed: int, n: int = 1) -> np.ndarray:
     """The initial noise sdjax draws for seeds seed..seed+n-1, (n, h, w, c)."""
     seeds = jnp.arange(seed, seed + n, dtype=jnp.uint32)
     return np.asarray(initial_noise(seeds, (LATENT, LATENT, 4)))
-
-
-def nchw(x: np.ndarray) -> "torch.Tensor":
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
 def unit(images: np.ndarray) -> np.ndarray:
@@ -190,42 +197,48 @@ TXT2IMG_CASES = [  # sampler, guidance scale, negative prompt, guidance rescale
 
 
 @pytest.mark.parametrize("sampler,scale,negative,rescale", TXT2IMG_CASES)
-def test_txt2img_matches_diffusers(sd1, sd1_reference, sampler, scale, negative, rescale):
+def test_txt2img_matches_diffusers(sd1, reference_components, sampler, scale, negative, rescale):
     seed = 5
     ours = sd1(Request(PROMPT, negative_prompt=negative, seed=seed, cfg_scale=scale,
                        guidance_rescale=rescale), spec_of(sampler))["images"]
-    pipe = reference(diffusers.StableDiffusionPipeline, sd1_reference, sampler)
+    pipe = reference(diffusers.StableDiffusionPipeline, reference_components("sd1"), sampler)
     theirs = pipe(PROMPT, negative_prompt=negative, guidance_scale=scale, guidance_rescale=rescale,
                   num_inference_steps=STEPS, height=IMAGE, width=IMAGE,
-                  latents=nchw(seeded_noise(seed)), output_type="np").images
+                  latents=to_nchw(seeded_noise(seed)), output_type="np").images
     assert_parity(f"sd1 txt2img {sampler} cfg={scale} neg={negative is not None} rescale={rescale}",
                   unit(ours), theirs)
 
 
-@pytest.fixture
-def deterministic_img2img(monkeypatch):
-    """diffusers' img2img draws the VAE posterior sample and the noise from its generator; sdjax
-    uses the posterior mode and its own seeded noise. Make diffusers do the same."""
-    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as module
-
+def _deterministic(monkeypatch, module) -> dict:
+    """diffusers' img2img and inpainting pipelines (`module`) draw the VAE posterior sample and
+    the noise from their generator; sdjax uses the posterior mode and its own seeded noise. Make
+    diffusers do the same: it draws the (NHWC) noise the test puts in the returned dict's "value"."""
     noise = {}
     monkeypatch.setattr(module, "retrieve_latents",
                         lambda output, generator=None, sample_mode="sample": output.latent_dist.mode())
     monkeypatch.setattr(module, "randn_tensor",
                         lambda shape, generator=None, device=None, dtype=None, layout=None:
-                        nchw(noise["value"]).to(dtype))
+                        to_nchw(noise["value"]).to(dtype))
     return noise
+
+
+@pytest.fixture
+def deterministic_img2img(monkeypatch):
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as module
+
+    return _deterministic(monkeypatch, module)
 
 
 @pytest.mark.parametrize("sampler,scale", [
     ("ddim", 7.5), pytest.param("euler", 7.5, marks=slow), pytest.param("dpmpp_2m", 1.0, marks=slow)])
-def test_img2img_matches_diffusers(sd1, sd1_reference, deterministic_img2img, sampler, scale):
+def test_img2img_matches_diffusers(sd1, reference_components, deterministic_img2img, sampler,
+                                   scale):
     seed, strength = 9, 0.6
     image = smooth_image()
     ours = sd1(Request(PROMPT, seed=seed, cfg_scale=scale, init_image=2 * image - 1),
                spec_of(sampler, mode="img2img", strength=strength))["images"]
     deterministic_img2img["value"] = seeded_noise(seed)
-    pipe = reference(diffusers.StableDiffusionImg2ImgPipeline, sd1_reference, sampler)
+    pipe = reference(diffusers.StableDiffusionImg2ImgPipeline, reference_components("sd1"), sampler)
     theirs = pipe(PROMPT, image=image[None], strength=strength, guidance_scale=scale,
                   num_inference_steps=STEPS, output_type="np").images
     assert_parity(f"sd1 img2img {sampler} cfg={scale} strength={strength}", unit(ours), theirs)
@@ -239,7 +252,7 @@ def sdxl(folders):
 
 
 @pytest.mark.parametrize("scale,negative", [(1.0, None), (5.0, None), (5.0, "blurry")])
-def test_sdxl_txt2img_matches_diffusers(folders, sdxl, scale, negative):
+def test_sdxl_txt2img_matches_diffusers(sdxl, reference_components, scale, negative):
     """SDXL conventions both sides: penultimate hidden states of both encoders without the final
     norm, concatenated; the second encoder's projected pooled output; add_time_ids (original size,
     crop (0, 0), target size) = (H, W, 0, 0, H, W) for cond and uncond; no negative prompt means an
@@ -248,27 +261,27 @@ def test_sdxl_txt2img_matches_diffusers(folders, sdxl, scale, negative):
     assert sdxl.model.family == "sdxl"
     ours = sdxl(Request(PROMPT, negative_prompt=negative, seed=seed, cfg_scale=scale),
                 spec_of(sampler))["images"]
-    components = diffusers.StableDiffusionXLPipeline.from_pretrained(folders["sdxl"]).components
+    components = reference_components("sdxl")
     assert components["text_encoder_2"] is not None and components["tokenizer_2"] is not None
     pipe = reference(diffusers.StableDiffusionXLPipeline, components, sampler)
     assert pipe.config.force_zeros_for_empty_prompt
     theirs = pipe(PROMPT, negative_prompt=negative, guidance_scale=scale, num_inference_steps=STEPS,
-                  height=IMAGE, width=IMAGE, latents=nchw(seeded_noise(seed)),
+                  height=IMAGE, width=IMAGE, latents=to_nchw(seeded_noise(seed)),
                   output_type="np").images
     assert_parity(f"sdxl txt2img {sampler} cfg={scale} neg={negative is not None}", unit(ours), theirs)
 
 
-def test_sd2_v_prediction_txt2img_matches_diffusers(folders):
+def test_sd2_v_prediction_txt2img_matches_diffusers(folders, reference_components):
     seed, sampler, scale, negative = 4, "dpmpp_2m", 7.5, "ugly"
     model = sdjax.load_pretrained(folders["sd2"])
     assert model.family == "sd2" and model.scheduler_config["prediction_type"] == "v_prediction"
     assert model.tokenizers[0].pad_token == "!"
     ours = Generator(model)(Request(PROMPT, negative_prompt=negative, seed=seed, cfg_scale=scale),
                             spec_of(sampler))["images"]
-    pipe = reference(diffusers.StableDiffusionPipeline, reference_components(folders["sd2"]), sampler)
+    pipe = reference(diffusers.StableDiffusionPipeline, reference_components("sd2"), sampler)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     theirs = pipe(PROMPT, negative_prompt=negative, guidance_scale=scale, num_inference_steps=STEPS,
-                  height=IMAGE, width=IMAGE, latents=nchw(seeded_noise(seed)),
+                  height=IMAGE, width=IMAGE, latents=to_nchw(seeded_noise(seed)),
                   output_type="np").images
     assert_parity(f"sd2 v-pred txt2img {sampler} cfg={scale} neg=True", unit(ours), theirs)
 
@@ -303,7 +316,7 @@ def test_batch_of_four_equals_four_batches_of_one(sd1):
         np.testing.assert_array_equal(together[i], alone[0], err_msg=f"image {i}")
 
 
-def test_variation_seed_strength_zero_and_one(sd1):
+def test_variation_strength_zero_gives_the_seed_and_one_the_subseed(sd1):
     spec, seed, subseed = spec_of("ddim"), 30, 77
     plain = sd1(Request(PROMPT, seed=seed), spec)["images"]
     of_subseed = sd1(Request(PROMPT, seed=subseed), spec)["images"]
@@ -328,7 +341,7 @@ def test_guidance_rescale_and_interval_change_the_image(sd1):
     assert np.abs(interval - plain).max() > 1e-2
 
 
-def test_prompt_emphasis(sd1):
+def test_neutral_emphasis_changes_nothing_and_strong_emphasis_changes_the_image(sd1):
     spec = spec_of("ddim")
     plain = sd1(Request("a photo of a cat", seed=50), spec)["images"]
     neutral = sd1(Request("a photo of a (cat:1.0)", seed=50), spec)["images"]
@@ -337,7 +350,7 @@ def test_prompt_emphasis(sd1):
     assert np.abs(strong - plain).max() > 1e-2
 
 
-def test_long_prompt_and_break_run(sd1):
+def test_long_prompts_run_in_chunks_and_break_starts_a_new_chunk(sd1):
     long_prompt = ", ".join(["a small red cat on a green hill"] * 12)   # > 77 tokens
     assert len(sd1.model.tokenizers[0].encode(long_prompt)) > 77
     prompts = [long_prompt, "a cat BREAK a dog", "a cat a dog"]
@@ -369,11 +382,13 @@ def test_inpaint_with_mask_blending_keeps_the_unmasked_region(sd1):
     image = 2 * smooth_image() - 1
     spec = spec_of("ddim", mode="inpaint")
     recon = np.clip(_reconstruction(sd1, image), -1, 1)
-    nothing = sd1(Request(PROMPT, seed=80, init_image=image, mask=np.zeros((IMAGE, IMAGE))), spec)
+    # The latents, not the overlay of the init image (tests/test_inpaint_overlay.py), are the point.
+    nothing = sd1(Request(PROMPT, seed=80, init_image=image, mask=np.zeros((IMAGE, IMAGE)),
+                          inpaint_overlay=False), spec)
     np.testing.assert_allclose(nothing["images"][0], recon, atol=1e-4)
     mask = np.zeros((IMAGE, IMAGE), np.float32)
     mask[:, : IMAGE // 2] = 1                                 # repaint the left half
-    out = sd1(Request(PROMPT, seed=80, init_image=image, mask=mask), spec)
+    out = sd1(Request(PROMPT, seed=80, init_image=image, mask=mask, inpaint_overlay=False), spec)
     assert out["images"].shape == (1, IMAGE, IMAGE, 3)
     error = np.abs(out["images"][0] - recon)
     assert error[:, : IMAGE // 2].mean() > 1.2 * error[:, IMAGE // 2:].mean()
@@ -386,21 +401,15 @@ def sd1_inpaint(folders):
 
 @pytest.fixture
 def deterministic_inpaint(monkeypatch):
-    """As `deterministic_img2img`, for diffusers' inpainting pipeline."""
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as module
 
-    noise = {}
-    monkeypatch.setattr(module, "retrieve_latents",
-                        lambda output, generator=None, sample_mode="sample": output.latent_dist.mode())
-    monkeypatch.setattr(module, "randn_tensor",
-                        lambda shape, generator=None, device=None, dtype=None, layout=None:
-                        nchw(noise["value"]).to(dtype))
-    return noise
+    return _deterministic(monkeypatch, module)
 
 
 @pytest.mark.parametrize("unet,strength", [
     ("blend", 1.0), ("nine", 1.0), pytest.param("blend", 0.75, marks=slow)])
-def test_inpaint_matches_diffusers(sd1, sd1_inpaint, folders, deterministic_inpaint, unet, strength):
+def test_inpaint_matches_diffusers(sd1, sd1_inpaint, reference_components, deterministic_inpaint,
+                                   unet, strength):
     """Ordinary U-Net with mask blending, and the 9-channel inpainting U-Net. The mask is aligned
     to the latent grid: diffusers resizes it (nearest), sdjax repaints a latent if any pixel is."""
     from PIL import Image
@@ -410,11 +419,13 @@ def test_inpaint_matches_diffusers(sd1, sd1_inpaint, folders, deterministic_inpa
     image = smooth_image()
     mask = np.zeros((IMAGE, IMAGE), np.float32)
     mask[8:24, 4:20] = 1
-    ours = generator(Request(PROMPT, seed=seed, cfg_scale=scale, init_image=2 * image - 1, mask=mask),
+    # diffusers' pipeline lays no init image over the result (sdjax's overlay off).
+    ours = generator(Request(PROMPT, seed=seed, cfg_scale=scale, init_image=2 * image - 1, mask=mask,
+                             inpaint_overlay=False),
                      spec_of("ddim", mode="inpaint", strength=strength))
     assert ours["images"].shape == (1, IMAGE, IMAGE, 3)
     deterministic_inpaint["value"] = seeded_noise(seed)
-    components = reference_components(folders["sd1" if unet == "blend" else "sd1_inpaint"])
+    components = reference_components("sd1" if unet == "blend" else "sd1_inpaint")
     pipe = reference(diffusers.StableDiffusionInpaintPipeline, components, "ddim")
     theirs = pipe(PROMPT, image=image[None], mask_image=Image.fromarray((mask * 255).astype(np.uint8)),
                   strength=strength, guidance_scale=scale, num_inference_steps=STEPS, height=IMAGE,

@@ -43,7 +43,7 @@ def test_tables_match_diffusers(name):
     np.testing.assert_allclose(ours.sigmas[::-1], ref.sigmas.numpy()[:-1], rtol=rtol)
 
 
-def test_sd_golden_sums():
+def test_sd_schedule_sums_match_golden_values():
     """Numbers quoted from diffusers 0.42 for SD's schedule (T=1000, scaled_linear .00085-.012)."""
     s = NoiseSchedule.from_diffusers(CONFIGS["sd_scaled_linear"])
     ref = diffusers.DDIMScheduler(**CONFIGS["sd_scaled_linear"])
@@ -98,7 +98,7 @@ def test_plan_sigmas_and_timesteps_match_diffusers(cls, name, options, spacing, 
     np.testing.assert_allclose(float(plan.init_noise_sigma), float(ref.init_noise_sigma), rtol=1e-6)
 
 
-def test_karras_sigmas_formula():
+def test_karras_sigmas_follow_the_karras_formula():
     s = karras_sigmas(0.03, 14.6, 5)
     ramp = np.linspace(0, 1, 5)
     expect = (14.6 ** (1 / 7) + ramp * (0.03 ** (1 / 7) - 14.6 ** (1 / 7))) ** 7

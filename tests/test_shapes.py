@@ -1,23 +1,18 @@
-import itertools
-
 import numpy as np
 import pytest
 
 from sdjax.data import shapes
 from sdjax.data.shapes import Scene, ShapeAttrs, caption, parse_caption
-
-
-def _take(stream, n):
-    return list(itertools.islice(stream, n))
+from tests.helpers import take
 
 
 @pytest.fixture(scope="module")
-def train():
-    return _take(shapes.train_examples(0), 3000)
+def train(shapes_train_examples):
+    return shapes_train_examples
 
 
 def test_train_examples_are_determined_by_the_seed():
-    a, b, c = (_take(shapes.train_examples(s), 50) for s in (7, 7, 8))
+    a, b, c = (take(shapes.train_examples(s), 50) for s in (7, 7, 8))
     assert [e.caption for e in a] == [e.caption for e in b]
     assert all(np.array_equal(x.image, y.image) for x, y in zip(a, b))
     assert [e.caption for e in a] != [e.caption for e in c]
@@ -25,14 +20,14 @@ def test_train_examples_are_determined_by_the_seed():
 
 @pytest.mark.parametrize("size", [32, 64])
 def test_images_have_the_requested_size_and_background_border(size):
-    for e in _take(shapes.train_examples(1, size), 200):
+    for e in take(shapes.train_examples(1, size), 200):
         assert e.image.shape == (size, size, 3) and e.image.dtype == np.uint8
         border = np.concatenate([e.image[0], e.image[-1], e.image[:, 0], e.image[:, -1]])
         # Every shape keeps clear of the border, so the border is pure background.
         assert (border == shapes.COLOURS[e.scene.background]).all(), e.caption
 
 
-def test_antialiasing_is_optional():
+def test_renders_without_antialiasing_use_only_the_palette():
     scene = Scene((ShapeAttrs("circle", "red", "large", "center"),), "blue")
     hard = shapes.render(scene, antialias=False)
     soft = shapes.render(scene, antialias=True)
@@ -48,7 +43,7 @@ def test_captions_round_trip_through_parse_caption(train):
         assert caption(parse_caption(e.caption)) == e.caption
 
 
-def test_caption_grammar_examples():
+def test_captions_parse_into_their_scenes():
     scene = parse_caption("a small red circle on the left, blue background")
     assert scene == Scene((ShapeAttrs("circle", "red", "small", "left"),), "blue")
     two = parse_caption("a large green square at the top and a small yellow cross at the bottom, "
@@ -111,9 +106,9 @@ def test_heldout_split_is_deterministic_and_non_empty():
     assert prompts == list(shapes.heldout_prompts())
     assert len(prompts) == len(set(prompts)) == 280
     assert all(shapes.is_held_out(parse_caption(p)) for p in prompts)
-    held = _take(shapes.heldout_examples(3), 200)
+    held = take(shapes.heldout_examples(3), 200)
     assert all(shapes.is_held_out(e.scene) for e in held)
-    assert [e.caption for e in held] == [e.caption for e in _take(shapes.heldout_examples(3), 200)]
+    assert [e.caption for e in held] == [e.caption for e in take(shapes.heldout_examples(3), 200)]
 
 
 def test_train_examples_never_produce_a_held_out_scene(train):

@@ -1,8 +1,8 @@
-"""Single-file checkpoints: tiny random diffusers/transformers pipelines written in the original
-layouts (validated against diffusers' own single-file loader), read back with `read_single_file`."""
+"""Single-file checkpoints: tiny random diffusers/transformers pipelines (conftest's `tiny_sd`)
+written in the original layouts (validated against diffusers' own single-file loader), read back
+with `read_single_file`."""
 from __future__ import annotations
 
-import functools
 import struct
 
 import numpy as np
@@ -16,43 +16,6 @@ from sdjax.weights import single_file as sf  # noqa: E402
 from sdjax.weights.common import SafetensorsFile, WeightsError  # noqa: E402
 from tests import single_file_writer as writer  # noqa: E402
 
-VAE = dict(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-           latent_channels=4, norm_num_groups=32, sample_size=32,
-           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-CLIP_L = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=1, max_position_embeddings=16, hidden_act="quick_gelu")
-FAMILIES = {
-    "sd1": dict(
-        unet=dict(block_out_channels=(32, 64, 64), layers_per_block=2, cross_attention_dim=64,
-                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                  attention_head_dim=8),
-        text=CLIP_L, scaling_factor=0.18215),
-    "sd1_inpaint": dict(  # 9 input channels; written with pre-transformers-4 CLIP names
-        unet=dict(in_channels=9, block_out_channels=(32, 64), layers_per_block=1,
-                  cross_attention_dim=64, attention_head_dim=8,
-                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
-        text=CLIP_L, scaling_factor=0.18215),
-    "sd2": dict(
-        unet=dict(block_out_channels=(64, 128, 128), layers_per_block=1, cross_attention_dim=64,
-                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                  attention_head_dim=[1, 2, 2], use_linear_projection=True),
-        # 23 layers: the file holds 24, of which SD 2.x uses 23.
-        text=dict(CLIP_L, num_hidden_layers=23, hidden_act="gelu"), scaling_factor=0.18215),
-    "sdxl": dict(
-        unet=dict(block_out_channels=(64, 128), layers_per_block=2, cross_attention_dim=64 + 128,
-                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                  transformer_layers_per_block=[1, 2], attention_head_dim=[1, 2],
-                  use_linear_projection=True, addition_embed_type="text_time",
-                  addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8),
-        text=CLIP_L,
-        text_2=dict(CLIP_L, hidden_size=128, num_attention_heads=2, intermediate_size=256,
-                    hidden_act="gelu", projection_dim=32),
-        scaling_factor=0.13025),
-}
 UNET_FIELDS = ("in_channels", "out_channels", "down_block_types", "up_block_types",
                "block_out_channels", "layers_per_block", "cross_attention_dim",
                "use_linear_projection", "addition_embed_type", "addition_time_embed_dim",
@@ -63,71 +26,19 @@ CLIP_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
                "num_attention_heads", "max_position_embeddings", "hidden_act")
 
 
-@functools.lru_cache(maxsize=None)
-def pipeline(family: str) -> dict:
-    """Tiny random reference parts of `family`: torch models, keyed like `SingleFileCheckpoint.parts`."""
-    spec = FAMILIES[family]
-    torch.manual_seed(len(family))
-    parts = {
-        "unet": diffusers.UNet2DConditionModel(sample_size=8, norm_num_groups=32, **spec["unet"]),
-        "vae": diffusers.AutoencoderKL(scaling_factor=spec["scaling_factor"], **VAE),
-        "text_encoder": transformers.CLIPTextModel(transformers.CLIPTextConfig(**spec["text"])),
-    }
-    if "text_2" in spec:
-        parts["text_encoder_2"] = transformers.CLIPTextModelWithProjection(
-            transformers.CLIPTextConfig(**spec["text_2"]))
-    # diffusers zero-initialises some layers; random everywhere makes equality checks meaningful.
-    with torch.no_grad():
-        for model in parts.values():
-            for p in model.parameters():
-                p.normal_()
-    return {k: m.eval() for k, m in parts.items()}
-
-
-def reference_state(family: str, part: str) -> dict[str, np.ndarray]:
-    """A part's state dict in the names `read_single_file` promises (transformers 5 saves
-    CLIPTextModel without `text_model.`; real checkpoints and transformers 4 have it)."""
-    state = writer.to_numpy(pipeline(family)[part].state_dict())
-    if part.startswith("text_encoder"):
-        state = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v
-                 for k, v in state.items() if not k.endswith("position_ids")}
-    return state
-
-
-def original_state(family: str, *, buffers=True, ema=None) -> dict[str, np.ndarray]:
-    parts = {k: m.state_dict() for k, m in pipeline(family).items()}
-    return writer.build_single_file(
-        family=family.removesuffix("_inpaint"), layers_per_block=FAMILIES[family]["unet"]["layers_per_block"],
-        buffers=buffers, ema=ema, clip_with_text_model=family != "sd1_inpaint", **parts)
-
-
-@functools.lru_cache(maxsize=None)
-def written(family: str, dtype: str, tmp_root) -> str:
-    path = tmp_root / f"{family}-{dtype}.safetensors"
-    writer.write_single_file(path, original_state(family), dtype=np.dtype(dtype))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tmp_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("single_file")
-
-
 def _per_level(value, levels):
     return list(value) if isinstance(value, (list, tuple)) else [value] * levels
 
 
 # ---- The writer, checked against diffusers' own single-file loader -------------------------------
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
-def test_writer_output_loads_in_diffusers_from_single_file(family, tmp_root):
+def test_writer_output_loads_in_diffusers_from_single_file(family, tiny_sd):
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from safetensors.torch import load_file
 
-    path = written(family, "float32", tmp_root)
-    folder = tmp_root / f"{family}-diffusers"
-    models = pipeline(family)
-    for name, model in models.items():
-        model.save_pretrained(folder / name, safe_serialization=True)
+    path = tiny_sd.single_file(family, "float32")
+    folder = tiny_sd.diffusers_folder(family)
+    models = tiny_sd.parts(family)
     loaded = {
         "unet": diffusers.UNet2DConditionModel.from_single_file(
             str(path), config=str(folder), subfolder="unet", local_files_only=True),
@@ -152,9 +63,9 @@ def test_writer_output_loads_in_diffusers_from_single_file(family, tmp_root):
 # ---- read_single_file ------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("family", ["sd1", "sd1_inpaint", "sd2", "sdxl"])
-def test_read_single_file_reproduces_configs_and_tensors(family, dtype, tmp_root):
-    checkpoint = sf.read_single_file(written(family, dtype, tmp_root))
-    models = pipeline(family)
+def test_read_single_file_reproduces_configs_and_tensors(family, dtype, tiny_sd):
+    checkpoint = sf.read_single_file(tiny_sd.single_file(family, dtype))
+    models = tiny_sd.parts(family)
     assert checkpoint.family == family.removesuffix("_inpaint")
     assert checkpoint.inpainting == (family == "sd1_inpaint")
     assert checkpoint.parts.keys() == models.keys()
@@ -178,7 +89,7 @@ def test_read_single_file_reproduces_configs_and_tensors(family, dtype, tmp_root
 
     for name in models:
         _, source = checkpoint.parts[name]
-        want = reference_state(family, name)
+        want = tiny_sd.reference_state(family, name)
         assert set(source) == set(want), name
         for key, value in want.items():
             got = source[key]
@@ -187,8 +98,8 @@ def test_read_single_file_reproduces_configs_and_tensors(family, dtype, tmp_root
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
-def test_inferred_configs_build_models_with_the_same_parameters(family, tmp_root):
-    checkpoint = sf.read_single_file(written(family, "float32", tmp_root))
+def test_inferred_configs_build_models_with_the_same_parameters(family, tiny_sd):
+    checkpoint = sf.read_single_file(tiny_sd.single_file(family, "float32"))
     builders = {"unet": diffusers.UNet2DConditionModel.from_config,
                 "vae": diffusers.AutoencoderKL.from_config,
                 "text_encoder": lambda c: transformers.CLIPTextModel(transformers.CLIPTextConfig(**c)),
@@ -196,14 +107,14 @@ def test_inferred_configs_build_models_with_the_same_parameters(family, tmp_root
                     transformers.CLIPTextConfig(**c))}
     for name, (config, source) in checkpoint.parts.items():
         model = builders[name](dict(config))
-        shapes = {k if k.startswith(("text_model.", "text_projection")) or name in ("unet", "vae")
-                  else "text_model." + k: tuple(v.shape) for k, v in model.state_dict().items()
+        shapes = {k if name in ("unet", "vae") else writer.text_model_key(k): tuple(v.shape)
+                  for k, v in model.state_dict().items()
                   if not k.endswith("position_ids")}
         assert shapes == {k: source[k].shape for k in source}, name
 
 
-def test_sd2_drops_the_unused_24th_open_clip_layer(tmp_root):
-    checkpoint = sf.read_single_file(written("sd2", "float16", tmp_root))
+def test_sd2_drops_the_unused_24th_open_clip_layer(tiny_sd):
+    checkpoint = sf.read_single_file(tiny_sd.single_file("sd2", "float16"))
     config, source = checkpoint.parts["text_encoder"]
     assert config["num_hidden_layers"] == 23
     assert not any(k.startswith("text_model.encoder.layers.23.") for k in source)
@@ -212,31 +123,31 @@ def test_sd2_drops_the_unused_24th_open_clip_layer(tmp_root):
     assert "cond_stage_model.model.text_projection" in checkpoint.dropped
 
 
-def test_sd2_file_with_only_the_23_used_layers_keeps_them_all(tmp_path):
-    state = {k: v for k, v in original_state("sd2").items()
+def test_sd2_file_with_only_the_23_used_layers_keeps_them_all(tiny_sd, tmp_path):
+    state = {k: v for k, v in tiny_sd.original_state("sd2").items()
              if not k.startswith("cond_stage_model.model.transformer.resblocks.23.")}
     path = tmp_path / "sd2-23.safetensors"
     writer.write_single_file(path, state)
     config, source = sf.read_single_file(path).parts["text_encoder"]
     assert config["num_hidden_layers"] == 23
-    assert set(source) == set(reference_state("sd2", "text_encoder"))
+    assert set(source) == set(tiny_sd.reference_state("sd2", "text_encoder"))
 
 
-def test_sdxl_text_projection_is_transposed_to_a_linear(tmp_root):
-    checkpoint = sf.read_single_file(written("sdxl", "float32", tmp_root))
+def test_sdxl_text_projection_is_transposed_to_a_linear(tiny_sd):
+    checkpoint = sf.read_single_file(tiny_sd.single_file("sdxl", "float32"))
     _, source = checkpoint.parts["text_encoder_2"]
-    linear = pipeline("sdxl")["text_encoder_2"].text_projection.weight.detach().numpy()
+    linear = tiny_sd.parts("sdxl")["text_encoder_2"].text_projection.weight.detach().numpy()
     assert linear.shape == (32, 128)
     np.testing.assert_array_equal(source["text_projection.weight"], linear)
     assert checkpoint.parts["unet"][0]["addition_time_embed_dim"] == 8
     assert checkpoint.parts["vae"][0]["scaling_factor"] == 0.13025
 
 
-def test_extract_ema_reads_the_model_ema_copy(tmp_root):
-    unet = pipeline("sd1")["unet"].state_dict()
+def test_extract_ema_reads_the_model_ema_copy(tiny_sd, tmp_path):
+    unet = tiny_sd.parts("sd1")["unet"].state_dict()
     ema = {k: v * 0.5 + 0.25 for k, v in unet.items()}
-    path = tmp_root / "sd1-ema.safetensors"
-    writer.write_single_file(path, original_state("sd1", ema=ema), dtype=np.float16)
+    path = tmp_path / "sd1-ema.safetensors"
+    writer.write_single_file(path, tiny_sd.original_state("sd1", ema=ema), dtype=np.float16)
     plain = sf.read_single_file(path)
     assert "model_ema.decay" in plain.dropped
     assert any(k.startswith("model_ema.diffusion_model") for k in plain.dropped)
@@ -248,11 +159,11 @@ def test_extract_ema_reads_the_model_ema_copy(tmp_root):
         np.testing.assert_array_equal(source[key], (value * 0.5 + 0.25).numpy().astype(np.float16))
         np.testing.assert_array_equal(plain_source[key], value.numpy().astype(np.float16))
     with pytest.raises(WeightsError, match="no EMA copy"):
-        sf.read_single_file(written("sd1", "float16", tmp_root), extract_ema=True)
+        sf.read_single_file(tiny_sd.single_file("sd1", "float16"), extract_ema=True)
 
 
-def test_scheduler_config_takes_prediction_type(tmp_root):
-    path = written("sd2", "float16", tmp_root)
+def test_scheduler_config_takes_prediction_type(tiny_sd):
+    path = tiny_sd.single_file("sd2", "float16")
     assert sf.read_single_file(path).scheduler["prediction_type"] == "epsilon"
     config = sf.read_single_file(path, prediction_type="v_prediction").scheduler
     assert config["prediction_type"] == "v_prediction"
@@ -260,8 +171,8 @@ def test_scheduler_config_takes_prediction_type(tmp_root):
             config["beta_schedule"]) == (1000, 0.00085, 0.012, "scaled_linear")
 
 
-def test_reading_loads_no_tensor_until_asked(tmp_root, monkeypatch):
-    path = written("sdxl", "float16", tmp_root)
+def test_reading_loads_no_tensor_until_asked(tiny_sd, monkeypatch):
+    path = tiny_sd.single_file("sdxl", "float16")
     reads = []
     original = SafetensorsFile.__getitem__
     monkeypatch.setattr(SafetensorsFile, "__getitem__",
@@ -336,12 +247,11 @@ def test_full_size_layouts_infer_the_published_configs(release, tmp_path):
 
 # ---- Standalone VAE files --------------------------------------------------------------------------
 @pytest.mark.parametrize("layout", ["original", "first_stage_model", "diffusers"])
-def test_read_vae_file(layout, tmp_root):
-    vae = pipeline("sd1")["vae"]
-    path = tmp_root / f"vae-{layout}.safetensors"
+def test_read_vae_file_reads_each_layout(layout, tiny_sd, tmp_path):
+    vae = tiny_sd.parts("sd1")["vae"]
+    path = tmp_path / f"vae-{layout}.safetensors"
     if layout == "diffusers":
-        vae.save_pretrained(tmp_root / "vae-diffusers", safe_serialization=True)
-        path = tmp_root / "vae-diffusers" / "diffusion_pytorch_model.safetensors"
+        path = tiny_sd.diffusers_folder("sd1") / "vae" / "diffusion_pytorch_model.safetensors"
     else:
         prefix = "first_stage_model." if layout == "first_stage_model" else ""
         state = writer.vae_to_original(writer.to_numpy(vae.state_dict()))
@@ -356,12 +266,12 @@ def test_read_vae_file(layout, tmp_root):
         np.testing.assert_array_equal(source[key], value, err_msg=key)
 
 
-def test_read_vae_file_refuses_other_models(tmp_root, tmp_path):
+def test_read_vae_file_refuses_other_models(tiny_sd, tmp_path):
     with pytest.raises(WeightsError, match="keys that are not part of a VAE: cond_stage_model"):
-        sf.read_vae_file(written("sd1", "float16", tmp_root))
+        sf.read_vae_file(tiny_sd.single_file("sd1", "float16"))
     unet_only = tmp_path / "unet.safetensors"
     writer.write_single_file(unet_only, writer.unet_to_original(
-        writer.to_numpy(pipeline("sd1")["unet"].state_dict()), layers_per_block=2))
+        writer.to_numpy(tiny_sd.parts("sd1")["unet"].state_dict()), layers_per_block=2))
     with pytest.raises(WeightsError, match=r"unet\.safetensors: not a VAE"):
         sf.read_vae_file(unet_only)
 
@@ -384,10 +294,10 @@ def test_pickle_checkpoints_are_refused_by_extension_and_by_content(tmp_path):
         sf.read_vae_file(legacy)
 
 
-def test_safetensors_header_starting_like_a_pickle_is_not_refused(tmp_path):
+def test_safetensors_header_starting_like_a_pickle_is_not_refused(tiny_sd, tmp_path):
     # A header of 0x0280 bytes begins b"\x80\x02", as a protocol-2 pickle does.
     path = tmp_path / "vae.safetensors"
-    state = writer.vae_to_original(writer.to_numpy(pipeline("sd1")["vae"].state_dict()))
+    state = writer.vae_to_original(writer.to_numpy(tiny_sd.parts("sd1")["vae"].state_dict()))
     writer.write_single_file(path, {"first_stage_model." + k: v for k, v in state.items()})
     data = path.read_bytes()
     length = struct.unpack("<Q", data[:8])[0]
@@ -399,8 +309,8 @@ def test_safetensors_header_starting_like_a_pickle_is_not_refused(tmp_path):
     assert config["block_out_channels"] == [32, 64]
 
 
-def test_truncated_file_is_an_error(tmp_root, tmp_path):
-    data = written("sd1", "float16", tmp_root).read_bytes()
+def test_truncated_file_is_an_error(tiny_sd, tmp_path):
+    data = tiny_sd.single_file("sd1", "float16").read_bytes()
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(data[: len(data) - 1000])
     with pytest.raises(WeightsError, match=r"cut\.safetensors: truncated"):
@@ -410,20 +320,20 @@ def test_truncated_file_is_an_error(tmp_root, tmp_path):
         sf.read_single_file(cut)
 
 
-def test_undetectable_architecture_is_an_error(tmp_path):
+def test_undetectable_architecture_is_an_error(tiny_sd, tmp_path):
     path = tmp_path / "unknown.safetensors"
     writer.write_single_file(path, {"encoder.layer.0.weight": np.zeros((2, 2), np.float32)})
     with pytest.raises(WeightsError, match=r"unknown\.safetensors: no Stable Diffusion U-Net.*"
                                            r"model\.diffusion_model\."):
         sf.read_single_file(path)
-    state = {k: v for k, v in original_state("sd1").items() if not k.startswith("cond_stage_model.")}
+    state = {k: v for k, v in tiny_sd.original_state("sd1").items() if not k.startswith("cond_stage_model.")}
     writer.write_single_file(path, state)
     with pytest.raises(WeightsError, match="cannot tell the text encoder"):
         sf.read_single_file(path)
 
 
-def test_unknown_keys_are_listed(tmp_path):
-    state = original_state("sd1")
+def test_unknown_keys_are_listed(tiny_sd, tmp_path):
+    state = tiny_sd.original_state("sd1")
     state["model.diffusion_model.input_blocks.1.0.new_layer.weight"] = np.zeros(3, np.float32)
     state["control_model.zero_convs.0.0.weight"] = np.zeros(3, np.float32)
     path = tmp_path / "extra.safetensors"

@@ -168,7 +168,7 @@ def test_ema_matches_numpy_recurrence(apply_fn):
                            np.asarray(state.params["unet"]["conv"]["kernel"]))
 
 
-def test_fixed_ema_decay():
+def test_fixed_ema_decay_applies_without_warmup():
     config = S.EMAConfig(decay=0.5, warmup="none")
     ema = {"w": jnp.zeros(3)}
     for n in (1, 2, 3):
@@ -234,7 +234,7 @@ def test_learning_rates_count_optimizer_updates():
     assert all(s["te"] == 0.5 and s["vae"] == 0.0 for s in seen)
 
 
-def test_cast_for_compute_and_float32_masters():
+def test_compute_cast_keeps_float32_masters_and_integer_leaves():
     params = {"unet": {"w": jnp.ones((2, 2), jnp.bfloat16), "ids": jnp.arange(3)},
               "text_encoder": {"w": jnp.ones((2,), jnp.bfloat16)}}
     opt = S.make_optimizer({"unet": {"lr": 1e-3}, "text_encoder": {"frozen": True}}, total_steps=5)

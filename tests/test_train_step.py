@@ -7,7 +7,6 @@ import pytest
 
 from sdjax import parallel
 from sdjax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
-from sdjax.weights.presets import random_pretrained
 from sdjax.weights.architecture import Architecture
 from sdjax.training import state as state_lib
 from sdjax.training import step as step_lib
@@ -20,23 +19,22 @@ def _ids(tokenizers, captions):
 
 
 @pytest.fixture(scope="module")
-def ldm():
-    model = random_pretrained("tiny")
-    arch = Architecture.of(model)
-    task = step_lib.LDMTask(arch, empty_ids=_ids(model.tokenizers, [""])[0], caption_dropout=0.2,
-                            snr_gamma=5.0, offset_noise=0.05)
+def ldm(tiny_model):
+    arch = Architecture.of(tiny_model)
+    task = step_lib.LDMTask(arch, empty_ids=_ids(tiny_model.tokenizers, [""])[0],
+                            caption_dropout=0.2, snr_gamma=5.0, offset_noise=0.05)
     optimizer = state_lib.make_optimizer(
         {"unet": {"lr": 1e-3}, "text_encoder": {"lr": 1e-4}, "vae": {"frozen": True}},
         total_steps=100, grad_clip_norm=1.0)
-    state = state_lib.init_train_state(model.params, optimizer, jax.random.key(0), use_ema=True,
-                                       ema=state_lib.EMAConfig(decay=0.9))
+    state = state_lib.init_train_state(tiny_model.params, optimizer, jax.random.key(0),
+                                       use_ema=True, ema=state_lib.EMAConfig(decay=0.9))
     mesh = parallel.make_mesh()
     shardings = step_lib.state_sharding(mesh, state)
     traces = []
     fn = step_lib.make_train_step(task, mesh, shardings, on_trace=lambda: traces.append(1))
     rng = np.random.default_rng(0)
     batch = {"pixels": rng.uniform(-1, 1, (BATCH, 32, 32, 3)).astype(np.float32),
-             "input_ids": _ids(model.tokenizers, ["a red circle", "a blue square"] * 2)}
+             "input_ids": _ids(tiny_model.tokenizers, ["a red circle", "a blue square"] * 2)}
     return {"fn": fn, "state": state, "shardings": shardings, "mesh": mesh, "batch": batch,
             "traces": traces}
 
@@ -104,12 +102,12 @@ def test_new_batches_and_keys_do_not_retrace(ldm):
     assert len(ldm["traces"]) == 1
 
 
-def test_vae_objective_in_bfloat16_keeps_float32_masters():
-    model = random_pretrained("tiny")
-    arch = Architecture.of(model, jnp.bfloat16)
+def test_vae_objective_in_bfloat16_keeps_float32_masters(tiny_model):
+    arch = Architecture.of(tiny_model, jnp.bfloat16)
     task = step_lib.VAETask(arch, kl_weight=1e-3, reconstruction_loss="l2")
     optimizer = state_lib.make_optimizer({"vae": {"lr": 1e-3}}, total_steps=10)
-    state = state_lib.init_train_state({"vae": model.params["vae"]}, optimizer, jax.random.key(0))
+    state = state_lib.init_train_state({"vae": tiny_model.params["vae"]}, optimizer,
+                                       jax.random.key(0))
     mesh = parallel.make_mesh()
     shardings = step_lib.state_sharding(mesh, state)
     fn = step_lib.make_train_step(task, mesh, shardings)

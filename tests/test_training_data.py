@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from sdjax.training import data as D
+from tests.helpers import take
 
 
 def _write(path, array):
@@ -114,14 +115,14 @@ def test_resize_scales_shorter_side_then_crops(tmp_path):
     np.testing.assert_array_equal(flipped, pixels[:, ::-1])
 
 
-def test_dataset_crop_sizes_for_non_square_resolution(folder):
+def test_non_square_resolution_crops_every_image_to_it(folder):
     with D.ImageCaptionDataset.from_folder(folder, batch_size=3, resolution=(8, 24),
                                            crop="random", random_flip=True, num_epochs=1) as ds:
         shapes = {b["pixels"].shape for b in ds}
     assert shapes == {(3, 8, 24, 3)}
 
 
-def test_bucket_assignment_and_batches_from_one_bucket(tmp_path):
+def test_images_go_to_the_nearest_bucket_and_batches_keep_to_one(tmp_path):
     buckets = ((16, 16), (16, 32), (32, 16))
     assert D.nearest_bucket(20, 40, buckets) == 1
     assert D.nearest_bucket(40, 20, buckets) == 2
@@ -210,30 +211,26 @@ def test_too_few_images_for_a_batch_is_an_error(folder):
         D.ImageCaptionDataset.from_folder(folder, batch_size=16)
 
 
-def _take(ds, n):
-    return [next(ds) for _ in range(n)]
-
-
 def test_resume_from_state_dict_yields_the_same_remaining_sequence(folder):
     kwargs = dict(batch_size=3, resolution=16, crop="random", random_flip=True, seed=11,
                   buckets=((16, 16), (16, 24), (24, 16)), prefetch=3)
     with D.ImageCaptionDataset.from_folder(folder, **kwargs) as ds:
-        _take(ds, 5)
+        take(ds, 5)
         saved = json.loads(json.dumps(ds.state_dict()))  # serialisable
-        expected = _take(ds, 6)  # crosses an epoch boundary (4 batches per epoch here)
+        expected = take(ds, 6)  # crosses an epoch boundary (4 batches per epoch here)
     assert ds.batches_per_epoch == 4 and (saved["epoch"], saved["index"]) == (1, 1)
     with D.ImageCaptionDataset.from_folder(folder, **kwargs) as resumed:
         resumed.load_state_dict(saved)
-        got = _take(resumed, 6)
+        got = take(resumed, 6)
     for a, b in zip(expected, got):
         np.testing.assert_array_equal(a["index"], b["index"])
         np.testing.assert_array_equal(a["pixels"], b["pixels"])
         assert a["captions"] == b["captions"]
     # Reloading mid-iteration rewinds the same object too.
     with D.ImageCaptionDataset.from_folder(folder, **kwargs) as ds:
-        first = _take(ds, 2)
+        first = take(ds, 2)
         ds.load_state_dict({**ds.state_dict(), "epoch": 0, "index": 0})
-        again = _take(ds, 2)
+        again = take(ds, 2)
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a["pixels"], b["pixels"])
 
@@ -301,7 +298,7 @@ def test_tokenizer_runs_on_the_loading_side(folder):
     np.testing.assert_array_equal(batch["input_ids"][:, 0], batch["index"])
 
 
-def test_unshuffled_order_and_epoch_limit(folder):
+def test_unshuffled_dataset_reads_in_order_and_stops_after_its_epochs(folder):
     with D.ImageCaptionDataset.from_folder(folder, batch_size=4, resolution=8, shuffle=False,
                                            num_epochs=1, prefetch=0) as ds:
         order = [i for b in ds for i in b["index"]]

@@ -16,12 +16,13 @@ import pytest
 
 import torch
 import diffusers
-from safetensors.numpy import load_file, save_file  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
 
 from sdjax.weights import presets  # noqa: E402
 from sdjax.models.unet import UNet, UNetConfig  # noqa: E402
 from sdjax.weights.common import DictSource, WeightsError  # noqa: E402
 from sdjax.weights.unet import load_unet_folder, unet_params  # noqa: E402
+from tests.helpers import rewritten_folder
 
 CA_DOWN, DOWN, CA_UP, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
 
@@ -66,6 +67,7 @@ CONTEXT_LEN = 7
 TIMESTEPS = np.array([999, 37])
 TIME_IDS = np.array([[1024, 1024, 0, 0, 1024, 1024], [768, 1344, 64, 32, 1024, 1024]], np.float32)
 PARITY_TOLERANCE = 1e-4
+WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 class Reference(NamedTuple):
@@ -132,7 +134,7 @@ def compiled():
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_matches_diffusers(name, reference, compiled, record_property):
+def test_output_matches_diffusers(name, reference, compiled, record_property):
     ref = reference(name)
     config, params = load_unet_folder(ref.folder)
     assert config.heads == tuple(h if h is not None else config.heads[i]
@@ -198,7 +200,7 @@ def test_scalar_timestep_broadcasts_over_the_batch(reference, compiled):
                                rtol=0, atol=1e-6)
 
 
-def test_sharded_and_fp16_variant_folders_load(reference, tmp_path):
+def test_sharded_and_fp16_variant_folders_load_the_same_params(reference, tmp_path):
     ref = reference("sd1_small")
     config, params = load_unet_folder(ref.folder)
     torch.manual_seed(0)
@@ -239,7 +241,7 @@ def test_released_configs_resolve_heads_like_diffusers():
     hash(sdxl)
 
 
-def test_config_dict_round_trip():
+def test_config_round_trips_through_a_dict_and_rejects_unknown_fields():
     config = UNetConfig.from_diffusers(presets.preset("sdxl")["unet"], attention="reference")
     d = json.loads(json.dumps(config.to_dict()))
     assert UNetConfig.from_dict(d) == config
@@ -268,12 +270,8 @@ def test_unsupported_config_is_rejected_by_name(field, value, shown):
 
 
 def _copy_with_tensors(ref: Reference, folder, change) -> str:
-    """A copy of `ref`'s folder whose tensors are `change(dict)`."""
-    folder.mkdir()
-    shutil.copy(f"{ref.folder}/config.json", folder / "config.json")
-    tensors = load_file(f"{ref.folder}/diffusion_pytorch_model.safetensors")
-    change(tensors)
-    save_file(tensors, str(folder / "diffusion_pytorch_model.safetensors"))
+    """A copy of `ref`'s folder whose tensors are changed in place by `change(dict)`."""
+    rewritten_folder(ref.folder, folder, WEIGHTS, change)
     return str(folder)
 
 
@@ -320,10 +318,10 @@ def test_folder_without_weights_names_folder(reference, tmp_path):
         load_unet_folder(tmp_path)
 
 
-def test_unet_params_from_in_memory_state_dict(reference):
+def test_in_memory_state_dict_converts_to_the_folder_params(reference):
     ref = reference("sd1_small")
     config, params = load_unet_folder(ref.folder)
-    tensors = load_file(f"{ref.folder}/diffusion_pytorch_model.safetensors")
+    tensors = load_file(f"{ref.folder}/{WEIGHTS}")
     chex.assert_trees_all_equal(unet_params(DictSource(tensors), config), params)
 
 

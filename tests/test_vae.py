@@ -1,5 +1,6 @@
 """Parity of sdjax's KL autoencoder with diffusers' `AutoencoderKL`, through the folder loader."""
 import json
+import shutil
 import types
 
 import jax
@@ -18,6 +19,7 @@ from sdjax.models.vae import (AutoencoderKL, DiagonalGaussian, VAEConfig,  # noq
                               scale_latents, unscale_latents)
 from sdjax.weights.common import DictSource, SafetensorsFile, WeightsError  # noqa: E402
 from sdjax.weights.vae import load_vae_folder, vae_params  # noqa: E402
+from tests.helpers import rewritten_folder, to_nhwc
 
 TOL = 1e-4
 
@@ -30,10 +32,7 @@ CONFIGS = {
 }
 IMAGE_HW = (16, 24)  # not square, so an H/W mix-up shows
 LEGACY_ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-
-
-def nchw_to_nhwc(t):
-    return np.asarray(t.detach().numpy()).transpose(0, 2, 3, 1)
+WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def build_reference(overrides, seed=0):
@@ -64,10 +63,10 @@ def case(request, tmp_path_factory):
     with torch.no_grad():
         posterior = ref.encode(torch.from_numpy(x)).latent_dist
         ref_out = types.SimpleNamespace(
-            mean=nchw_to_nhwc(posterior.mean), logvar=nchw_to_nhwc(posterior.logvar),
+            mean=to_nhwc(posterior.mean), logvar=to_nhwc(posterior.logvar),
             kl=posterior.kl().numpy(),
-            decoded=nchw_to_nhwc(ref.decode(torch.from_numpy(z)).sample),
-            forward=nchw_to_nhwc(ref(torch.from_numpy(x), sample_posterior=False).sample))
+            decoded=to_nhwc(ref.decode(torch.from_numpy(z)).sample),
+            forward=to_nhwc(ref(torch.from_numpy(x), sample_posterior=False).sample))
 
     model = AutoencoderKL(config)
     variables = {"params": params}
@@ -145,8 +144,8 @@ def test_extreme_moments_clip_and_kl_match_reference():
     ours = DiagonalGaussian.from_moments(jnp.asarray(moments.transpose(0, 2, 3, 1)))
     other = DiagonalGaussian.from_moments(jnp.asarray(other_moments.transpose(0, 2, 3, 1)))
     assert float(ours.logvar.max()) == 20.0 and float(ours.logvar.min()) == -30.0
-    np.testing.assert_array_equal(ours.logvar, nchw_to_nhwc(ref.logvar))
-    np.testing.assert_allclose(ours.std, nchw_to_nhwc(ref.std), rtol=1e-6)
+    np.testing.assert_array_equal(ours.logvar, to_nhwc(ref.logvar))
+    np.testing.assert_allclose(ours.std, to_nhwc(ref.std), rtol=1e-6)
     np.testing.assert_allclose(ours.kl(), ref.kl().numpy(), rtol=1e-5)
     np.testing.assert_allclose(ours.kl(other), ref.kl(ref_other).numpy(), rtol=1e-5)
 
@@ -158,27 +157,28 @@ def test_diagonal_gaussian_is_a_pytree_through_jit():
 
 
 def test_legacy_attention_names_load_to_same_params(case, tmp_path):
-    source = SafetensorsFile(case.folder / "diffusion_pytorch_model.safetensors")
-    legacy = {}
-    for key in source:
-        for new, old in LEGACY_ATTENTION.items():
-            key_legacy = key.replace(f"attentions.0.{new}.", f"attentions.0.{old}.")
-            if key_legacy != key:
-                break
-        legacy[key_legacy] = source[key]
-    assert any(".proj_attn." in k for k in legacy) and not any(".to_q." in k for k in legacy)
-    save_file(legacy, tmp_path / "diffusion_pytorch_model.safetensors")
-    (tmp_path / "config.json").write_text((case.folder / "config.json").read_text())
+    def to_legacy(tensors):
+        for key in list(tensors):
+            for new, old in LEGACY_ATTENTION.items():
+                key_legacy = key.replace(f"attentions.0.{new}.", f"attentions.0.{old}.")
+                if key_legacy != key:
+                    tensors[key_legacy] = tensors.pop(key)
+                    break
+        assert any(".proj_attn." in k for k in tensors) and not any(".to_q." in k for k in tensors)
+
+    rewritten_folder(case.folder, tmp_path, WEIGHTS, to_legacy)
     config, params = load_vae_folder(tmp_path)
     assert config == case.config
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, case.params)
 
 
 def test_fp16_variant_loads_when_plain_file_is_absent(case, tmp_path):
-    source = SafetensorsFile(case.folder / "diffusion_pytorch_model.safetensors")
-    save_file({k: source[k].astype(np.float16) for k in source},
-              tmp_path / "diffusion_pytorch_model.fp16.safetensors")
-    (tmp_path / "config.json").write_text((case.folder / "config.json").read_text())
+    def to_float16(tensors):
+        for key in tensors:
+            tensors[key] = tensors[key].astype(np.float16)
+
+    rewritten_folder(case.folder, tmp_path, WEIGHTS, to_float16,
+                     save_as="diffusion_pytorch_model.fp16.safetensors")
     _, params = load_vae_folder(tmp_path)
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {np.dtype(np.float32)}
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4),
@@ -188,19 +188,19 @@ def test_fp16_variant_loads_when_plain_file_is_absent(case, tmp_path):
 
 
 def test_sharded_folder_loads_to_same_params(case, tmp_path):
-    source = SafetensorsFile(case.folder / "diffusion_pytorch_model.safetensors")
+    source = SafetensorsFile(case.folder / WEIGHTS)
     keys = sorted(source)
     shards = {"part-1.safetensors": keys[::2], "part-2.safetensors": keys[1::2]}
     for shard, shard_keys in shards.items():
         save_file({k: source[k] for k in shard_keys}, tmp_path / shard)
     index = {"weight_map": {k: shard for shard, ks in shards.items() for k in ks}}
     (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
-    (tmp_path / "config.json").write_text((case.folder / "config.json").read_text())
+    shutil.copy(case.folder / "config.json", tmp_path / "config.json")
     _, params = load_vae_folder(tmp_path)
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, case.params)
 
 
-def test_mid_block_without_attention_loads(tmp_path):
+def test_mid_block_without_attention_loads_every_tensor(tmp_path):
     ref = build_reference(dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
                                norm_num_groups=4, mid_block_add_attention=False))
     ref.save_pretrained(tmp_path, safe_serialization=True)
@@ -218,18 +218,15 @@ def test_params_cover_every_reference_tensor(case):
 
 
 def test_missing_key_names_file_and_key(case, tmp_path):
-    source = SafetensorsFile(case.folder / "diffusion_pytorch_model.safetensors")
     dropped = "decoder.mid_block.attentions.0.to_v.weight"
-    save_file({k: source[k] for k in source if k != dropped},
-              tmp_path / "diffusion_pytorch_model.safetensors")
-    (tmp_path / "config.json").write_text((case.folder / "config.json").read_text())
+    rewritten_folder(case.folder, tmp_path, WEIGHTS, lambda tensors: tensors.pop(dropped))
     with pytest.raises(WeightsError, match=r"diffusion_pytorch_model\.safetensors.*missing keys"
                        r".*decoder/mid_block/attention/to_v/kernel"):
         load_vae_folder(tmp_path)
 
 
 def test_shape_mismatch_names_source_and_key(case):
-    source = SafetensorsFile(case.folder / "diffusion_pytorch_model.safetensors")
+    source = SafetensorsFile(case.folder / WEIGHTS)
     tensors = {k: source[k] for k in source}
     tensors["encoder.conv_in.weight"] = tensors["encoder.conv_in.weight"][:, :2]
     with pytest.raises(WeightsError, match=r"vae-under-test.*shape mismatch for "
@@ -237,8 +234,8 @@ def test_shape_mismatch_names_source_and_key(case):
         vae_params(DictSource(tensors, name="vae-under-test"), case.config)
 
 
-def test_unexpected_key_is_an_error(case):
-    source = SafetensorsFile(case.folder / "diffusion_pytorch_model.safetensors")
+def test_unexpected_key_is_an_error_naming_the_key(case):
+    source = SafetensorsFile(case.folder / WEIGHTS)
     tensors = {k: source[k] for k in source}
     tensors["encoder.mid_block.attentions.1.to_q.weight"] = np.zeros((1,), np.float32)
     with pytest.raises(WeightsError, match=r"unexpected keys: encoder\.mid_block\.attentions\.1"):
@@ -259,7 +256,7 @@ def test_unknown_block_type_is_a_value_error_naming_the_field(tmp_path):
 
 
 def test_missing_weights_file_names_the_folder(case, tmp_path):
-    (tmp_path / "config.json").write_text((case.folder / "config.json").read_text())
+    shutil.copy(case.folder / "config.json", tmp_path / "config.json")
     with pytest.raises(WeightsError, match=r"no diffusion_pytorch_model\.safetensors"):
         load_vae_folder(tmp_path)
     with pytest.raises(WeightsError, match=r"config\.json: no such file"):
@@ -303,7 +300,7 @@ def test_remat_changes_neither_outputs_nor_gradients(case):
 
 
 @pytest.mark.parametrize("case", ["two_levels"], indirect=True)
-def test_bfloat16_compute_stays_close(case):
+def test_bfloat16_compute_stays_close_to_diffusers(case):
     model = AutoencoderKL(case.config, dtype=jnp.bfloat16)
     out = jax.jit(lambda x: model.apply({"params": case.params}, x))(case.x)
     assert out.dtype == jnp.bfloat16
