@@ -465,3 +465,12 @@ def test_a_mis_shaped_tensor_in_a_single_file_is_named(tiny_sd, tmp_path, key, m
     save_file(tensors, str(path))
     with pytest.raises(WeightsError, match=rf"{re.escape(str(path))}: {message}"):
         sdjax.load_pretrained(path)
+
+
+@pytest.mark.parametrize("interval", [(0.5, 0.2), (-0.1, 0.5), (0.2, 1.5), (0.3, 0.3)])
+def test_a_guidance_interval_that_never_guides_is_refused(tiny_arch, interval):
+    arch, tokenizers = tiny_arch
+    spec = SamplingSpec(steps=1, height=32, width=32, guidance_interval=interval)
+    with pytest.raises(ValueError, match=r"guidance_interval must be \(start, end\) with 0 <= start "
+                                         r"< end <= 1"):
+        prepare_batch(arch, tokenizers, Request("a red circle"), spec)

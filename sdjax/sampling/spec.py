@@ -40,6 +40,11 @@ class SamplingSpec:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.microbatch < 1:
             raise ValueError(f"microbatch must be >= 1, got {self.microbatch}")
+        if self.guidance_interval is not None:
+            start, end = self.guidance_interval
+            if not 0.0 <= start < end <= 1.0:
+                raise ValueError(f"guidance_interval must be (start, end) with 0 <= start < end <= 1 "
+                                 f"(fractions of the sampling progress), got {self.guidance_interval}")
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
         multiple = int(np.lcm(8, arch.latent_factor))
