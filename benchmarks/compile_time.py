@@ -45,36 +45,6 @@ flags.DEFINE_bool("exported", True, "internal: with --launch, keep/load the lowe
 FLAGS = flags.FLAGS
 
 
-def abstract_pretrained(name: str):
-    """A `Pretrained` of the preset's architecture whose params are shapes only."""
-    from sdjax.models.clip import CLIPTextConfig
-    from sdjax.models.unet import UNetConfig
-    from sdjax.models.vae import VAEConfig
-    from sdjax.weights.presets import preset
-    from sdjax.text.tokenizer import CLIPTokenizer
-    from sdjax.weights import clip as clip_weights
-    from sdjax.weights import unet as unet_weights
-    from sdjax.weights import vae as vae_weights
-    from sdjax.weights.pretrained import TEXT_ENCODER_NAMES, Pretrained, family_of
-
-    configs = preset(name)
-    unet_config = UNetConfig.from_diffusers(configs["unet"])
-    vae_config = VAEConfig.from_diffusers(configs["vae"])
-    text_configs = tuple(
-        CLIPTextConfig.from_transformers(configs[n], with_projection=n == "text_encoder_2")
-        for n in TEXT_ENCODER_NAMES if n in configs)
-    params = {"unet": unet_weights.unet_shapes(unet_config),
-              "vae": vae_weights.vae_shapes(vae_config)}
-    for n, config in zip(TEXT_ENCODER_NAMES, text_configs):
-        params[n] = clip_weights.clip_text_shapes(config)
-    tokenizers = tuple(CLIPTokenizer.default(pad_token="!" if c.hidden_act == "gelu"
-                                             else "<|endoftext|>") for c in text_configs)
-    return Pretrained(family=family_of(text_configs), unet_config=unet_config,
-                      vae_config=vae_config, text_configs=text_configs, tokenizers=tokenizers,
-                      params=params, scheduler_config=configs["scheduler"],
-                      source=f"abstract:{name}")
-
-
 def launch(preset_name: str, steps: int, size: int, cache_dir: str, exported: bool = True) -> dict:
     """Trace, lower and compile the program once in this process (with a persistent cache: through
     `Generator.program_for`, which loads or writes the exported program); seconds and cache events."""
@@ -85,6 +55,7 @@ def launch(preset_name: str, steps: int, size: int, cache_dir: str, exported: bo
     from sdjax import parallel
     from sdjax.sampling import Generator, Request, SamplingSpec, enable_compilation_cache
     from sdjax.weights.architecture import Architecture
+    from sdjax.weights.presets import abstract_pretrained
 
     class AbstractGenerator(Generator):
         """Generator's program and batch layout, over abstract params (nothing placed)."""

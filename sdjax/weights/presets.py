@@ -121,9 +121,26 @@ def random_pretrained(name: str, seed: int = 0, dtype=None, for_training: bool =
     lecun_normal, which keeps activations at unit scale in narrow models too) and, as the original
     latent-diffusion U-Net does, the last layer of every U-Net residual branch (resnet conv2,
     transformer proj_out) and its conv_out zero, so each block starts as the identity."""
+    import dataclasses
+
     import jax
     import numpy as np
 
+    model = abstract_pretrained(name)
+    rng = np.random.default_rng(seed)
+    params = {}
+    for part, part_shapes in model.params.items():
+        # N(0, 0.02) weights, zero biases, unit norm scales: a well-scaled network of the right
+        # shape; numpy draws them far faster than tracing one init per layer would.
+        params[part] = jax.tree_util.tree_map_with_path(
+            lambda path, s: _random_leaf(rng, f"{part}{jax.tree_util.keystr(path)}", s.shape, dtype,
+                                         for_training), part_shapes)
+    return dataclasses.replace(model, params=params, source=f"random:{name}")
+
+
+def abstract_pretrained(name: str):
+    """A `Pretrained` of the preset's architecture whose params are shapes only (ShapeDtypeStruct
+    leaves): what compile-time benchmarks lower programs over, and what random_pretrained fills."""
     from sdjax.models.clip import CLIPTextConfig
     from sdjax.models.unet import UNetConfig
     from sdjax.models.vae import VAEConfig
@@ -142,19 +159,11 @@ def random_pretrained(name: str, seed: int = 0, dtype=None, for_training: bool =
     shapes = {"unet": unet_weights.unet_shapes(unet_config), "vae": vae_weights.vae_shapes(vae_config)}
     for n, config in zip(TEXT_ENCODER_NAMES, text_configs):
         shapes[n] = clip_weights.clip_text_shapes(config)
-    rng = np.random.default_rng(seed)
-    params = {}
-    for part, part_shapes in shapes.items():
-        # N(0, 0.02) weights, zero biases, unit norm scales: a well-scaled network of the right
-        # shape; numpy draws them far faster than tracing one init per layer would.
-        params[part] = jax.tree_util.tree_map_with_path(
-            lambda path, s: _random_leaf(rng, f"{part}{jax.tree_util.keystr(path)}", s.shape, dtype,
-                                         for_training), part_shapes)
     tokenizers = tuple(CLIPTokenizer.default(pad_token="!" if c.hidden_act == "gelu" else "<|endoftext|>")
                        for c in text_configs)
-    return Pretrained(family=family_of(text_configs), unet_config=unet_config, vae_config=vae_config, text_configs=text_configs,
-                      tokenizers=tokenizers, params=params, scheduler_config=configs["scheduler"],
-                      source=f"random:{name}")
+    return Pretrained(family=family_of(text_configs), unet_config=unet_config, vae_config=vae_config,
+                      text_configs=text_configs, tokenizers=tokenizers, params=shapes,
+                      scheduler_config=configs["scheduler"], source=f"abstract:{name}")
 
 
 # U-Net kernels that end a residual branch: zero in a training init (see random_pretrained).
