@@ -1,17 +1,6 @@
-"""Evaluate the embedded default model against its targets and print them:
-
-  held-out accuracy   every single-object held-out prompt (`shapes.heldout_prompts`, 280) drawn
-                      once at the default generation settings (configs/shapes.py), checked by
-                      `judge`; the fraction with every attribute right (target >= 90%)
-  CLIP zero-shot      for held-out single-object images, each attribute (colour, shape, size,
-                      position, background) is predicted by the caption, among the true caption
-                      with that attribute set to each possible value, that the shapes CLIP ranks
-                      first; the fraction of right predictions (target >= 95%)
-  as prompts are     the same held-out scenes in the phrasings people write
-  written             (`shapes.caption_variant`: attributes left out, "on a blue background"),
-                      judged on what each prompt says (reported, no target)
-  VAE PSNR            mean per-image PSNR of posterior-mean reconstructions of held-out images
-                      (target >= 30 dB)
+"""Evaluate the embedded default model against its targets and print them (held-out accuracy,
+CLIP zero-shot, accuracy on prompts as people write them, VAE PSNR; each figure and its target is
+described in sdjax/evaluation/default_model.py):
 
     python -m experiments.evaluate_default_model [--model=DIR] [--clip=DIR] [--out=results.json]
 """
