@@ -474,3 +474,15 @@ def test_a_guidance_interval_that_never_guides_is_refused(tiny_arch, interval):
     with pytest.raises(ValueError, match=r"guidance_interval must be \(start, end\) with 0 <= start "
                                          r"< end <= 1"):
         prepare_batch(arch, tokenizers, Request("a red circle"), spec)
+
+
+def test_generate_into_a_folder_holding_another_runs_config_keeps_it(tmp_path, tiny_model):
+    """A folder with a config.json but no numbered images (another tool's, or a prompt-file run's)."""
+    (tmp_path / "config.json").write_text("theirs")
+    (tmp_path / "grid.png").write_bytes(b"theirs")
+    generate.generate_to_dir(_config(out_dir=str(tmp_path), prompt="a red circle", num_images=2),
+                             model=tiny_model)
+    assert (tmp_path / "config.json").read_text() == "theirs"
+    assert (tmp_path / "grid.png").read_bytes() == b"theirs"
+    assert sorted(os.listdir(tmp_path)) == ["00000-0.png", "00001-1.png", "config-00000.json",
+                                            "config.json", "grid-00000.png", "grid.png"]

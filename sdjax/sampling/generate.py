@@ -111,10 +111,8 @@ def generate_to_dir(config, model=None) -> list[str]:
     # Earlier runs into the same folder are kept: numbering continues after theirs (the WebUI's
     # habit), and this run's config gets its own name when config.json holds another's.
     start = next_image_index(config.out_dir)
-    config_path = os.path.join(config.out_dir, "config.json")
-    if start and os.path.exists(config_path):
-        config_path = os.path.join(config.out_dir, f"config-{start:05d}.json")
-    runs.write_atomically(config_path, config.to_json(indent=2))
+    runs.write_atomically(_unused_path(config.out_dir, "config", ".json", start),
+                          config.to_json(indent=2))
     model_name = os.path.basename(os.path.normpath(model.source)) or "model"
     paths, images = [], []
     for first in range(0, total, batch):
@@ -132,8 +130,8 @@ def generate_to_dir(config, model=None) -> list[str]:
             paths.append(path)
             images.append(image)
     if len(images) > 1:
-        grid_name = f"grid-{start:05d}.png" if start else "grid.png"
-        images_lib.save_png(images_lib.grid(images), os.path.join(config.out_dir, grid_name))
+        images_lib.save_png(images_lib.grid(images),
+                            _unused_path(config.out_dir, "grid", ".png", start))
     return paths
 
 
@@ -154,6 +152,15 @@ def check_counts(config) -> tuple[int, int]:
     if not math.isfinite(float(config.cfg_scale)):
         raise ValueError(f"cfg_scale must be finite, got {config.cfg_scale!r}")
     return total, batch or total
+
+
+def _unused_path(out_dir: str, stem: str, suffix: str, start: int) -> str:
+    """`stem.suffix`, or `stem-<start>.suffix` (then `-1`, `-2`, ...) when a file of that name is
+    already there: another run's, or another tool's, is never overwritten."""
+    names = [f"{stem}{suffix}", f"{stem}-{start:05d}{suffix}"]
+    names += (f"{stem}-{start:05d}-{i}{suffix}" for i in range(1, 1000))
+    return next(path for path in (os.path.join(out_dir, n) for n in names)
+                if not os.path.exists(path))
 
 
 def next_image_index(out_dir: str) -> int:
