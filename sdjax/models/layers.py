@@ -124,9 +124,67 @@ import numpy as np  # noqa: E402
 import flax.linen as nn  # noqa: E402
 
 
+# The variable collection that carries low-rank adapters (LoRA and kin) into `Dense` and `Conv2D`:
+# a tree beside "params" with the same module paths. Each adapted layer holds either
+#   down (in, R) or (kh, kw, in, R), up (R, out), scale (R,) or (B, R):  y += ((x.down) * scale) . up
+# (several adapters on one layer are concatenated along R; a scale per rank keeps each adapter's
+# weight and alpha/rank as data), and/or
+#   delta (n, *kernel.shape), delta_scale (n,):                          y += x . sum_n(scale_n delta_n)
+# (LyCORIS products that are not low rank). A model applied without the collection is unchanged.
+ADAPTER_COLLECTION = "lora"
+
+
+# Where a params dict (`Pretrained.params`: {"unet": ..., "text_encoder": ...}) carries the adapter
+# collections of its models: params[ADAPTERS_KEY][model name].
+ADAPTERS_KEY = "adapters"
+
+
+def model_variables(params: dict, name: str) -> dict:
+    """The variables to apply model `name` of a params dict with: its params, and its adapters'
+    collection when the dict carries one."""
+    variables = {"params": params[name]}
+    adapters = params.get(ADAPTERS_KEY, {}).get(name)
+    if adapters:
+        variables[ADAPTER_COLLECTION] = adapters
+    return variables
+
+
+def _rank_scale(scale: jax.Array, h: jax.Array) -> jax.Array:
+    """A (R,) scale, or a (B, R) one (per-example rank dropout), broadcast against h (B, ..., R)."""
+    if scale.ndim == 2:
+        return scale.reshape((scale.shape[0],) + (1,) * (h.ndim - 2) + (scale.shape[1],))
+    return scale
+
+
+def _adapter_output(module: nn.Module, x: jax.Array, y: jax.Array, contract_down, contract_delta):
+    """`y` plus what the adapters in `module`'s ADAPTER_COLLECTION entry add for input `x`."""
+    if module.has_variable(ADAPTER_COLLECTION, "down"):
+        down, up, scale = (module.get_variable(ADAPTER_COLLECTION, n) for n in ("down", "up", "scale"))
+        h = contract_down(x, down.astype(x.dtype))
+        h = h * _rank_scale(scale, h).astype(h.dtype)
+        y = y + dot_general(h, up.astype(h.dtype), (((h.ndim - 1,), (0,)), ((), ())))
+    if module.has_variable(ADAPTER_COLLECTION, "delta"):
+        delta = module.get_variable(ADAPTER_COLLECTION, "delta")
+        delta_scale = module.get_variable(ADAPTER_COLLECTION, "delta_scale")
+        kernel = jnp.tensordot(delta_scale.astype(jnp.float32), delta.astype(jnp.float32), 1)
+        y = y + contract_delta(x, kernel.astype(x.dtype))
+    return y
+
+
 class Dense(nn.Dense):
-    """`nn.Dense` (same params and names) contracting with `dot_general`: sdjax's dense layer."""
+    """`nn.Dense` (same params and names) contracting with `dot_general`: sdjax's dense layer,
+    plus the adapters of ADAPTER_COLLECTION when the model is applied with them."""
     dot_general: Any = dot_general
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        y = super().__call__(inputs)
+        if not self.has_variable(ADAPTER_COLLECTION, "down") and \
+                not self.has_variable(ADAPTER_COLLECTION, "delta"):
+            return y
+        x = inputs.astype(self.dtype or inputs.dtype)
+        contract = lambda a, w: dot_general(a, w, (((a.ndim - 1,), (0,)), ((), ())))
+        return _adapter_output(self, x, y, contract, contract)
 
 
 class SerializableConfig:
@@ -290,9 +348,26 @@ class TimestepEmbedding(nn.Module):
 _IM2COL_MAX_POSITIONS = 16 * 16
 
 
+def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
+           padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))) -> jax.Array:
+    """NHWC x HWIO convolution; small stride-1 maps run as one matmul over their patches."""
+    kh, kw, c, features = kernel.shape
+    b, h, w, _ = x.shape
+    if tuple(strides) == (1, 1) and h * w <= _IM2COL_MAX_POSITIONS:
+        x = jnp.pad(x, ((0, 0),) + tuple(padding) + ((0, 0),))
+        out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+        # Patch channels in (row, column, input channel) order: the HWIO kernel's flat order.
+        patches = jnp.concatenate([x[:, i:i + out_h, j:j + out_w]
+                                   for i in range(kh) for j in range(kw)], axis=-1)
+        return einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * c, features))
+    return jax.lax.conv_general_dilated(x, kernel, tuple(strides), tuple(padding),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 class Conv2D(nn.Module):
     """`nn.Conv` on NHWC with HWIO `kernel` and `bias` params (same names, shapes and init), that
-    runs small stride-1 maps as a matmul over their patches."""
+    runs small stride-1 maps as a matmul over their patches, plus the adapters of
+    ADAPTER_COLLECTION (their `down` a conv of the same stride and padding, `up` 1x1)."""
     features: int
     kernel_size: tuple[int, int]
     strides: tuple[int, int] = (1, 1)
@@ -307,18 +382,9 @@ class Conv2D(nn.Module):
                             (kh, kw, x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        b, h, w, c = x.shape
-        if tuple(self.strides) == (1, 1) and h * w <= _IM2COL_MAX_POSITIONS:
-            x = jnp.pad(x, ((0, 0),) + tuple(self.padding) + ((0, 0),))
-            out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-            # Patch channels in (row, column, input channel) order: the HWIO kernel's flat order.
-            patches = jnp.concatenate([x[:, i:i + out_h, j:j + out_w]
-                                       for i in range(kh) for j in range(kw)], axis=-1)
-            y = einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * c, self.features))
-        else:
-            y = jax.lax.conv_general_dilated(x, kernel, tuple(self.strides), tuple(self.padding),
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y + bias
+        y = conv2d(x, kernel, self.strides, self.padding) + bias
+        contract = lambda a, w: conv2d(a, w, self.strides, self.padding)
+        return _adapter_output(self, x, y, contract, contract)
 
 
 class ResnetBlock(nn.Module):

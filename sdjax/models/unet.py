@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from sdjax.models import layers
-from sdjax.models.layers import (ATTENTION_IMPLEMENTATIONS, Dense, Downsample, GEGLUFeedForward,
-                                 ResnetBlock, SerializableConfig, TimestepEmbedding, Upsample,
+from sdjax.models.layers import (ATTENTION_IMPLEMENTATIONS, Conv2D, Dense, Downsample,
+                                 GEGLUFeedForward, ResnetBlock, SerializableConfig, TimestepEmbedding, Upsample,
                                  check_block_types, check_field_types, lists_to_tuples,
                                  timestep_embedding)
 
@@ -392,7 +392,7 @@ class UNet(nn.Module):
                 add.astype(self.dtype))
         context = encoder_hidden_states.astype(self.dtype)
 
-        conv = lambda feats, name: nn.Conv(feats, (3, 3), padding=((1, 1), (1, 1)), name=name, **kw)
+        conv = lambda feats, name: Conv2D(feats, (3, 3), padding=((1, 1), (1, 1)), name=name, **kw)
         x = conv(channels[0], "conv_in")(sample.astype(self.dtype))
         skips = [x]
         for i, block_type in enumerate(cfg.down_block_types):

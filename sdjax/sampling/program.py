@@ -15,6 +15,7 @@ from jax import lax
 
 from sdjax.diffusion import samplers as samplers_lib
 from sdjax.diffusion.guidance import classifier_free_guidance
+from sdjax.models.layers import model_variables
 from sdjax.models.unet import UNet
 from sdjax.models.vae import AutoencoderKL, scale_latents, unscale_latents
 from sdjax.sampling.spec import SamplingSpec
@@ -185,7 +186,7 @@ def _generate_microbatch(arch: Architecture, spec: SamplingSpec, params: dict, b
         added = None
         if arch.family == "sdxl":
             added = {"text_embeds": conditioning["text_embeds"], "time_ids": conditioning["time_ids"]}
-        return unet.apply({"params": params["unet"]}, x.astype(arch.dtype), t,
+        return unet.apply(model_variables(params, "unet"), x.astype(arch.dtype), t,
                           conditioning["context"].astype(arch.dtype), added).astype(jnp.float32)
 
     model_fn = classifier_free_guidance(

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.models.clip import CLIPTextModel, text_hidden_state
+from sdjax.models.layers import model_variables
 from sdjax.text import prompts
 
 
@@ -25,7 +26,7 @@ def encode_text(arch, params: dict, ids: jax.Array, weights: jax.Array, clip_ski
     for index, config in enumerate(arch.text_encoders):
         name = "text_encoder" if index == 0 else "text_encoder_2"
         model = CLIPTextModel(config, dtype=arch.dtype)
-        output = model.apply({"params": params[name]}, ids[:, index].reshape(batch * chunks, width))
+        output = model.apply(model_variables(params, name), ids[:, index].reshape(batch * chunks, width))
         # SDXL conditions on the penultimate layer without the final norm (diffusers' convention).
         hidden = text_hidden_state(model, params[name], output,
                                    clip_skip=clip_skip + 1 if sdxl else clip_skip,
