@@ -14,7 +14,7 @@ from sdjax.weights.common import (MergedSource, SafetensorsFile, TensorSource, W
                                   abstract_params, convert_state_dict, regex_renamer)
 
 # diffusers name -> sdjax path, first full match wins. The targets keep dots for module nesting;
-# `_rename` then turns list indices into `_i` suffixes and dots into slashes
+# `rename_key` then turns list indices into `_i` suffixes and dots into slashes
 # (down_blocks.0.attentions.1.norm.weight -> down_blocks_0/attentions_1/norm/scale).
 _RULES = (
     # diffusers wraps these in lists: to_out = [Linear, Dropout], ff.net = [GEGLU, Dropout, Linear].
@@ -36,7 +36,8 @@ _table = regex_renamer(_RULES)
 _INDEX = re.compile(r"[./](\d+)(?=[./]|$)")
 
 
-def _rename(key: str) -> Optional[str]:
+def rename_key(key: str) -> Optional[str]:
+    """The sdjax params path of a diffusers U-Net state-dict key (None: not a parameter)."""
     path = _table(key)
     return None if path is None else _INDEX.sub(r"_\1", path).replace(".", "/")
 
@@ -55,7 +56,7 @@ def _example_inputs(config: UNetConfig, dtype=jnp.float32):
 
 def unet_params(source: TensorSource, config: UNetConfig, dtype=None) -> dict:
     """Params for `UNet(config)` from a diffusers-named state dict. `dtype` None keeps float32."""
-    return convert_state_dict(source, _rename, unet_shapes(config), what="U-Net", dtype=dtype)
+    return convert_state_dict(source, rename_key, unet_shapes(config), what="U-Net", dtype=dtype)
 
 
 def unet_shapes(config: UNetConfig) -> dict:
