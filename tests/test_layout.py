@@ -1,4 +1,4 @@
-"""The package's layers: every import points down (models <- text, diffusion <- weights <-
+"""The package's layers: every import points down (models <- text, diffusion <- weights <- adapters <-
 sampling, training <- evaluation <- experiments), nothing imports in a cycle, and configs load
 without jax."""
 import ast
@@ -14,9 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A module may import its own package and any package of a lower rank. The root modules (runs,
 # images, parallel, cli, the package's __init__) and data/ import nothing above them.
 RANKS = {"": 0, "runs": 0, "images": 0, "parallel": 0, "cli": 0, "data": 0, "assets": 0,
-         "models": 1, "text": 2, "diffusion": 2, "weights": 3, "adapters": 3, "sampling": 4,
-         "training": 4,
-         "evaluation": 5, "experiments": 6}
+         "models": 1, "text": 2, "diffusion": 2, "weights": 3, "adapters": 4, "sampling": 5,
+         "training": 5, "evaluation": 6, "experiments": 7}
 # Imports allowed against the ranks, each with its reason.
 EXCEPTIONS = {
     # Preview grids during training draw with the sampler (imported inside the function that draws).
