@@ -109,11 +109,13 @@ def tokenize_weighted(tokenizer, prompt: str) -> tuple[np.ndarray, np.ndarray]:
         if text is BREAK:
             close_chunk()
             continue
-        for token in tokenizer.encode(text):
-            if len(ids) == CHUNK_TOKENS:
+        # A multi-vector embedding's ids stay in one chunk: the WebUI starts a new chunk for an
+        # embedding that does not fit in the current one.
+        for group in tokenizer.encode_grouped(text):
+            if ids and len(ids) + len(group) > CHUNK_TOKENS:
                 close_chunk()
-            ids.append(token)
-            weights.append(weight)
+            ids.extend(group)
+            weights.extend([weight] * len(group))
     if ids or not chunks:
         close_chunk()
     width = CHUNK_TOKENS + 2

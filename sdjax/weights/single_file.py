@@ -205,15 +205,21 @@ class SingleFileCheckpoint:
 
 
 # ---- File checks -----------------------------------------------------------------------------------
-def _pickle_refusal(path: str, why: str) -> WeightsError:
+def pickle_refusal_message(path: str, why: str,
+                           select: str = "sd = sd.get('state_dict', sd)") -> str:
+    """Why `path` is refused, and the two lines that convert it; `select` is the statement that
+    turns the unpickled object `sd` into the dict of tensors to keep."""
     out = os.path.splitext(path)[0] + ".safetensors"
-    return WeightsError(
-        f"{path}: {why}; sdjax never unpickles checkpoints (loading a pickle can run arbitrary "
-        f"code). Convert it once to safetensors with PyTorch:\n"
-        f"  import torch; sd = torch.load({path!r}, map_location='cpu', weights_only=True); "
-        f"sd = sd.get('state_dict', sd)\n"
-        f"  from safetensors.torch import save_file; save_file({{k: v.contiguous() for k, v in "
-        f"sd.items() if isinstance(v, torch.Tensor)}}, {out!r})")
+    return (f"{path}: {why}; sdjax never unpickles checkpoints (loading a pickle can run arbitrary "
+            f"code). Convert it once to safetensors with PyTorch:\n"
+            f"  import torch; sd = torch.load({path!r}, map_location='cpu', weights_only=True); "
+            f"{select}\n"
+            f"  from safetensors.torch import save_file; save_file({{k: v.contiguous() for k, v in "
+            f"sd.items() if isinstance(v, torch.Tensor)}}, {out!r})")
+
+
+def _pickle_refusal(path: str, why: str) -> WeightsError:
+    return WeightsError(pickle_refusal_message(path, why))
 
 
 def _read_header(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
