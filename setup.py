@@ -33,6 +33,7 @@ setuptools.setup(
             "diffusers>=0.40,<0.50",
             "transformers>=5.0,<6",
             "accelerate>=1.0",
+            "peft>=0.21,<1",  # diffusers' load_lora_weights, LoRA parity tests
             "pytest>=8",
             "chex>=0.1.88",
         ],

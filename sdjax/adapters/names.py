@@ -1,11 +1,12 @@
 """The names adapter files give a model's layers, mapped to sdjax layer paths.
 
-Files name a layer in one of four ways, all accepted for every model:
+Files name a layer in these ways, all accepted for every model:
 - diffusers / transformers module names (peft files): `down_blocks.0.attentions.0.transformer_
   blocks.0.attn1.to_q`, `text_model.encoder.layers.0.self_attn.q_proj`;
 - the original LDM U-Net's names (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`), which SDXL
   LoRAs use;
-- either of those with dots flattened to underscores (kohya / WebUI keys after `lora_unet_`,
+- transformers 5's text-encoder names, which drop `text_model.` (`encoder.layers.0.self_attn.q_proj`);
+- any of those with dots flattened to underscores (kohya / WebUI keys after `lora_unet_`,
   `lora_te_`, `lora_te1_`, `lora_te2_`).
 The table is built from the model's own params and U-Net config, and each diffusers name is checked
 against the checkpoint converter's renaming (weights.unet), so the two can never disagree.
@@ -69,7 +70,9 @@ def layer_names(params: Mapping, unet_config: UNetConfig) -> LayerNames:
             extra = {p: ldm.get(n) for p, n in names.items()}
         else:
             names = {p: _transformers_text_name(p) for p in paths}
-            extra = {}
+            # transformers 5 names CLIPTextModel's modules without `text_model.` (peft files
+            # written from it too).
+            extra = {p: n.removeprefix("text_model.") for p, n in names.items()}
         table: dict[str, str] = {}
         for path, name in names.items():
             for alias in (name, extra.get(path)):

@@ -130,7 +130,11 @@ import flax.linen as nn  # noqa: E402
 # (several adapters on one layer are concatenated along R; a scale per rank keeps each adapter's
 # weight and alpha/rank as data), and/or
 #   delta (n, *kernel.shape), delta_scale (n,):                          y += x . sum_n(scale_n delta_n)
-# (LyCORIS products that are not low rank). A model applied without the collection is unchanged.
+#   [delta_bias (n, out):                                                y += sum_n(scale_n delta_bias_n)]
+# (LyCORIS products that are not low rank; full differences may change the bias too). A model
+# applied without the collection is unchanged.
+# Training adds dropout_key (a PRNG key's raw data) and dropout_rate (scalar): kohya's neuron
+# dropout, each element of x.down zeroed with that probability and the rest scaled by 1/(1-rate).
 ADAPTER_COLLECTION = "lora"
 
 
@@ -161,6 +165,11 @@ def _adapter_output(module: nn.Module, x: jax.Array, y: jax.Array, contract_down
     if module.has_variable(ADAPTER_COLLECTION, "down"):
         down, up, scale = (module.get_variable(ADAPTER_COLLECTION, n) for n in ("down", "up", "scale"))
         h = contract_down(x, down.astype(x.dtype))
+        if module.has_variable(ADAPTER_COLLECTION, "dropout_key"):
+            key = jax.random.wrap_key_data(module.get_variable(ADAPTER_COLLECTION, "dropout_key"))
+            rate = module.get_variable(ADAPTER_COLLECTION, "dropout_rate").astype(jnp.float32)
+            keep = jax.random.bernoulli(key, 1.0 - rate, h.shape)
+            h = jnp.where(keep, h / (1.0 - rate).astype(h.dtype), jnp.zeros((), h.dtype))
         h = h * _rank_scale(scale, h).astype(h.dtype)
         y = y + dot_general(h, up.astype(h.dtype), (((h.ndim - 1,), (0,)), ((), ())))
     if module.has_variable(ADAPTER_COLLECTION, "delta"):
@@ -168,6 +177,9 @@ def _adapter_output(module: nn.Module, x: jax.Array, y: jax.Array, contract_down
         delta_scale = module.get_variable(ADAPTER_COLLECTION, "delta_scale")
         kernel = jnp.tensordot(delta_scale.astype(jnp.float32), delta.astype(jnp.float32), 1)
         y = y + contract_delta(x, kernel.astype(x.dtype))
+        if module.has_variable(ADAPTER_COLLECTION, "delta_bias"):
+            bias = module.get_variable(ADAPTER_COLLECTION, "delta_bias").astype(jnp.float32)
+            y = y + jnp.tensordot(delta_scale.astype(jnp.float32), bias, 1).astype(y.dtype)
     return y
 
 
