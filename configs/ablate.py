@@ -11,7 +11,13 @@ The study of the embedded default model (docs/ablation_default_model.md) is two 
     python -m experiments.ablate --config=configs/ablate.py:default_guidance
 
 Any field can be overridden, e.g. --config.samplers="('euler_a','dpmpp_2m:karras=true')"
---config.cfg_scales="(1.0,5.0,9.0)" --config.grid.x=steps --config.grid.y=cfg_scale.
+--config.cfg_scales="(1.0,5.0,9.0)" --config.grid.x=steps --config.grid.y=cfg_scale. A LoRA's
+weight as an axis:
+
+    python -m experiments.ablate --config=configs/ablate.py --model=/path/to/model \
+        --lora=watercolor --lora_dir=/path/to/loras --config.lora_weights="(0.0,0.5,1.0)" \
+        --config.grid.x=lora_weight
+
 Run the same command again after an interruption: finished (cell, prompt) pairs are skipped.
 """
 import ml_collections
@@ -44,8 +50,18 @@ def get_config(arg=None):
     c.width = 512
     c.clip_skip = 0
     c.microbatch = SamplingSpec.microbatch  # images denoised together per device
+    # LoRAs applied to every cell, "NAME_OR_PATH[:UNET_WEIGHT[:TE_WEIGHT]]" each (a name is a file
+    # of lora_dir, by stem); prompts may name more with <lora:NAME:WEIGHT>.
+    c.loras = ()
+    # An axis: each cell drawn with the LoRAs of `loras` at each of these weights (multiples of
+    # their listed weights). Weights are data: the sweep compiles no more programs for them.
+    c.lora_weights = ()
+    c.lora_dir = ""
+    c.lora_mode = "runtime"      # runtime | merged (see configs/common.py)
+    c.embeddings_dir = ""        # textual-inversion embeddings, usable in prompts by file name
     c.grid = ml_collections.ConfigDict()
-    c.grid.x = "cfg_scale"       # columns: sampler | steps | variant | cfg_scale | prompt | seed
+    # columns: sampler | steps | variant | cfg_scale | lora_weight | prompt | seed
+    c.grid.x = "cfg_scale"
     c.grid.y = "sampler"         # rows: as x; one grid file per combination of the other axes
     c.grid.max_prompts = 8       # prompts per grid when the prompt is an axis (0: all)
     c.warmup = True              # compile outside the timed call (one extra call per program)

@@ -40,6 +40,12 @@ def generation_config(*, height: int, width: int, model: str = "", cfg_scale: fl
     c.mask = ""                  # inpainting mask: white = repaint
     c.inpaint_overlay = True     # keep the init image's pixels outside the (blurred) mask
     c.mask_blur = 4.0            # Gaussian radius of that overlay's edge, in pixels
+    # LoRAs applied to every image, each "NAME_OR_PATH[:UNET_WEIGHT[:TE_WEIGHT]]" (a name is a file
+    # of lora_dir or a folder below it, by stem); prompts may add more with <lora:NAME:WEIGHT>.
+    c.loras = ()
+    c.lora_dir = ""
+    c.lora_mode = "runtime"      # runtime (weights are data: no recompiling) | merged (into kernels)
+    c.embeddings_dir = ""        # textual-inversion embeddings, usable in prompts by file name
     c.parallel = "jit"           # jit (mesh + shardings) | pmap
     c.fsdp = 1                   # >1: split large params over this many devices
     # A per-step bar is a host callback inside the program, which keeps it from being exported

@@ -3,12 +3,16 @@
     python -m experiments.ablate --config=configs/ablate.py --model=/path/to/model \
         --clip_model=/path/to/clip --out_dir=ablations/sd15
 
+A LoRA's weight is an axis too: --lora=NAME --lora_dir=/path/to/loras
+--config.lora_weights="(0.0,0.5,1.0)" draws every cell at each weight, with one program.
+
 See configs/ablate.py for every setting; the flags below are shortcuts that override the config.
 """
 from absl import app, flags, logging
 
 from sdjax import cli
 from sdjax.evaluation import ablation
+from sdjax.sampling import generate
 
 cli.define_config_file("config", "configs/ablate.py", "ablation config file")
 flags.DEFINE_string("model", None,
@@ -16,6 +20,7 @@ flags.DEFINE_string("model", None,
 flags.DEFINE_string("clip_model", None,
                     "CLIP for the CLIP score: transformers CLIPModel or sdjax CLIP folder")
 flags.DEFINE_string("out_dir", None, "where images, grids, tables and plots go")
+generate.define_lora_flags()
 FLAGS = flags.FLAGS
 SHORTCUTS = ("model", "clip_model", "out_dir")
 
@@ -25,6 +30,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = FLAGS.config
     cli.apply_shortcuts(config, SHORTCUTS)
+    cli.apply_shortcuts(config, generate.LORA_SHORTCUTS)
     result = ablation.run_sweep(config)
     logging.info("%d (cell, prompt) pairs drawn, %d resumed, %d compilations; tables in %s",
                  result["generated"], result["skipped"], result["traces"], result["markdown"])

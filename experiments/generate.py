@@ -8,6 +8,11 @@ checkpoint:
     python -m experiments.generate --config=configs/sd15.py --model=/path/to/checkpoint \
         --prompt="a photo of a cat" --config.sampler=dpmpp_2m --config.steps=25
 
+With LoRAs (a <lora:NAME:WEIGHT> tag in the prompt, or --lora for every image):
+
+    python -m experiments.generate --config=configs/sd15.py --model=/path/to/checkpoint \
+        --lora_dir=/path/to/loras --prompt="a photo of a cat <lora:watercolor:0.8>"
+
 Every config field can be overridden as --config.FIELD=value; the flags below are shortcuts for the
 most used fields and, when given, override the config.
 """
@@ -31,6 +36,7 @@ flags.DEFINE_string("init_image", None, "image to start from (img2img; with --ma
 flags.DEFINE_float("strength", None, "img2img strength in (0, 1]: how much of the image is redrawn")
 flags.DEFINE_string("mask", None, "inpainting mask, white = repaint")
 flags.DEFINE_string("out_dir", None, "where the PNGs go")
+generate.define_lora_flags()
 FLAGS = flags.FLAGS
 SHORTCUTS = ("prompt", "negative_prompt", "seed", "num_images", "cfg_scale", "height", "width",
              "model", "vae", "init_image", "strength", "mask", "out_dir")
@@ -41,6 +47,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = FLAGS.config
     cli.apply_shortcuts(config, SHORTCUTS)
+    cli.apply_shortcuts(config, generate.LORA_SHORTCUTS)
     if not config.prompt:
         raise app.UsageError("--prompt is required")
     paths = generate.generate_to_dir(config)

@@ -4,8 +4,9 @@
         --prompts=prompts.txt --out_dir=out --images_per_prompt=4
 
 The prompt file is text (one prompt per line) or `.jsonl` (one object per line with any of prompt,
-negative_prompt, seed, cfg_scale, steps, sampler, num_images, width, height; the config fills the
-rest). Blank lines and `#` comments are skipped. Image i of prompt p goes to
+negative_prompt, seed, cfg_scale, steps, sampler, num_images, width, height, loras; the config fills
+the rest). Prompts may name LoRAs with <lora:NAME:WEIGHT> tags (NAME a file of --lora_dir); --lora
+applies one to every prompt. Blank lines and `#` comments are skipped. Image i of prompt p goes to
 `out/<p:05d>/<i:04d>-<seed>.png`; run the same command again after an interruption and only the
 missing images are drawn, identical to those of an uninterrupted run.
 
@@ -16,7 +17,7 @@ from absl import app, flags, logging
 
 from sdjax import cli
 from sdjax import parallel
-from sdjax.sampling import batches
+from sdjax.sampling import batches, generate
 
 # Without --config, the embedded model's config: with no --model it draws at its native 32 px.
 cli.define_config_file("config", "configs/shapes.py", "generation config file")
@@ -29,6 +30,7 @@ flags.DEFINE_integer("batch_size", None, "images per program call over all devic
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs")
 flags.DEFINE_integer("num_processes", None, "number of processes (hosts) in the run")
 flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes)")
+generate.define_lora_flags()
 FLAGS = flags.FLAGS
 SHORTCUTS = {"out_dir": "out_dir", "images_per_prompt": "num_images", "seed": "seed",
              "model": "model", "batch_size": "batch_size"}
@@ -40,6 +42,7 @@ def main(argv):
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     config = FLAGS.config
     cli.apply_shortcuts(config, SHORTCUTS)
+    cli.apply_shortcuts(config, generate.LORA_SHORTCUTS)
     stats = batches.sample_to_dir(config, FLAGS.prompts)
     logging.info("%d written, %d already there, %d not finite; in %s", stats["written"],
                  stats["skipped"], stats["non_finite"], config.out_dir)

@@ -1,12 +1,14 @@
 """Sampler × steps × guidance sweeps: images, labelled X/Y grids, a metrics table and plots.
 
 A sweep is the product of samplers, step counts, guidance variants (plain CFG, rescale φ, a
-limited guidance interval, or combinations) and guidance scales, drawn for every prompt with the
-same seeds. A *cell* is one (sampler, steps, variant, scale) setting: one row of the table.
+limited guidance interval, or combinations), guidance scales and, when `config.lora_weights` is
+set, the weight of the LoRAs of `config.loras`, drawn for every prompt with the same seeds. A
+*cell* is one (sampler, steps, variant, scale[, LoRA weight]) setting: one row of the table.
 
 Compilation: a program is compiled per static `SamplingSpec` — (sampler, steps, guidance
-interval) here — and every scale and rescale φ of it runs through that one program as data, one
-call per (cell, prompt) with the seeds as the batch. `run_sweep` reports `Generator.traces`.
+interval) here — and every scale, rescale φ and LoRA weight of it runs through that one program as
+data (LoRAs at run time, `Generator(adapter_mode="runtime")`), one call per (cell, prompt) with
+the seeds as the batch. `run_sweep` reports `Generator.traces`.
 
 Out dir (written by `run_sweep`):
   config.json        the resolved config
@@ -41,14 +43,17 @@ from sdjax.diffusion.samplers import parse_sampler
 from sdjax.evaluation import judge as judge_lib
 from sdjax.evaluation import metrics
 
-AXES = ("sampler", "steps", "variant", "cfg_scale", "prompt", "seed")
+AXES = ("sampler", "steps", "variant", "cfg_scale", "lora_weight", "prompt", "seed")
 CELL_FIELDS = ("sampler", "steps", "variant", "cfg_scale")
+# A cell's field (and a record's, and a table's column) only in sweeps with a LoRA weight axis.
+LORA_WEIGHT = "lora_weight"
 JUDGE_COLUMNS = tuple(f"acc_{a}" for a in judge_lib.ATTRIBUTES) + ("all_correct",)
 RECORDS = "records.jsonl"
 SWEEP_MANIFEST = "sweep.json"
 # What an image depends on besides its cell, prompt and seed: a restart must agree on these.
 _FINGERPRINT_FIELDS = ("model", "vae", "prediction_type", "dtype", "height", "width",
-                       "negative_prompt", "clip_skip", "microbatch")
+                       "negative_prompt", "clip_skip", "microbatch", "loras", "lora_mode",
+                       "embeddings_dir")
 
 
 # --- the sweep -------------------------------------------------------------------------------------
@@ -91,16 +96,24 @@ class Variant:
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """One setting of the sweep: a row of the metrics table, a tile of a grid."""
+    """One setting of the sweep: a row of the metrics table, a tile of a grid. `lora_weight` is
+    None in sweeps without that axis."""
     sampler: str
     steps: int
     variant: str
     cfg_scale: float
+    lora_weight: Optional[float] = None
 
     @property
     def key(self) -> str:
         """A file-name-safe id, unique within a sweep."""
-        return _slug(f"{self.sampler}_{self.steps}steps_{self.variant}_cfg{self.cfg_scale:g}")
+        lora = "" if self.lora_weight is None else f"_lora{self.lora_weight:g}"
+        return _slug(f"{self.sampler}_{self.steps}steps_{self.variant}_cfg{self.cfg_scale:g}{lora}")
+
+    @classmethod
+    def of_record(cls, record: dict) -> "Cell":
+        return cls(record["sampler"], record["steps"], record["variant"], record["cfg_scale"],
+                   record.get(LORA_WEIGHT))
 
 
 def _slug(text: str, limit: int = 80) -> str:
@@ -125,6 +138,8 @@ class Sweep:
     negative_prompt: str = ""
     clip_skip: int = 0
     microbatch: int = 1
+    loras: tuple = ()                      # NamedLora each, at their listed weights
+    lora_weights: tuple = (None,)          # the LoRA weight axis; (None,) without one
 
     @classmethod
     def from_config(cls, config) -> "Sweep":
@@ -144,19 +159,45 @@ class Sweep:
         scales = distinct((float(s) for s in config.cfg_scales), "cfg_scales")
         if int(config.num_seeds) < 1:
             raise ValueError(f"config.num_seeds must be >= 1, got {config.num_seeds}")
+        from sdjax.sampling.generate import config_loras
+
+        loras = config_loras(config)
+        lora_weights: tuple = (None,)
+        if config.lora_weights:
+            if not loras:
+                raise ValueError("config.lora_weights sweeps the weights of config.loras, which "
+                                 "is empty (give --lora=NAME)")
+            lora_weights = distinct((float(w) for w in config.lora_weights), "lora_weights")
         return cls(samplers=samplers, steps=steps, variants=variants, cfg_scales=scales,
                    prompts=distinct(select_prompts(config), "prompts"),
                    seeds=tuple(int(config.seed) + i for i in range(int(config.num_seeds))),
                    height=int(config.height), width=int(config.width),
                    negative_prompt=config.negative_prompt, clip_skip=int(config.clip_skip),
-                   microbatch=int(config.microbatch))
+                   microbatch=int(config.microbatch), loras=loras, lora_weights=lora_weights)
 
     def variant(self, name: str) -> Variant:
         return next(v for v in self.variants if v.name == name)
 
+    @property
+    def has_lora_axis(self) -> bool:
+        return self.lora_weights != (None,)
+
     def cells(self) -> list[Cell]:
-        return [Cell(s, n, v.name, g) for s, n, v, g in
-                itertools.product(self.samplers, self.steps, self.variants, self.cfg_scales)]
+        return [Cell(s, n, v.name, g, w) for s, n, v, g, w in
+                itertools.product(self.samplers, self.steps, self.variants, self.cfg_scales,
+                                  self.lora_weights)]
+
+    def adapters(self, cell: Cell) -> tuple:
+        """`Request.adapters` of a cell: `loras`, their weights times the cell's LoRA weight."""
+        if cell.lora_weight is None:
+            return self.loras
+        return tuple(dataclasses.replace(lora, unet=lora.unet * cell.lora_weight,
+                                         text_encoder=lora.text_encoder * cell.lora_weight)
+                     for lora in self.loras)
+
+    def cell_fields(self) -> tuple[str, ...]:
+        """The fields that tell cells apart: the table's first columns."""
+        return CELL_FIELDS + ((LORA_WEIGHT,) if self.has_lora_axis else ())
 
     def spec(self, cell: Cell):
         """The compiled program's static settings: the scale and rescale φ are data."""
@@ -216,12 +257,12 @@ def read_records(out_dir: str) -> list[dict]:
 
 
 def _record_key(cell: Cell, prompt: str) -> tuple:
-    return (cell.sampler, cell.steps, cell.variant, cell.cfg_scale, prompt)
+    lora = () if cell.lora_weight is None else (cell.lora_weight,)
+    return (cell.sampler, cell.steps, cell.variant, cell.cfg_scale, prompt) + lora
 
 
 def _key_of_record(record: dict) -> tuple:
-    return (record["sampler"], record["steps"], record["variant"], record["cfg_scale"],
-            record["prompt"])
+    return _record_key(Cell.of_record(record), record["prompt"])
 
 
 def _check_fingerprint(config, out_dir: str) -> None:
@@ -274,9 +315,9 @@ def run_sweep(config, model=None, clip: Optional[metrics.ClipScorer] = None,
     "generated", "skipped"}: `traces` counts the compilations this run caused, `programs` the
     static settings that had work to do.
     """
-    from sdjax.sampling.generate import DTYPES, load_model
+    from sdjax.sampling import loras as loras_lib
+    from sdjax.sampling.generate import load_model, make_generator
     from sdjax.sampling.exported import enable_compilation_cache
-    from sdjax.sampling.generator import Generator
     from sdjax.sampling.requests import Request
 
     sweep = Sweep.from_config(config)
@@ -306,9 +347,7 @@ def run_sweep(config, model=None, clip: Optional[metrics.ClipScorer] = None,
     traces = 0
     if todo:
         if generator is None:
-            generator = Generator(model or load_model(config),
-                                  dtype=None if config.dtype == "float32" else DTYPES[config.dtype],
-                                  parallel_mode=config.parallel, fsdp=int(config.fsdp))
+            generator = make_generator(config, model or load_model(config))
         traces_before = generator.traces
         model_name = os.path.basename(os.path.normpath(generator.model.source)) or "model"
         for spec, jobs in todo.items():
@@ -316,7 +355,8 @@ def run_sweep(config, model=None, clip: Optional[metrics.ClipScorer] = None,
                 variant = sweep.variant(cell.variant)
                 request = Request(prompt=prompt, negative_prompt=sweep.negative_prompt or None,
                                   seed=sweep.seeds[0], num_images=len(sweep.seeds),
-                                  cfg_scale=cell.cfg_scale, guidance_rescale=variant.rescale)
+                                  cfg_scale=cell.cfg_scale, guidance_rescale=variant.rescale,
+                                  adapters=sweep.adapters(cell))
                 if index == 0 and config.warmup:
                     # Compile outside the timed call, so seconds per image are the sampler's.
                     started = time.perf_counter()
@@ -329,11 +369,15 @@ def run_sweep(config, model=None, clip: Optional[metrics.ClipScorer] = None,
                 # Non-finite images (flagged in `finite`) are stored black, not as cast garbage.
                 images = images_lib.to_uint8(np.nan_to_num(out["images"], nan=-1.0))
                 record = {"sampler": cell.sampler, "steps": cell.steps, "variant": cell.variant,
-                          "cfg_scale": cell.cfg_scale, "prompt": prompt,
-                          "seeds": list(sweep.seeds), "seconds": seconds,
-                          "finite": [bool(f) for f in out["finite"]],
-                          "files": _save_images(out_dir, cell, prompt, images, sweep, variant,
-                                                model_name)}
+                          "cfg_scale": cell.cfg_scale}
+                if sweep.has_lora_axis:
+                    record[LORA_WEIGHT] = cell.lora_weight
+                lora_settings = loras_lib.parameters(generator.adapters_for(request),
+                                                     generator.adapter_mode)
+                record.update({"prompt": prompt, "seeds": list(sweep.seeds), "seconds": seconds,
+                               "finite": [bool(f) for f in out["finite"]],
+                               "files": _save_images(out_dir, cell, prompt, images, sweep, variant,
+                                                     model_name, lora_settings)})
                 record.update(evaluate_group(images, prompt, clip))
                 runs.append_jsonl(records_path, record)
                 records[_record_key(cell, prompt)] = record
@@ -369,7 +413,7 @@ def run_sweep(config, model=None, clip: Optional[metrics.ClipScorer] = None,
 
 
 def _save_images(out_dir: str, cell: Cell, prompt: str, images: np.ndarray, sweep: Sweep,
-                 variant: Variant, model_name: str) -> list[str]:
+                 variant: Variant, model_name: str, lora_settings: dict) -> list[str]:
     folder = os.path.join("images", cell.key)
     os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
     settings = {"Steps": cell.steps, "Sampler": cell.sampler, "CFG scale": cell.cfg_scale,
@@ -378,6 +422,7 @@ def _save_images(out_dir: str, cell: Cell, prompt: str, images: np.ndarray, swee
         settings["Guidance rescale"] = variant.rescale
     if variant.interval:
         settings["Guidance interval"] = f"{variant.interval[0]:g}-{variant.interval[1]:g}"
+    settings.update(lora_settings)
     names = []
     for image, seed in zip(images, sweep.seeds):
         name = os.path.join(folder, f"{prompt_id(prompt)}-{seed}.png")
@@ -403,7 +448,7 @@ def aggregate(sweep: Sweep, records: Sequence[dict],
     """One row per cell (sweep order): images, non-finite count, judge accuracies (when some
     prompt is a shapes prompt), diversity (when >= 2 seeds), CLIP score, seconds per image."""
     judged = any(is_shapes_prompt(p) for p in sweep.prompts)
-    columns = list(CELL_FIELDS) + ["images", "nonfinite"]
+    columns = list(sweep.cell_fields()) + ["images", "nonfinite"]
     if judged:
         columns += ["judged", *JUDGE_COLUMNS]
     if len(sweep.seeds) >= 2:
@@ -413,11 +458,11 @@ def aggregate(sweep: Sweep, records: Sequence[dict],
     columns.append("sec_per_image")
     by_cell: dict = {}
     for record in records:
-        by_cell.setdefault(tuple(record[f] for f in CELL_FIELDS), []).append(record)
+        by_cell.setdefault(Cell.of_record(record), []).append(record)
     rows = []
     for cell in sweep.cells():
-        group = by_cell[(cell.sampler, cell.steps, cell.variant, cell.cfg_scale)]
-        row = dataclasses.asdict(cell)
+        group = by_cell[cell]
+        row = {f: getattr(cell, f) for f in sweep.cell_fields()}
         row["images"] = sum(len(r["files"]) for r in group)
         row["nonfinite"] = sum(not f for r in group for f in r["finite"])
         if judged:
@@ -437,20 +482,22 @@ def aggregate(sweep: Sweep, records: Sequence[dict],
 
 def steps_to_fraction(rows: Sequence[dict], metric: str = "all_correct",
                       fraction: float = 0.95) -> list[dict]:
-    """Per (sampler, variant, cfg_scale) swept over >= 2 step counts: `metric` at the most steps,
-    and the fewest steps whose `metric` reaches `fraction` of it (how many steps a sampler needs)."""
+    """Per (sampler, variant, cfg_scale[, lora_weight]) swept over >= 2 step counts: `metric` at
+    the most steps, and the fewest steps whose `metric` reaches `fraction` of it (how many steps a
+    sampler needs)."""
     groups: dict = {}
     for row in rows:
         if metric in row and not math.isnan(row[metric]):
-            groups.setdefault((row["sampler"], row["variant"], row["cfg_scale"]), []).append(row)
+            setting = {f: row[f] for f in CELL_FIELDS + (LORA_WEIGHT,) if f in row and f != "steps"}
+            groups.setdefault(tuple(setting.items()), []).append(row)
     out = []
-    for (sampler, variant, cfg_scale), group in groups.items():
+    for setting, group in groups.items():
         if len({r["steps"] for r in group}) < 2:
             continue
         group = sorted(group, key=lambda r: r["steps"])
         final = group[-1]
         reached = next(r["steps"] for r in group if r[metric] >= fraction * final[metric])
-        out.append({"sampler": sampler, "variant": variant, "cfg_scale": cfg_scale,
+        out.append({**dict(setting),
                     "max_steps": final["steps"], f"{metric}_at_max": final[metric],
                     "steps_to_95pct" if fraction == 0.95 else f"steps_to_{fraction:g}": reached})
     return out
@@ -465,7 +512,7 @@ def write_csv(path: str, columns: Sequence[str], rows: Sequence[dict]) -> None:
 
 
 def _format(value: Any, column: str) -> str:
-    if isinstance(value, float) and column not in ("cfg_scale",):
+    if isinstance(value, float) and column not in ("cfg_scale", LORA_WEIGHT):
         if math.isnan(value):
             return "–"
         return f"{value:.3g}" if column == "sec_per_image" else f"{value:.3f}"
@@ -513,6 +560,7 @@ def write_markdown(path: str, config, sweep: Sweep, columns, rows, grids, plots,
 def _axis_values(sweep: Sweep, axis: str) -> list:
     return {"sampler": list(sweep.samplers), "steps": list(sweep.steps),
             "variant": [v.name for v in sweep.variants], "cfg_scale": list(sweep.cfg_scales),
+            LORA_WEIGHT: list(sweep.lora_weights),
             "prompt": list(sweep.prompts), "seed": list(sweep.seeds)}[axis]
 
 
@@ -521,6 +569,8 @@ def axis_label(axis: str, value: Any, limit: int = 48) -> str:
         return f"{value} steps"
     if axis == "cfg_scale":
         return f"CFG {value:g}"
+    if axis == LORA_WEIGHT:
+        return f"LoRA {value:g}"
     if axis == "seed":
         return f"seed {value}"
     text = str(value)
@@ -537,9 +587,11 @@ def write_grids(out_dir: str, sweep: Sweep, records: Sequence[dict], x: str, y: 
             raise ValueError(f"grid axis {axis!r} is not one of {', '.join(AXES)}")
     if x == y:
         raise ValueError(f"grid axes must differ, both are {x!r}")
-    index = {(r["sampler"], r["steps"], r["variant"], r["cfg_scale"], r["prompt"]): r
-             for r in records}
-    fixed_axes = [a for a in AXES if a not in (x, y) and a != "seed"]
+    if LORA_WEIGHT in (x, y) and not sweep.has_lora_axis:
+        raise ValueError("grid axis 'lora_weight' needs config.lora_weights")
+    index = {_key_of_record(r): r for r in records}
+    fixed_axes = [a for a in AXES if a not in (x, y) and a != "seed"
+                  and (a != LORA_WEIGHT or sweep.has_lora_axis)]
     prompt_subsets = [list(sweep.prompts)]
     if "prompt" in (x, y) and max_prompts > 0:
         prompt_subsets = [list(sweep.prompts[i:i + max_prompts])
@@ -556,8 +608,8 @@ def write_grids(out_dir: str, sweep: Sweep, records: Sequence[dict], x: str, y: 
             for row_value in values[y]:
                 for col_value in values[x]:
                     where = {**setting, y: row_value, x: col_value}
-                    record = index[tuple(where[a] for a in ("sampler", "steps", "variant",
-                                                            "cfg_scale", "prompt"))]
+                    cell = Cell(*(where.get(f) for f in CELL_FIELDS + (LORA_WEIGHT,)))
+                    record = index[_record_key(cell, where["prompt"])]
                     images = _load_images(out_dir, record)
                     if "seed" in where:
                         tiles.append(images[sweep.seeds.index(where["seed"])])
@@ -610,10 +662,14 @@ def write_plots(folder: str, sweep: Sweep, rows: Sequence[dict],
             FigureCanvasAgg(figure)
             axes = figure.subplots(1, len(panels), squeeze=False)[0]
             for ax, panel_value in zip(axes, panels):
-                for sampler, variant in itertools.product(sweep.samplers, sweep.variants):
+                for sampler, variant, weight in itertools.product(sweep.samplers, sweep.variants,
+                                                                  sweep.lora_weights):
                     line = sorted((r[x], r[metric]) for r in rows if r["sampler"] == sampler
-                                  and r["variant"] == variant.name and r[panel] == panel_value)
+                                  and r["variant"] == variant.name and r[panel] == panel_value
+                                  and r.get(LORA_WEIGHT) == weight)
                     label = sampler if len(sweep.variants) == 1 else f"{sampler} / {variant.name}"
+                    if weight is not None:
+                        label += f" / LoRA {weight:g}"
                     ax.plot([p[0] for p in line], [p[1] for p in line], marker="o", label=label)
                 ax.set_title(axis_label(panel, panel_value))
                 ax.set_xlabel("guidance scale" if x == "cfg_scale" else "steps")

@@ -5,8 +5,10 @@ seed and output path `DIR/<prompt index:05d>/<image index:04d>-<seed>.png`:
 
 - Prompt p's seed is its own `seed` field, else `config.seed + p * config.num_images`, so adding
   or editing other lines never moves it; image i of the prompt uses seed + i.
-- Jobs with equal static settings (`SamplingSpec` and the prompt's number of 77-token chunks) are
-  cut into batches of `batch_size` rows, each compiled program serving every batch of its group.
+- Jobs with equal static settings (`SamplingSpec` and the prompt's number of 77-token chunks) and
+  equal LoRAs (`config.loras`, the line's `loras`, its prompt's `<lora:...>` tags) are cut into
+  batches of `batch_size` rows, each compiled program serving every batch of its group (LoRAs of
+  the same ranks and targets share a program: their weights are data).
   Grouping by chunk count keeps an image exactly what `experiments/generate.py` draws for that
   prompt and seed, whatever else is in the file.
 - Every host runs every batch as one global program over all devices (`jax.distributed`); the rows
@@ -14,6 +16,8 @@ seed and output path `DIR/<prompt index:05d>/<image index:04d>-<seed>.png`:
 - Resume: a batch runs when any of its files is missing (all hosts agree on the list before the
   first batch), with the same rows in the same places as in an uninterrupted run, so a missing
   image comes out bit-identical; only missing files are written, each atomically (temp + rename).
+  An image's manifest line records its LoRAs (name, weights, file hash), so an image drawn with
+  another LoRA, weight or LoRA file is never taken for this run's.
   `manifest.jsonl` (per host, `manifest-<i>-of-<n>.jsonl`, on several hosts) gets one line per
   written image, appended in one write per batch; files found without a line get theirs on restart.
   The file handling (atomic writes, the ledger, the settings check) is `sdjax.runs`.
@@ -39,20 +43,21 @@ from sdjax import parallel
 from sdjax import runs
 from sdjax.diffusion import samplers as samplers_lib
 from sdjax.sampling import generate
+from sdjax.sampling import loras as loras_lib
 from sdjax.sampling.exported import enable_compilation_cache
-from sdjax.sampling.generator import Generator
 from sdjax.sampling.requests import Request
 from sdjax.sampling.spec import SamplingSpec
 
 PROMPT_FIELDS = ("prompt", "negative_prompt", "seed", "cfg_scale", "steps", "sampler", "num_images",
-                 "width", "height")
+                 "width", "height", "loras")
 MANIFEST = "manifest.jsonl"
 CONFIG_FILE = "config.json"
 # Config fields that change which images a run draws: resuming into a folder made with other values
 # would mix two runs' images, so it is refused.
 IMAGE_FIELDS = ("model", "vae", "dtype", "prediction_type", "prompt", "negative_prompt", "seed",
                 "num_images", "sampler", "steps", "sampler_options", "cfg_scale", "guidance_rescale",
-                "guidance_interval", "clip_skip", "height", "width")
+                "guidance_interval", "clip_skip", "height", "width", "loras", "lora_mode",
+                "embeddings_dir")
 MAX_SEED = 2 ** 32  # seeds are uint32 on the device
 
 
@@ -73,6 +78,9 @@ class Prompt:
     width: int
     height: int
     line: int  # 1-based line in the prompt file, for error messages
+    # The line's `loras` (after config.loras): "NAME[:UNET_WEIGHT[:TE_WEIGHT]]" strings or
+    # [name, unet_weight(, te_weight)] lists, as `Request.adapters` takes them.
+    loras: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +170,8 @@ def _resolve(path: str, number: int, fields: dict, config: Any, prompt_index: in
         seed=seed, cfg_scale=float(get("cfg_scale", (int, float), float(config.cfg_scale))),
         steps=get("steps", int, int(config.steps)), sampler=get("sampler", str, config.sampler),
         num_images=num_images, width=get("width", int, int(config.width)),
-        height=get("height", int, int(config.height)), line=number)
+        height=get("height", int, int(config.height)), line=number,
+        loras=generate.config_loras(config) + _line_loras(where, fields.get("loras", [])))
     if num_images < 1:
         raise PromptFileError(f"{where}: field 'num_images' must be >= 1, got {num_images}")
     if not 0 <= seed or seed + num_images > MAX_SEED:
@@ -174,6 +183,17 @@ def _resolve(path: str, number: int, fields: dict, config: Any, prompt_index: in
         raise PromptFileError(f"{where}: unknown sampler {prompt.sampler!r}; valid names: "
                               f"{', '.join(samplers_lib.list_samplers())}")
     return prompt
+
+
+def _line_loras(where: str, value) -> tuple:
+    if not isinstance(value, list):
+        raise PromptFileError(f"{where}: field 'loras' must be a list of \"NAME[:UNET[:TE]]\" "
+                              f"strings or [name, unet_weight, te_weight] lists, got {value!r}")
+    try:
+        return tuple(loras_lib.parse_lora(v) if isinstance(v, str) else loras_lib.lora_entry(v)
+                     for v in value)
+    except ValueError as err:
+        raise PromptFileError(f"{where}: field 'loras': {err}") from None
 
 
 # --- planning ---------------------------------------------------------------------------------------
@@ -231,9 +251,7 @@ class BatchSampler:
         self.prompts = list(prompts)
         self.base_spec = generate.spec_from_config(config)
         self.model = model or generate.load_model(config)
-        self.generator = Generator(
-            self.model, dtype=None if config.dtype == "float32" else generate.DTYPES[config.dtype],
-            parallel_mode="jit", fsdp=int(config.fsdp))
+        self.generator = generate.make_generator(config, self.model)
         self.mesh = self.generator.mesh
         self.process_index, self.num_processes = jax.process_index(), jax.process_count()
         self.batch_size = int(config.batch_size) or self.mesh.size * self.base_spec.microbatch
@@ -241,21 +259,25 @@ class BatchSampler:
         self.local_rows = self.batch_size // self.num_processes
         self._check_local_rows()
         self.model_name = os.path.basename(os.path.normpath(self.model.source)) or "model"
-        self.specs, self.chunks = [], []
+        self.specs, self.chunks, self.adapters = [], [], []
         for index, prompt in enumerate(self.prompts):
             spec = spec_for(self.base_spec, prompt)
             try:
                 spec.validate(self.generator.arch)
                 ids = self._tokenized(index, spec)["ids"]
+                adapters = self.generator.adapters_for(self._request(index))
             except ValueError as err:
                 raise ValueError(f"prompt on line {prompt.line}: {err}") from None
             self.specs.append(spec)
             self.chunks.append(ids.shape[2])
+            self.adapters.append(adapters)
         self.jobs = plan_jobs(self.prompts)
         self.batches = plan_batches(self.jobs, self.key_of, self.batch_size)
 
     def key_of(self, job: Job) -> Hashable:
-        return (self.specs[job.prompt_index], self.chunks[job.prompt_index])
+        return (self.specs[job.prompt_index], self.chunks[job.prompt_index],
+                tuple((w.adapter.name, w.adapter.source, w.unet, w.text_encoder)
+                      for w in self.adapters[job.prompt_index]))
 
     def _check_same_plan(self) -> None:
         """Hosts given different prompt files or settings would run different programs and hang."""
@@ -279,12 +301,14 @@ class BatchSampler:
                              f"contiguous block [{start}, {start + self.local_rows}) sample.py "
                              f"assumes; every process needs the same number of devices")
 
-    def _tokenized(self, prompt_index: int, spec: SamplingSpec) -> dict:
+    def _request(self, prompt_index: int) -> Request:
         prompt = self.prompts[prompt_index]
-        return self.generator.prepare(
-            Request(prompt=prompt.prompt, negative_prompt=prompt.negative_prompt or None,
-                    seed=0, num_images=1, cfg_scale=prompt.cfg_scale,
-                    guidance_rescale=float(self.config.guidance_rescale)), spec)
+        return Request(prompt=prompt.prompt, negative_prompt=prompt.negative_prompt or None,
+                       seed=0, num_images=1, cfg_scale=prompt.cfg_scale,
+                       guidance_rescale=float(self.config.guidance_rescale), adapters=prompt.loras)
+
+    def _tokenized(self, prompt_index: int, spec: SamplingSpec) -> dict:
+        return self.generator.prepare(self._request(prompt_index), spec)
 
     @functools.lru_cache(maxsize=4096)
     def _row(self, prompt_index: int) -> dict:
@@ -332,16 +356,23 @@ class BatchSampler:
             types.SimpleNamespace(cfg_scale=prompt.cfg_scale, seed=job.seed, subseed=-1,
                                   subseed_strength=0.0,
                                   guidance_rescale=self.config.guidance_rescale),
-            spec, job.seed, self.model_name)
+            spec, job.seed, self.model_name, self.adapters[job.prompt_index],
+            self.generator.adapter_mode)
         return images_lib.format_parameters(prompt.prompt, prompt.negative_prompt, settings)
 
     def _manifest_record(self, job: Job) -> dict:
         prompt = self.prompts[job.prompt_index]
-        return {
+        record = {
             "path": job.path, "prompt_index": job.prompt_index, "image_index": job.image_index,
             "seed": job.seed, "prompt": prompt.prompt, "negative_prompt": prompt.negative_prompt,
             "cfg_scale": prompt.cfg_scale, "steps": prompt.steps, "sampler": prompt.sampler,
             "width": prompt.width, "height": prompt.height}
+        adapters = self.adapters[job.prompt_index]
+        if adapters:  # absent without LoRAs, as in manifests written before LoRAs existed
+            record["loras"] = [{"name": w.adapter.name, "unet": w.unet, "te": w.text_encoder,
+                                "hash": loras_lib.short_hash(w.adapter)} for w in adapters]
+            record["lora_mode"] = self.generator.adapter_mode
+        return record
 
     def manifest_name(self) -> str:
         if self.num_processes == 1:
@@ -405,9 +436,10 @@ class BatchSampler:
                 spec = batch.key[0]
                 local = self._local_batch(batch, mine[b])
                 global_batch = self._global(local)
+                params = self.generator.params_for(self.adapters[batch.jobs[0].prompt_index])
                 # Generator's program: exported and reloaded across launches where it can be.
-                program = self.generator.program_for(spec, global_batch)
-                dispatched = (b, program(self.generator.params, global_batch))
+                program = self.generator.program_for(spec, global_batch, params)
+                dispatched = (b, program(params, global_batch))
             if pending is not None:
                 written = self._write(out_dir, manifest, mine[pending[0]], missing[pending[0]],
                                       self._local_output(pending[1]), stats)

@@ -13,6 +13,7 @@ from sdjax import DEFAULT_MODEL
 from sdjax import images as images_lib
 from sdjax import runs
 from sdjax.diffusion import samplers as samplers_lib
+from sdjax.sampling import loras as loras_lib
 from sdjax.sampling.exported import enable_compilation_cache
 from sdjax.sampling.generator import Generator
 from sdjax.sampling.requests import Request, image_seeds
@@ -53,7 +54,47 @@ def request_from_config(config, spec: SamplingSpec, num_images: int, seed: int) 
                    subseed=None if config.subseed < 0 else int(config.subseed),
                    subseed_strength=float(config.subseed_strength),
                    init_image=init_image, mask=mask, inpaint_overlay=bool(config.inpaint_overlay),
-                   mask_blur=float(config.mask_blur))
+                   mask_blur=float(config.mask_blur), adapters=config_loras(config))
+
+
+def config_loras(config) -> tuple:
+    """config.loras ("NAME_OR_PATH[:UNET_WEIGHT[:TE_WEIGHT]]" each) as `Request.adapters`."""
+    return tuple(loras_lib.parse_lora(text) for text in config.loras)
+
+
+def check_lora_settings(config) -> None:
+    """config.lora_mode and config.loras readable, before any model is loaded."""
+    if config.lora_mode not in loras_lib.LORA_MODES:
+        raise ValueError(f"lora_mode {config.lora_mode!r} is not one of "
+                         f"{', '.join(loras_lib.LORA_MODES)}")
+    config_loras(config)
+
+
+# Flags every entry point that draws (generate, sample, ablate) has for its config's LoRA fields.
+LORA_SHORTCUTS = {"lora": "loras", "lora_dir": "lora_dir", "lora_mode": "lora_mode",
+                  "embeddings_dir": "embeddings_dir"}
+
+
+def define_lora_flags() -> None:
+    """absl flags for `LORA_SHORTCUTS` (apply them with `cli.apply_shortcuts`)."""
+    from absl import flags
+
+    flags.DEFINE_multi_string("lora", None, "LoRA applied to every image, NAME_OR_PATH[:UNET_WEIGHT"
+                              "[:TE_WEIGHT]] (repeatable; a name is a file of --lora_dir)")
+    flags.DEFINE_string("lora_dir", None, "folder whose files (any depth) LoRA names and "
+                        "<lora:NAME:WEIGHT> prompt tags refer to, by file name without suffix")
+    flags.DEFINE_enum("lora_mode", None, loras_lib.LORA_MODES, "apply LoRAs at run time (weights "
+                      "are data: no recompiling) or merged into the model's kernels")
+    flags.DEFINE_string("embeddings_dir", None, "folder of textual-inversion embeddings, each "
+                        "usable in prompts by its file name")
+
+
+def make_generator(config, model) -> Generator:
+    """The Generator a generation config (or an ablation config) asks for."""
+    check_lora_settings(config)
+    return Generator(model, dtype=None if config.dtype == "float32" else DTYPES[config.dtype],
+                     parallel_mode=config.parallel, fsdp=int(config.fsdp),
+                     adapter_mode=config.lora_mode, lora_dir=config.lora_dir or None)
 
 
 RANDOM_PREFIX = "random:"
@@ -62,20 +103,27 @@ RANDOM_PREFIX = "random:"
 def load_model(config):
     """The config's checkpoint; `random:PRESET` (e.g. random:tiny) builds a random-weight model of
     a preset architecture, which runs the whole pipeline without any file; "" is the embedded
-    shapes-world model (DEFAULT_MODEL)."""
+    shapes-world model (DEFAULT_MODEL). With config.embeddings_dir, its textual-inversion
+    embeddings are added to the model's vocabulary."""
     from sdjax.weights.presets import random_pretrained
     from sdjax.weights.pretrained import load_pretrained
 
-    if not config.model:
-        return load_pretrained(DEFAULT_MODEL, vae=config.vae or None,
-                               prediction_type=config.prediction_type or None)
     if config.model.startswith(RANDOM_PREFIX):
-        return random_pretrained(config.model[len(RANDOM_PREFIX):])
-    return load_pretrained(config.model, vae=config.vae or None,
-                           prediction_type=config.prediction_type or None)
+        model = random_pretrained(config.model[len(RANDOM_PREFIX):])
+    else:
+        model = load_pretrained(config.model or DEFAULT_MODEL, vae=config.vae or None,
+                                prediction_type=config.prediction_type or None)
+    if config.embeddings_dir:
+        from sdjax.adapters.embeddings import with_embeddings
+
+        model = with_embeddings(model, [os.path.expanduser(config.embeddings_dir)])
+    return model
 
 
-def generation_parameters(config, spec: SamplingSpec, seed: int, model_name: str) -> dict:
+def generation_parameters(config, spec: SamplingSpec, seed: int, model_name: str,
+                          adapters=(), lora_mode: str = "runtime") -> dict:
+    """The PNG `parameters` settings of one image (`adapters`: the `Weighted` LoRAs it was drawn
+    with, as `Generator.adapters_for` gives them)."""
     settings = {"Steps": spec.steps, "Sampler": spec.sampler, "CFG scale": config.cfg_scale,
                 "Seed": seed, "Size": f"{spec.width}x{spec.height}", "Model": model_name}
     if config.guidance_rescale:
@@ -91,6 +139,7 @@ def generation_parameters(config, spec: SamplingSpec, seed: int, model_name: str
         settings["Denoising strength"] = spec.strength
     if spec.mode == "inpaint" and config.inpaint_overlay:
         settings["Mask blur"] = config.mask_blur
+    settings.update(loras_lib.parameters(adapters, lora_mode))
     return settings
 
 
@@ -103,10 +152,12 @@ def generate_to_dir(config, model=None) -> list[str]:
     enable_compilation_cache(config.compilation_cache)
     spec = spec_from_config(config)
     model = model or load_model(config)
-    generator = Generator(model, dtype=None if config.dtype == "float32" else DTYPES[config.dtype],
-                          parallel_mode=config.parallel, fsdp=int(config.fsdp))
-    # The first request checked whole (prompt syntax, images, mask, sizes) before anything is written.
-    generator.prepare(request_from_config(config, spec, min(batch, total), int(config.seed)), spec)
+    generator = make_generator(config, model)
+    # The first request checked whole (prompt syntax, LoRAs, images, mask, sizes) before anything
+    # is written. Every request of the run applies the same LoRAs.
+    first_request = request_from_config(config, spec, min(batch, total), int(config.seed))
+    generator.prepare(first_request, spec)
+    adapters = generator.adapters_for(first_request)
     os.makedirs(config.out_dir, exist_ok=True)
     # Earlier runs into the same folder are kept: numbering continues after theirs (the WebUI's
     # habit), and this run's config gets its own name when config.json holds another's.
@@ -125,7 +176,8 @@ def generate_to_dir(config, model=None) -> list[str]:
             path = os.path.join(config.out_dir, f"{start + first + i:05d}-{int(seed)}.png")
             text = images_lib.format_parameters(
                 config.prompt, config.negative_prompt,
-                generation_parameters(config, spec, int(seed), model_name))
+                generation_parameters(config, spec, int(seed), model_name, adapters,
+                                      generator.adapter_mode))
             images_lib.save_png(image, path, text)
             paths.append(path)
             images.append(image)
@@ -146,6 +198,7 @@ def check_counts(config) -> tuple[int, int]:
                          f"got {batch!r}")
     if config.dtype not in DTYPES:
         raise ValueError(f"dtype {config.dtype!r} is not one of {', '.join(DTYPES)}")
+    check_lora_settings(config)
     image_seeds(config.seed, total)
     if config.subseed >= 0:
         image_seeds(config.subseed, total, "subseed")

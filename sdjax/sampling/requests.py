@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from sdjax.sampling import loras
 from sdjax.sampling.spec import SamplingSpec
 from sdjax.text import prompts
 from sdjax.text.conditioning import sdxl_time_ids
@@ -30,6 +31,10 @@ class Request:
     inpaint_overlay: bool = True
     mask_blur: float = 4.0
     noise: Optional[np.ndarray] = None        # (B, h, w, c): replaces the seeded noise (parity tests)
+    # LoRAs applied to the whole request (every image, both guidance branches), before those the
+    # prompts' `<lora:...>` tags name: `adapters.network.Weighted` adapters, or (name_or_path,
+    # unet_weight[, te_weight]) that the Generator loads (a name is a file of its `lora_dir`).
+    adapters: Sequence = ()
 
 
 MAX_SEED = 2 ** 32 - 1  # seeds are uint32, as PRNG keys take them
@@ -60,9 +65,8 @@ def prepare_batch(arch, tokenizers, request: Request, spec: SamplingSpec) -> dic
     n = request.num_images
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"num_images must be an integer >= 1, got {n!r}")
-    prompts_list = per_image(request.prompt, n, "prompt")
+    prompts_list, negatives, _ = prompt_texts(request)
     negative_given = request.negative_prompt is not None
-    negatives = per_image(request.negative_prompt or "", n, "negative_prompt")
     # One id tensor per text encoder: their tokenizers differ in padding (SDXL's second pads with
     # "!"), the emphasis weights do not.
     per_encoder = [prompts.tokenize_batch(t, prompts_list + negatives) for t in tokenizers]
@@ -111,6 +115,46 @@ def prepare_batch(arch, tokenizers, request: Request, spec: SamplingSpec) -> dic
         batch["overlay"] = (np.stack([blur_mask(m, request.mask_blur) for m in mask])[..., None]
                             if request.inpaint_overlay else np.ones_like(batch["mask"]))
     return batch
+
+
+def prompt_texts(request: Request) -> tuple[list[str], list[str], tuple[prompts.NamedLora, ...]]:
+    """(prompt per image, negative prompt per image, the LoRAs their tags name): the texts without
+    their `<lora:...>` tags, as the tokenizer sees them. A LoRA changes the model, and a request is
+    one program call with one set of params, so every image's prompt must name the same LoRAs (and
+    every negative prompt the same); a LoRA named in a negative prompt applies to the whole model
+    too."""
+    n = request.num_images
+    found = []
+    texts = {}
+    for what, value in (("prompt", request.prompt),
+                        ("negative_prompt", request.negative_prompt or "")):
+        stripped, sets = [], []
+        for text in per_image(value, n, what):
+            if text not in texts:
+                texts[text] = prompts.extract_loras(text)
+            stripped.append(texts[text][0])
+            sets.append(texts[text][1])
+        for i, named in enumerate(sets):
+            if named != sets[0]:
+                raise ValueError(
+                    f"{what} {i} names LoRAs {_tags(named)} but {what} 0 names {_tags(sets[0])}: a "
+                    f"request is one program call with one set of model weights for all its "
+                    f"images; draw prompts with other LoRAs as separate requests")
+        found.append((stripped, sets[0]))
+    (prompt_list, positive), (negatives, negative) = found
+    return prompt_list, negatives, positive + negative
+
+
+def _tags(named: Sequence[prompts.NamedLora]) -> str:
+    return " ".join(f"<lora:{n.name}:{n.text_encoder:g}:{n.unet:g}>" for n in named) or "(none)"
+
+
+def request_loras(request: Request) -> tuple:
+    """The LoRAs `request` applies: its `adapters` entries, then those its prompts' tags name
+    (`Weighted` adapters and `NamedLora`s, which the Generator loads)."""
+    if isinstance(request.adapters, (str, bytes)) or not isinstance(request.adapters, (tuple, list)):
+        raise ValueError(f"Request.adapters must be a list of LoRAs, got {request.adapters!r}")
+    return tuple(loras.lora_entry(e) for e in request.adapters) + prompt_texts(request)[2]
 
 
 def blur_mask(mask: np.ndarray, radius: float) -> np.ndarray:

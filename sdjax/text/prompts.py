@@ -6,10 +6,15 @@
 - A prompt longer than 75 tokens is cut into 75-token chunks; each becomes one CLIP window
   ([BOS] + tokens + [EOS] + padding, 77 ids) and their embeddings are concatenated.
 
+- `<lora:NAME:WEIGHT>` and the WebUI's other forms of that tag (`extract_loras`) name a LoRA to
+  apply; the tag is removed from the text the tokenizer sees.
+
 The token ids go to the text encoder; the per-token weights scale its output (`apply_emphasis`).
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from typing import Sequence
 
@@ -159,3 +164,71 @@ def apply_emphasis(hidden: "jax.Array", weights: "jax.Array") -> "jax.Array":
     emphasised = jnp.any(weights != 1.0, axis=tuple(range(1, weights.ndim)))
     emphasised = emphasised.reshape(emphasised.shape + (1,) * (hidden.ndim - 1))
     return jnp.where(emphasised, scaled * ratio, hidden)
+
+
+# --- extra networks: <lora:...> -------------------------------------------------------------------
+
+# The WebUI's `extra_networks.re_extra_net`: <kind:arg1:arg2:...>.
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+# Extra-network kinds sdjax applies; the WebUI's Lora extension also answers to `lyco`.
+LORA_KINDS = ("lora", "lyco")
+
+
+@dataclasses.dataclass(frozen=True)
+class NamedLora:
+    """A LoRA named by a `<lora:...>` tag, a `--lora` flag or a request entry: a file name (stem)
+    in a LoRA folder, or a path, with its weight for the U-Net and for the text encoder(s)."""
+    name: str
+    unet: float = 1.0
+    text_encoder: float = 1.0
+
+
+def extract_loras(prompt: str) -> tuple[str, tuple[NamedLora, ...]]:
+    """(the prompt without its extra-network tags, the LoRAs they name), as the WebUI's built-in
+    Lora extension reads `<lora:NAME[:TE[:UNET]]>` with `te=` / `unet=` named arguments: one number
+    weighs both models, a second is the U-Net's. A tag of another kind (`<hypernet:...>`), a bad
+    number or an argument sdjax does not apply (`dyn=`) is a ValueError naming the tag."""
+    found: list[NamedLora] = []
+
+    def take(match: re.Match) -> str:
+        found.append(_lora_of_tag(prompt, match.group(0), match.group(1), match.group(2)))
+        return ""
+
+    return _EXTRA_NETWORK.sub(take, prompt), tuple(found)
+
+
+def _lora_of_tag(prompt: str, tag: str, kind: str, args: str) -> NamedLora:
+    where = f"prompt {prompt!r}: {tag}"
+    if kind not in LORA_KINDS:
+        raise ValueError(f"{where} is a {kind!r} extra network; sdjax applies only "
+                         f"{' and '.join(f'<{k}:...>' for k in LORA_KINDS)} tags")
+    positional, named = [], {}
+    for item in args.split(":"):
+        # As the WebUI's ExtraNetworkParams: "key=value" is named, anything else positional.
+        parts = item.split("=", 2)
+        if len(parts) == 2:
+            named[parts[0]] = parts[1]
+        else:
+            positional.append(item)
+    unknown = sorted(set(named) - {"te", "unet"})
+    if unknown or len(positional) > 3:
+        extra = unknown[0] + "=" if unknown else f"a fourth argument ({positional[3]!r})"
+        raise ValueError(f"{where}: {extra} is not applied by sdjax (it reads <lora:NAME:TE:UNET> "
+                         f"and te=, unet=)")
+    if not positional or not positional[0]:
+        raise ValueError(f"{where} names no LoRA (write <lora:NAME:WEIGHT>)")
+
+    def number(text: str, what: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: {what} {text!r} is not a number")
+        return value
+
+    te = number(positional[1], "weight") if len(positional) > 1 else 1.0
+    te = number(named["te"], "te") if "te" in named else te
+    unet = number(positional[2], "U-Net weight") if len(positional) > 2 else te
+    unet = number(named["unet"], "unet") if "unet" in named else unet
+    return NamedLora(positional[0], unet=unet, text_encoder=te)
