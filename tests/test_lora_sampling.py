@@ -202,17 +202,21 @@ def test_a_weight_change_reuploads_only_the_scale_arrays(runtime, lora_a):
     assert runtime.params_for((Weighted(lora_a, 0.2, 0.6),))["vae"] is runtime.params["vae"]
 
 
-def test_runtime_scales_lay_out_weights_as_runtime_variables(tiny_model, lora_a, lora_b):
+def test_runtime_scales_hold_weight_times_alpha_over_rank_per_rank_column(tiny_model, lora_a, lora_b):
     from flax import traverse_util
 
     from sdjax.adapters import network
 
     adapters = (Weighted(lora_a, 0.7, -0.2), Weighted(lora_b, 1.3, 0.5))
     flat = traverse_util.flatten_dict(network.runtime_variables(adapters, tiny_model.params))
-    scales = loras.runtime_scales(adapters, tiny_model.params)
-    assert scales.keys() == {k for k in flat if k[-1] in ("scale", "delta_scale")}
-    for key, value in scales.items():
-        np.testing.assert_array_equal(value, flat[key], err_msg=str(key))
+    for model, weight_of in (("unet", lambda w: w.unet), ("text_encoder", lambda w: w.text_encoder)):
+        for path in set(lora_a.modules.get(model, {})) | set(lora_b.modules.get(model, {})):
+            want = [np.full(f.rank, np.float32(weight_of(w)) * f.scale, np.float32)
+                    for w in adapters if (f := w.adapter.modules.get(model, {}).get(path))
+                    is not None and isinstance(f, network.LowRank)]
+            key = (model,) + tuple(path.split("/")) + ("scale",)
+            if want:  # else the layer carries dense deltas only
+                np.testing.assert_array_equal(flat[key], np.concatenate(want), err_msg=str(key))
 
 
 def test_merged_mode_remerges_only_on_change_and_dropping_loras_restores_the_base_exactly(

@@ -162,47 +162,63 @@ def runtime_variables(adapters: Sequence[Weighted], params: Mapping,
                       dtype=np.float32) -> dict[str, dict]:
     """{model name: its ADAPTER_COLLECTION tree} for `adapters` applied at run time, for
     params[ADAPTERS_KEY]. Low-rank factors of several adapters on one layer are concatenated along
-    the rank; `scale` holds weight * alpha / rank per rank column, so weights are data."""
+    the rank; the weights enter only through the scale leaves (`runtime_scales`), so they are data."""
     for weighted in adapters:
         check_targets(weighted.adapter, params)
-    out: dict[str, dict] = {}
+    flat = runtime_scales(adapters, params)
     for model in MODEL_NAMES:
         if model not in params:
             continue
         kernels = kernel_shapes(params, model)
         layers: dict[str, dict[str, list]] = {}
         for weighted in adapters:
-            weight = np.float32(weighted.weight_for(model))
             for path, factor in weighted.adapter.modules.get(model, {}).items():
-                entry = layers.setdefault(path, {"down": [], "up": [], "scale": [],
-                                                 "delta": [], "delta_scale": [], "bias": []})
+                entry = layers.setdefault(path, {"down": [], "up": [], "delta": [], "bias": []})
                 if isinstance(factor, LowRank):
                     entry["down"].append(fit_down(factor.down, kernels[path], factor.rank))
                     entry["up"].append(factor.up)
-                    entry["scale"].append(np.full(factor.rank, weight * factor.scale, np.float32))
                 else:
                     entry["delta"].append(factor.delta_of(kernels[path]))
-                    entry["delta_scale"].append(np.float32(weight))
                     entry["bias"].append(factor.bias)
-        tree = {}
         for path, entry in layers.items():
-            leaves = {}
+            key = (model,) + tuple(path.split("/"))
             if entry["down"]:
-                leaves["down"] = np.concatenate(entry["down"], axis=-1).astype(dtype)
-                leaves["up"] = np.concatenate(entry["up"], axis=0).astype(dtype)
-                leaves["scale"] = np.concatenate(entry["scale"])
+                flat[key + ("down",)] = np.concatenate(entry["down"], axis=-1).astype(dtype)
+                flat[key + ("up",)] = np.concatenate(entry["up"], axis=0).astype(dtype)
             if entry["delta"]:
-                leaves["delta"] = np.stack(entry["delta"]).astype(dtype)
-                leaves["delta_scale"] = np.asarray(entry["delta_scale"], np.float32)
+                flat[key + ("delta",)] = np.stack(entry["delta"]).astype(dtype)
             if any(b is not None for b in entry["bias"]):
                 out_features = kernels[path][-1]
-                leaves["delta_bias"] = np.stack([
+                flat[key + ("delta_bias",)] = np.stack([
                     np.zeros(out_features, np.float32) if b is None else b.astype(np.float32)
                     for b in entry["bias"]]).astype(dtype)
-            tree[tuple(path.split("/"))] = leaves
-        if tree:
-            out[model] = traverse_util.unflatten_dict(
-                {k + (leaf,): v for k, leaves in tree.items() for leaf, v in leaves.items()})
+    return traverse_util.unflatten_dict(flat) if flat else {}
+
+
+def runtime_scales(adapters: Sequence[Weighted], params: Mapping) -> dict[tuple, np.ndarray]:
+    """The weight-dependent leaves of `runtime_variables`, flattened ({(model, *layer path,
+    "scale" | "delta_scale"): array}): weight * alpha / rank per rank column of the concatenated
+    low-rank factors, and the weight per dense delta, in adapter order. A weight change replaces
+    only these."""
+    out: dict[tuple, np.ndarray] = {}
+    for model in MODEL_NAMES:
+        if model not in params:
+            continue
+        layers: dict[str, tuple[list, list]] = {}
+        for weighted in adapters:
+            weight = np.float32(weighted.weight_for(model))
+            for path, factor in weighted.adapter.modules.get(model, {}).items():
+                scales, delta_scales = layers.setdefault(path, ([], []))
+                if isinstance(factor, LowRank):
+                    scales.append(np.full(factor.rank, weight * factor.scale, np.float32))
+                else:
+                    delta_scales.append(np.float32(weight))
+        for path, (scales, delta_scales) in layers.items():
+            key = (model,) + tuple(path.split("/"))
+            if scales:
+                out[key + ("scale",)] = np.concatenate(scales)
+            if delta_scales:
+                out[key + ("delta_scale",)] = np.asarray(delta_scales, np.float32)
     return out
 
 
@@ -267,5 +283,5 @@ def merge(params: Mapping, adapters: Sequence[Weighted], *,
 
 
 __all__ = ["Adapter", "AdapterError", "DenseDelta", "LowRank", "Weighted", "check_targets",
-           "fit_down", "kernel_shapes", "merge", "runtime_variables", "with_runtime_adapters",
+           "fit_down", "kernel_shapes", "merge", "runtime_scales", "runtime_variables", "with_runtime_adapters",
            "ADAPTER_COLLECTION", "ADAPTERS_KEY", "MODEL_NAMES"]

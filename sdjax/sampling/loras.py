@@ -224,18 +224,12 @@ class AdaptedParams:
         entry = self._runtime.pop(key, None)
         if entry is None:
             variables = network.runtime_variables(adapters, self.host)
-            flat = traverse_util.flatten_dict(variables)
-            expected = runtime_scales(adapters, self.host)
-            if expected.keys() != {k for k in flat if k[-1] in _SCALE_LEAVES} or any(
-                    not np.array_equal(flat[k], v) for k, v in expected.items()):
-                raise RuntimeError("runtime_scales no longer lays out the scales as "
-                                   "adapters.network.runtime_variables does")
             entry = [tuple(w.adapter for w in adapters), weights, self.place(variables)]
         elif entry[1] != weights:
             # Only the (R,) scale arrays depend on the weights: the factors stay where they are.
             flat = traverse_util.flatten_dict(entry[2])
             flat.update(traverse_util.flatten_dict(self.place(traverse_util.unflatten_dict(
-                runtime_scales(adapters, self.host)))))
+                network.runtime_scales(adapters, self.host)))))
             entry[1], entry[2] = weights, traverse_util.unflatten_dict(flat)
         self._runtime[key] = entry
         while len(self._runtime) > RUNTIME_SETS_KEPT:
@@ -256,33 +250,3 @@ class AdaptedParams:
             self._merged = (key, tuple(w.adapter for w in adapters),
                             traverse_util.unflatten_dict(flat))
         return self._merged[2]
-
-
-_SCALE_LEAVES = ("scale", "delta_scale")
-
-
-def runtime_scales(adapters: Sequence[network.Weighted], params: Mapping) -> dict[tuple, np.ndarray]:
-    """The weight-dependent leaves of `network.runtime_variables(adapters, params)`, flattened
-    ({(model, *layer path, "scale" | "delta_scale"): array}): weight * alpha / rank per rank column,
-    and the weight per dense delta, in adapter order. `AdaptedParams` checks them against
-    runtime_variables whenever it stacks a new adapter set."""
-    out: dict[tuple, np.ndarray] = {}
-    for model in network.MODEL_NAMES:
-        if model not in params:
-            continue
-        layers: dict[str, tuple[list, list]] = {}
-        for weighted in adapters:
-            weight = np.float32(weighted.weight_for(model))
-            for path, factor in weighted.adapter.modules.get(model, {}).items():
-                scales, delta_scales = layers.setdefault(path, ([], []))
-                if isinstance(factor, network.LowRank):
-                    scales.append(np.full(factor.rank, weight * factor.scale, np.float32))
-                else:
-                    delta_scales.append(np.float32(weight))
-        for path, (scales, delta_scales) in layers.items():
-            key = (model,) + tuple(path.split("/"))
-            if scales:
-                out[key + ("scale",)] = np.concatenate(scales)
-            if delta_scales:
-                out[key + ("delta_scale",)] = np.asarray(delta_scales, np.float32)
-    return out
