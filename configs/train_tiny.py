@@ -65,6 +65,26 @@ def get_config(arg=None):
     c.ldm.caption_dropout = 0.1
     c.ldm.clip_skip = 0
 
+    # LoRA training as kohya's sd-scripts does it (sdjax.training.lora; configs/train_lora_tiny.py):
+    # the model frozen, LoRA factors trained in the param groups "lora_unet", "lora_text_encoder"
+    # (their lr and schedule: kohya's unet_lr / text_encoder_lr). Exported as
+    # export/<output_name>.safetensors (kohya's format) and <output_name>.sdjax.safetensors.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.use = False
+    c.lora.output_name = "lora"
+    c.lora.network_dim = 4       # rank of Linear / 1x1-conv LoRAs
+    c.lora.network_alpha = 1.0   # scale alpha / rank; 0 = the rank (scale 1)
+    c.lora.conv_dim = 0          # >0: LoCon on the resnets' and samplers' 3x3 convs, this rank
+    c.lora.conv_alpha = 1.0
+    # Regular expressions replacing the default targets, searched in each layer's diffusers /
+    # transformers name (e.g. r"attn2\.to_(k|v)$"); () = kohya's (sdjax.training.lora).
+    c.lora.target_modules = ()
+    c.lora.train_unet = True
+    c.lora.train_text_encoder = True
+    c.lora.dropout = 0.0         # kohya's network_dropout: per element of the down output
+    c.lora.rank_dropout = 0.0    # per (example, rank), scale * 1/(1-p)
+    c.lora.module_dropout = 0.0  # a whole module skipped for the step
+
     c.vae_loss = ml_collections.ConfigDict()
     c.vae_loss.kl_weight = 1e-6
     c.vae_loss.reconstruction = "l1"

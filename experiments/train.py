@@ -4,7 +4,9 @@
         --config.data.folder=/path/to/images_with_txt
 
 A run resumes from the latest checkpoint in --workdir. Multi-host: start the same command on every
-host with --coordinator_address=HOST:PORT --num_processes=N --process_id=i.
+host with --coordinator_address=HOST:PORT --num_processes=N --process_id=i. With
+--export_checkpoint=N (or `latest`) it trains nothing: it exports that checkpoint of the run into
+<workdir>/exports/step_N (a LoRA run: its LoRA files) and exits.
 """
 import sys
 
@@ -19,6 +21,8 @@ flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of proce
 flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
 flags.DEFINE_bool("progress", True, "show a progress bar")
+flags.DEFINE_string("export_checkpoint", None,
+                    "export this checkpoint step (or `latest`) of the run in --workdir and exit")
 FLAGS = flags.FLAGS
 
 
@@ -30,6 +34,10 @@ def main(argv):
 
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)
+    if FLAGS.export_checkpoint is not None:
+        step = None if FLAGS.export_checkpoint == "latest" else _step(FLAGS.export_checkpoint)
+        loop.export_checkpoint(FLAGS.config, FLAGS.workdir, step)
+        return
     try:
         result = loop.train(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
     except loop.TrainingDiverged as err:
@@ -37,6 +45,12 @@ def main(argv):
         sys.exit(f"training diverged: {err}")
     logging.info("stopped (%s) at step %d; %.3g examples/s", result["stopped"], result["step"],
                  result["examples_per_sec"])
+
+
+def _step(value: str) -> int:
+    if not value.isdigit():
+        raise app.UsageError(f"--export_checkpoint={value}: a checkpoint step or `latest`")
+    return int(value)
 
 
 if __name__ == "__main__":

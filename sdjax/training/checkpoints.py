@@ -1,12 +1,15 @@
 """Train checkpoints with orbax: every K steps, keep the last N, written asynchronously.
 
-A checkpoint holds the train state (params, optimizer state, EMA, step, run key) and a JSON
-`meta` item (the loop's step counter, the dataset position, counters). Orbax writes each step into
-a temporary folder and renames it when complete, so a write interrupted by a crash or SIGKILL never
-replaces the last good checkpoint; `latest_step` and `restore` see only finalised ones.
+A checkpoint holds the train state (the trainable models' params, optimizer state, EMA, step, run
+key) and a JSON `meta` item (the loop's step counter, the dataset position, counters). Orbax
+writes each step into a temporary folder and renames it when complete, so a write interrupted by a
+crash or SIGKILL never replaces the last good checkpoint; `latest_step` and `restore` see only
+finalised ones.
 
 Restoring takes a template state laid out as the new run wants it (its shardings, on its mesh):
-a checkpoint written on 8 devices restores on 1 and the reverse.
+a checkpoint written on 8 devices restores on 1 and the reverse. Frozen models (a LoRA run's whole
+base, a fine-tune's VAE) are not written: the run loads them again, and restoring keeps the
+template's (checkpoints written with them still restore).
 """
 from __future__ import annotations
 
@@ -22,10 +25,12 @@ from sdjax.training.state import TrainState
 STATE, META = "state", "meta"
 
 
-def _state_tree(state: TrainState) -> dict:
-    # Typed PRNG keys are stored as their raw uint32 data.
-    tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state,
-            "rng": jax.random.key_data(state.rng)}
+def _state_tree(state: TrainState, params: Optional[tuple[str, ...]] = None) -> dict:
+    """What a checkpoint stores of `state`: the params of the models named in `params` (default:
+    the trainable ones). Typed PRNG keys are stored as their raw uint32 data."""
+    names = state.optimizer.trainable if params is None else params
+    tree = {"step": state.step, "params": {name: state.params[name] for name in names},
+            "opt_state": state.opt_state, "rng": jax.random.key_data(state.rng)}
     if state.ema_params is not None:
         tree["ema_params"] = state.ema_params
     return tree
@@ -107,16 +112,31 @@ class Checkpoints:
                          f"(it does not match, or it is damaged): " + "; ".join(problems))
 
     def _restore(self, template: TrainState, step: int) -> tuple[TrainState, dict]:
-        target = _state_tree(template)
+        # Checkpoints written before frozen models were left out hold them too: read what is there.
+        frozen = [n for n in template.params if n not in template.optimizer.trainable]
+        stored = self.stored_models(step)
+        target = _state_tree(template, template.optimizer.trainable +
+                             tuple(n for n in frozen if n in stored))
         restored = self._manager.restore(step, args=ocp.args.Composite(
             **{STATE: ocp.args.StandardRestore(_abstract(target)), META: ocp.args.JsonRestore()}))
         tree = restored[STATE]
-        state = template.replace(step=tree["step"], params=tree["params"],
+        trainable = set(template.optimizer.trainable)
+        params = {**template.params,
+                  **{name: sub for name, sub in tree["params"].items() if name in trainable}}
+        state = template.replace(step=tree["step"], params=params,
                                  opt_state=tree["opt_state"],
                                  rng=jax.random.wrap_key_data(tree["rng"],
                                                               impl=jax.random.key_impl(template.rng)),
                                  ema_params=tree.get("ema_params"))
         return state, dict(restored[META])
+
+    def stored_models(self, step: int) -> set[str]:
+        """The models whose params checkpoint `step` holds (empty when it cannot be read: a
+        restore then says what is wrong)."""
+        try:
+            return set(self._manager.item_metadata(step)[STATE]["params"])
+        except Exception:  # noqa: BLE001 - a damaged checkpoint is reported by the restore
+            return set()
 
     def wait(self) -> None:
         """Block until a background write has finished (and been finalised)."""

@@ -33,10 +33,12 @@ from sdjax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionC
 from sdjax.weights.presets import random_pretrained
 from sdjax.weights.architecture import Architecture
 from sdjax.text.tokenizer import CLIPTokenizer
+from sdjax.training import lora
 from sdjax.training import step as step_lib
 from sdjax.training.checkpoints import Checkpoints
 from sdjax.training.data import ImageCaptionDataset
-from sdjax.training.state import EMAConfig, TrainState, init_train_state, make_optimizer
+from sdjax.training.state import (EMAConfig, TrainState, cast_for_compute, init_train_state,
+                                  make_optimizer, optimizer_steps)
 from sdjax.weights.clip import save_clip_native
 from sdjax.weights.pretrained import Pretrained, load_pretrained, save_pretrained
 
@@ -75,12 +77,16 @@ class TrainingDiverged(RuntimeError):
 @dataclasses.dataclass
 class Setup:
     """What a run is built from: the models (as a Pretrained for ldm/vae), the task, the state,
-    and for the clip objective with hard negatives, the function that writes them."""
+    for the clip objective with hard negatives, the function that writes them, and for a LoRA run
+    its network, name and what its exported files say of the run (kohya's `ss_*` keys)."""
     task: Any
     state: TrainState
     model: Optional[Pretrained]
     tokenizer: Any
     hard_negative_captions: Optional[Callable[[str, np.random.Generator, int], list[str]]] = None
+    network: Optional[lora.Network] = None
+    lora_name: str = ""
+    run_metadata: dict = dataclasses.field(default_factory=dict)
 
 
 def _dtype(name: str):
@@ -139,7 +145,10 @@ def build(config: ml_collections.ConfigDict) -> Setup:
         if config.init_from:
             model = load_pretrained(config.init_from, vae=config.vae or None)
         else:
-            model = random_pretrained(config.preset, seed=config.seed, for_training=True)
+            # A LoRA adapts a model whose every layer contributes; the start of a training run
+            # from scratch zeroes the residual branches' last layers and the U-Net's output.
+            model = random_pretrained(config.preset, seed=config.seed,
+                                      for_training=not config.lora.use)
         if config.objective == "ldm" and config.ldm.prediction_type:
             # Exports and preview grids sample with the parameterisation being trained.
             model = dataclasses.replace(model, scheduler_config={
@@ -165,6 +174,20 @@ def build(config: ml_collections.ConfigDict) -> Setup:
                 caption_dropout=config.ldm.caption_dropout, clip_skip=config.ldm.clip_skip,
                 remat=config.remat)
     groups = config.optimizer.groups.to_dict()
+    network = None
+    if config.lora.use:
+        if config.objective != "ldm":
+            raise ValueError(f"lora.use trains a LoRA with the ldm objective, not "
+                             f"{config.objective!r}")
+        settings = lora.lora_config(config.lora.to_dict(), exclude=LORA_RUN_FIELDS)
+        network = lora.make_network(model.params, model.unet_config, settings)
+        if jnp.dtype(dtype) != jnp.float32:
+            # The frozen base is only ever read in the compute dtype: held so (kohya's weight
+            # dtype), it takes half the memory and no cast per step.
+            params = cast_for_compute(params, dtype)
+        params.update(network.init(config.seed))
+        task = lora.LoRATask(task, network)
+        groups = lora_groups(groups, network)
     unknown = sorted(set(groups) - set(params))
     if unknown:
         raise ValueError(f"optimizer.groups names {unknown}, but the {config.objective} objective "
@@ -177,8 +200,67 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     ema = EMAConfig(decay=config.ema.decay, warmup=config.ema.warmup) if config.ema.use else None
     state = init_train_state(params, optimizer, jax.random.key(config.seed), use_ema=config.ema.use,
                              ema=ema)
-    return Setup(task=task, state=state, model=model, tokenizer=tokenizer,
-                 hard_negative_captions=negatives)
+    setup = Setup(task=task, state=state, model=model, tokenizer=tokenizer,
+                  hard_negative_captions=negatives, network=network)
+    if network is not None:
+        setup.lora_name = config.lora.output_name
+        setup.run_metadata = kohya_run_metadata(config)
+    return setup
+
+
+# Fields of `config.lora` that the loop reads itself; the others are `lora.LoRAConfig`'s.
+LORA_RUN_FIELDS = ("use", "output_name")
+
+
+def lora_groups(groups: dict, network: lora.Network) -> dict:
+    """The optimizer groups of a LoRA run: one per adapted model ("lora_unet", ...), the second
+    text encoder's defaulting to the first's (kohya's one text_encoder_lr); groups of LoRAs the
+    run does not train are dropped (`lora.train_text_encoder=False` needs no edit of the groups),
+    and the base models stay frozen."""
+    trained = [name for name, group in groups.items()
+               if not name.startswith(lora.GROUP_PREFIX) and not group.get("frozen", False)]
+    if trained:
+        raise ValueError(f"optimizer.groups trains {trained}, but a LoRA run (lora.use) trains "
+                         f"only its LoRA groups ({', '.join(network.groups)}); the base models "
+                         f"stay frozen")
+    first, second = (lora.group_name(m) for m in ("text_encoder", "text_encoder_2"))
+    if second in network.groups and second not in groups and first in groups:
+        groups[second] = groups[first]
+    missing = [g for g in network.groups if g not in groups]
+    if missing:
+        raise ValueError(f"optimizer.groups has no group for {missing}: give each LoRA its "
+                         f"learning rate (kohya's unet_lr / text_encoder_lr)")
+    return {name: group for name, group in groups.items()
+            if not name.startswith(lora.GROUP_PREFIX) or name in network.groups}
+
+
+def kohya_run_metadata(config: ml_collections.ConfigDict) -> dict:
+    """What kohya's `ss_*` metadata says of the run itself (the network's and optimizer's keys
+    come from `lora.kohya_metadata`)."""
+    accumulate = config.optimizer.accumulate_steps
+    r = config.data.resolution
+    return {
+        "ss_output_name": config.lora.output_name,
+        "ss_training_started_at": time.time(),
+        "ss_sd_model_name": os.path.basename(os.path.normpath(config.init_from))
+        if config.init_from else f"random:{config.preset}",
+        "ss_vae_name": os.path.basename(os.path.normpath(config.vae)) if config.vae else None,
+        "ss_max_train_steps": config.total_steps // accumulate,
+        "ss_gradient_accumulation_steps": accumulate,
+        "ss_total_batch_size": config.data.batch_size * accumulate,
+        "ss_batch_size_per_device": config.data.batch_size // jax.device_count(),
+        "ss_resolution": f"({r}, {r})",
+        "ss_seed": config.seed,
+        "ss_mixed_precision": {"float32": "no", "bfloat16": "bf16"}[config.compute_dtype],
+        "ss_gradient_checkpointing": config.remat,
+        "ss_max_grad_norm": config.optimizer.grad_clip_norm or None,
+        "ss_clip_skip": config.ldm.clip_skip or None,
+        "ss_noise_offset": config.ldm.offset_noise or None,
+        "ss_min_snr_gamma": config.ldm.snr_gamma or None,
+        "ss_caption_dropout_rate": config.ldm.caption_dropout,
+        "ss_cache_latents": config.data.use_latents,
+        "ss_flip_aug": config.data.random_flip,
+    }
 
 
 def hard_negative_ids(captions: list[str], tokenizer,
@@ -224,10 +306,21 @@ def export_params(state: TrainState, use_ema: bool) -> dict:
 def export(setup: Setup, state: TrainState, path: str, use_ema: bool = True) -> Optional[str]:
     """Write a native folder of the model with the trained params: `save_pretrained` for the
     latent-diffusion objectives, `save_clip_native` for CLIP (what `load_clip_scorer` and
-    `--clip_model` read)."""
-    params = _to_host(export_params(state, use_ema))
+    `--clip_model` read); for a LoRA run, the LoRA alone (`lora.export_files`: kohya's file and
+    sdjax's, with kohya's `ss_*` metadata)."""
+    params = export_params(state, use_ema)
+    if setup.network is not None:
+        params = {group: params[group] for group in setup.network.groups}
+    params = _to_host(params)
     if jax.process_index() == 0:
-        if setup.model is None:
+        if setup.network is not None:
+            metadata = lora.kohya_metadata(
+                setup.network, family=setup.model.family,
+                prediction_type=setup.task.prediction_type, groups=state.optimizer.groups,
+                extra={**setup.run_metadata, "ss_steps": int(optimizer_steps(state)),
+                       "ss_training_finished_at": time.time()})
+            lora.export_files(setup.network, params, setup.model, path, setup.lora_name, metadata)
+        elif setup.model is None:
             save_clip_native(path, setup.task.config, params["clip"], CLIPTokenizer.default())
         else:
             model = dataclasses.replace(setup.model, params={**setup.model.params, **params},
@@ -274,6 +367,7 @@ class _Sampler:
         from sdjax.sampling.spec import SamplingSpec
 
         self.config = config.sample
+        self.network = setup.network
         self.generator = Generator(setup.model, mesh=mesh)
         self.request = Request(prompt=list(self.config.prompts),
                                num_images=len(self.config.prompts), seed=self.config.seed,
@@ -284,7 +378,10 @@ class _Sampler:
         self.dir = os.path.join(workdir, "samples")
 
     def __call__(self, state: TrainState, step: int) -> str:
-        self.generator.params = export_params(state, self.config.use_ema)
+        params = export_params(state, self.config.use_ema)
+        if self.network is not None:
+            params = self.network.inference_params(params)
+        self.generator.params = params
         out = self.generator(self.request, self.spec, check_finite=False)
         self.generator.params = None  # the state's buffers are donated by the next step
         os.makedirs(self.dir, exist_ok=True)
@@ -316,6 +413,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     state = step_lib.place(setup.state, shardings, consume=True)
     setup.state = None
     dataset = make_dataset(config, setup.tokenizer)
+    if setup.network is not None:
+        setup.run_metadata.update(ss_num_train_images=len(dataset.records),
+                                  ss_num_batches_per_epoch=dataset.batches_per_epoch)
     ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.every,
                        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     step, nonfinite_total = 0, 0
@@ -421,3 +521,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
             metrics_file.close()
     return {"step": step, "stopped": stopped, "metrics": last, **rates,
             "nonfinite_steps": nonfinite_total, "export": exported, "state": state}
+
+
+def export_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                      step: Optional[int] = None) -> str:
+    """Export checkpoint `step` (None: the newest) of the run `config` trains in `workdir` into
+    `workdir/exports/step_<N>`, as the run itself exports (a LoRA run: its LoRA files)."""
+    folder = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no checkpoints to export")
+    setup = build(config)
+    mesh = parallel.make_mesh(fsdp=config.fsdp)
+    shardings = step_lib.state_sharding(mesh, setup.state)
+    state = step_lib.place(setup.state, shardings, consume=True)
+    setup.state = None
+    ckpt = Checkpoints(folder, async_save=False)
+    try:
+        state, meta = ckpt.restore(state, step)
+    finally:
+        ckpt.close()
+    return export(setup, state, os.path.join(workdir, "exports", f"step_{int(meta['step']):07d}"))

@@ -302,7 +302,10 @@ class TrainState:
         """One micro-step: optimizer update (real every accumulate_steps calls), then the EMA of
         the trainable models when the params moved. `finite`: see `Optimizer.update`."""
         updates, opt_state = self.optimizer.update(grads, self.opt_state, self.params, finite)
-        params = optax.apply_updates(self.params, updates)
+        # Frozen models pass through as they are (no `+ 0` over a whole frozen base per step).
+        trainable = set(self.optimizer.trainable)
+        params = {name: optax.apply_updates(sub, updates[name]) if name in trainable else sub
+                  for name, sub in self.params.items()}
         step = self.step + 1
         ema_params = self.ema_params
         if ema_params is not None:

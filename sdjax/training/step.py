@@ -7,6 +7,7 @@ Objectives (chosen by the task object, each a pure `loss(params, batch, key) -> 
   groups say, noise (optionally offset) at uniform timesteps, eps / v / x0 target, min-SNR-gamma.
 - `VAETask`: the KL autoencoder's reconstruction + beta * KL.
 - `CLIPTask`: CLIP's symmetric contrastive loss over the global batch.
+- `training.lora.LoRATask`: `LDMTask` on a frozen model with trained LoRA factors (kohya's LoRA).
 
 Non-finite guard: a step whose loss or gradient norm is not finite leaves the whole state as it
 was, `step` included (the optimizer's counters, the EMA and `step` never disagree), and reports
@@ -26,6 +27,7 @@ import optax
 from sdjax import parallel
 from sdjax.diffusion.schedules import add_noise
 from sdjax.models.clip import CLIPConfig, CLIPModel
+from sdjax.models.layers import model_variables
 from sdjax.models.unet import UNet
 from sdjax.models.vae import AutoencoderKL, scale_latents
 from sdjax.text.conditioning import encode_text, sdxl_time_ids
@@ -68,7 +70,8 @@ class LDMTask:
 
     def loss(self, params: dict, batch: dict, key: jax.Array):
         """batch: "pixels" (B, H, W, 3) in [-1, 1] or "latents" (B, h, w, c) unscaled VAE latents;
-        "input_ids" (B, encoders, 1, 77)."""
+        "input_ids" (B, encoders, 1, 77). Adapters in params[ADAPTERS_KEY] (LoRA training) reach
+        the U-Net and the text encoders."""
         arch = self.arch
         latent_key, drop_key, noise_key, time_key = jax.random.split(key, 4)
         if "latents" in batch:
@@ -97,7 +100,7 @@ class LDMTask:
         alphas_cumprod = arch.schedule.alphas_cumprod
         noisy = add_noise(alphas_cumprod, latents, noise, timesteps)
         prediction = UNet(arch.unet, dtype=arch.dtype, remat=self.remat).apply(
-            {"params": params["unet"]}, noisy.astype(arch.dtype), timesteps,
+            model_variables(params, "unet"), noisy.astype(arch.dtype), timesteps,
             cond["context"].astype(arch.dtype), added)
         loss, _ = objectives.diffusion_loss(prediction, latents, noise, timesteps, alphas_cumprod,
                                             self.prediction_type, self.snr_gamma)
@@ -189,7 +192,9 @@ def train_step(task, state: TrainState, batch: dict, key: jax.Array) -> tuple[Tr
     new_norm = optax.tree.norm({name: new.params[name] for name in trainable})
     finite = finite & jnp.isfinite(new_norm)
     state = state.replace(step=jnp.where(finite, new.step, state.step),
-                          params=_select(finite, new.params, state.params),
+                          params={**state.params, **_select(
+                              finite, {n: new.params[n] for n in trainable},
+                              {n: state.params[n] for n in trainable})},
                           opt_state=state.optimizer.keep_if_finite(finite, new.opt_state,
                                                                    state.opt_state),
                           ema_params=(None if state.ema_params is None else
