@@ -25,6 +25,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from diffusers.utils import convert_state_dict_to_diffusers
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import sdjax
@@ -330,26 +331,38 @@ def test_peft_lora_saved_by_diffusers_matches_the_peft_model(references, base_ou
 
 # --- sdjax's kohya writer --------------------------------------------------------------------------
 
-def test_kohya_file_written_by_sdjax_loads_in_diffusers(references, base_outputs, tmp_path):
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_kohya_file_written_by_sdjax_loads_in_diffusers(references, base_outputs, tmp_path, family):
     """(f): a random Adapter (sdjax layouts, one alpha for diffusers' sake, ranks per layer)
-    written by save_adapter(format="kohya") and loaded by diffusers reproduces sdjax's outputs."""
-    ref = references("sd1")
+    written by save_adapter(format="kohya") and loaded by diffusers reproduces sdjax's outputs
+    (SDXL's U-Net layers under the original LDM names, as kohya writes them)."""
+    ref = references(family)
     names = layer_names(ref.model.params, ref.model.unet_config)
-    modules = {"unet": {}, "text_encoder": {}}
-    for model, layers in (("unet", SD1_UNET), ("text_encoder", SD1_TEXT)):
-        for name, rank in layers:
-            path = names.find(model, name)
-            shape = network.kernel_shapes(ref.model.params, model)[path]
-            fan_in = int(np.prod(shape[:-1]))
-            down = RNG.standard_normal(shape[:-1] + (rank,)) / np.sqrt(fan_in)
-            up = 0.3 * RNG.standard_normal((rank, shape[-1])) / np.sqrt(rank)
-            modules[model][path] = LowRank(down.astype(np.float32), up.astype(np.float32), 1.5)
+    if family == "sd1":
+        targets = [("unet", n, r) for n, r in SD1_UNET] + [("text_encoder", n, r) for n, r in SD1_TEXT]
+    else:
+        encoders = {"lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+        targets = [("unet", n, r) for n, r in SDXL_UNET] + [
+            (encoders[prefix], n, r) for prefix, n, r in SDXL_TEXT]
+    modules = {}
+    for model, name, rank in targets:
+        path = names.find(model, name)
+        shape = network.kernel_shapes(ref.model.params, model)[path]
+        fan_in = int(np.prod(shape[:-1]))
+        down = RNG.standard_normal(shape[:-1] + (rank,)) / np.sqrt(fan_in)
+        up = 0.3 * RNG.standard_normal((rank, shape[-1])) / np.sqrt(rank)
+        modules.setdefault(model, {})[path] = LowRank(down.astype(np.float32),
+                                                      up.astype(np.float32), 1.5)
     adapter = network.Adapter("written", modules)
     path = save_adapter(tmp_path / "written.safetensors", adapter, ref.model,
                         metadata={"ss_network_dim": "4"})
+    if family == "sdxl":
+        with safe_open(str(path), "np") as f:
+            assert any(k.startswith("lora_unet_input_blocks_") for k in f.keys())
     pipe = ref.pipeline()
     pipe.load_lora_weights(str(tmp_path), weight_name=path.name)
-    ref.check("sdjax-written kohya sd1", adapter, reference_outputs(ref, pipe), base_outputs("sd1"))
+    ref.check(f"sdjax-written kohya {family}", adapter, reference_outputs(ref, pipe),
+              base_outputs(family))
 
 
 # --- a whole pipeline ------------------------------------------------------------------------------

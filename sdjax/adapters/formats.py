@@ -474,7 +474,9 @@ def _kohya_tensors(adapter: Adapter, model: Pretrained) -> dict[str, np.ndarray]
                 down, up = down.T[:, :, None, None], up[:, :, None, None]
             else:
                 down = down.T
-            key = prefixes[target] + names.kohya_name(target, path)
+            # kohya's SDXL scripts name the U-Net's layers as the original (LDM) model does.
+            key = prefixes[target] + names.kohya_name(target, path,
+                                                      original=model.family == "sdxl")
             tensors.update({key + ".lora_down.weight": _kohya_dtype(down),
                             key + ".lora_up.weight": _kohya_dtype(up),
                             key + ".alpha": np.asarray(factor.alpha, np.float32)})

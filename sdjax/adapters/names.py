@@ -45,20 +45,24 @@ class LayerNames:
     file may use for a layer -> its sdjax path, and each path's diffusers / transformers name."""
     aliases: Mapping[str, Mapping[str, str]]
     reference: Mapping[str, Mapping[str, str]]
+    original: Mapping[str, str] = dataclasses.field(default_factory=dict)  # U-Net path -> LDM name
 
     def find(self, model: str, name: str):
         """The sdjax path `name` denotes in `model`, or None."""
         return self.aliases.get(model, {}).get(name)
 
-    def kohya_name(self, model: str, path: str) -> str:
-        """The flattened reference name kohya writes (without its `lora_unet_`-style prefix)."""
-        return self.reference[model][path].replace(".", "_")
+    def kohya_name(self, model: str, path: str, *, original: bool = False) -> str:
+        """The flattened name kohya writes (without its `lora_unet_`-style prefix): the
+        diffusers / transformers name, or with `original` the LDM U-Net's (kohya's SDXL names)."""
+        name = self.original.get(path) if original and model == "unet" else None
+        return (name or self.reference[model][path]).replace(".", "_")
 
 
 def layer_names(params: Mapping, unet_config: UNetConfig) -> LayerNames:
     """The name table of a model's adaptable layers (its dense and conv kernels)."""
     aliases: dict[str, dict[str, str]] = {}
     reference: dict[str, dict[str, str]] = {}
+    original: dict[str, str] = {}
     for model, tree in params.items():
         if model not in ("unet", "text_encoder", "text_encoder_2"):
             continue
@@ -68,6 +72,7 @@ def layer_names(params: Mapping, unet_config: UNetConfig) -> LayerNames:
             ldm = _ldm_names(unet_config)
             names = {p: _diffusers_unet_name(p) for p in paths}
             extra = {p: ldm.get(n) for p, n in names.items()}
+            original = {p: n for p, n in extra.items() if n}
         else:
             names = {p: _transformers_text_name(p) for p in paths}
             # transformers 5 names CLIPTextModel's modules without `text_model.` (peft files
@@ -80,7 +85,7 @@ def layer_names(params: Mapping, unet_config: UNetConfig) -> LayerNames:
                     table[alias] = path
                     table[alias.replace(".", "_")] = path
         aliases[model], reference[model] = table, names
-    return LayerNames(aliases, reference)
+    return LayerNames(aliases, reference, original)
 
 
 def _dotted(path: str) -> str:
