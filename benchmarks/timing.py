@@ -33,12 +33,16 @@ def num_cores() -> int:
         return os.cpu_count() or 1
 
 
-def interleaved(runs: Mapping[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+def interleaved(runs: Mapping[str, Callable[[], object]], repeats: int,
+                prepare: Mapping[str, Callable[[], object]] | None = None) -> dict[str, list[float]]:
     """Seconds of each callable (which must block until its result is ready), `repeats` rounds of
-    one call each, in turn."""
+    one call each, in turn; `prepare[name]`, untimed, just before each call of `runs[name]` (e.g.
+    putting a model into the state that run times)."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, fn in runs.items():
+            if prepare and name in prepare:
+                prepare[name]()
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -89,9 +93,11 @@ class StepWorker:
         return self.info
 
 
-def serve_runs(step: Callable[[], object], setup_s: float) -> None:
+def serve_runs(step: Callable[[], object], setup_s: float,
+               after: Callable[[], object] | None = None) -> None:
     """The worker side of `StepWorker`: announce readiness, then time `step` (which must block
-    until done) once per `run` line on stdin; at end of input print the peak RSS."""
+    until done) once per `run` line on stdin, calling `after` untimed after each (e.g. undoing what
+    the step did); at end of input print the peak RSS."""
     print(f"ready {setup_s:.3f}", flush=True)
     for line in sys.stdin:
         if line.strip() != "run":
@@ -99,14 +105,25 @@ def serve_runs(step: Callable[[], object], setup_s: float) -> None:
         start = time.perf_counter()
         step()
         print(f"seconds {time.perf_counter() - start:.6f}", flush=True)
+        if after is not None:
+            after()
     print(f"peak_rss_mib {peak_rss_mib():.0f}", flush=True)
 
 
 def peak_rss_mib() -> float:
     """This process's peak resident set (VmHWM; not inherited from a parent across exec)."""
+    return _status_mib("VmHWM")
+
+
+def rss_mib() -> float:
+    """This process's resident set now (VmRSS)."""
+    return _status_mib("VmRSS")
+
+
+def _status_mib(field: str) -> float:
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 

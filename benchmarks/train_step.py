@@ -44,15 +44,16 @@ FLAGS = flags.FLAGS
 CAPTION = "a photograph of an astronaut riding a horse"
 
 
-def benchmark_config(preset_name: str):
-    """The training config both sides follow (see the module docstring)."""
+def benchmark_config(preset_name: str, lora: bool = False):
+    """The training config both sides follow (see the module docstring); `lora`: the preset's LoRA
+    run (configs/train_lora_tiny.py, train_lora_sd15.py) at the same settings (benchmarks/lora.py)."""
     if preset_name == "tiny":
-        from configs import train_tiny
-        return train_tiny.get_config()
+        from configs import train_lora_tiny, train_tiny
+        return (train_lora_tiny if lora else train_tiny).get_config()
     if preset_name != "sd15":
         raise ValueError(f"--preset={preset_name}: the training benchmark knows tiny and sd15")
-    from configs import train_sd15
-    config = train_sd15.get_config()
+    from configs import train_lora_sd15, train_sd15
+    config = (train_lora_sd15 if lora else train_sd15).get_config()
     with config.unlocked():
         config.compute_dtype = "float32"
         config.remat = False
@@ -118,7 +119,10 @@ def sdjax_worker(folder: str, config) -> None:
     timing.serve_runs(step, time.perf_counter() - start)
 
 
-def diffusers_worker(folder: str, config) -> None:
+def diffusers_worker(folder: str, config, lora_targets: dict | None = None) -> None:
+    """The reference step. With `lora_targets` ({optimizer group: {"model", "modules" (reference
+    names), "rank", "alpha"}}) the models stay frozen and peft LoRAs on those modules are trained,
+    as diffusers' train_text_to_image_lora.py does (Gaussian init, AdamW on the LoRA params only)."""
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -135,16 +139,29 @@ def diffusers_worker(folder: str, config) -> None:
     noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     models = {"unet": unet, "text_encoder": text_encoder, "vae": vae}
     groups = config.optimizer.groups.to_dict()
-    trained = {name: models[name] for name, g in groups.items() if not g.get("frozen", False)}
+    if lora_targets:
+        from benchmarks import peft_lora
+
+        for model in models.values():
+            model.requires_grad_(False)
+        trained = {t["model"]: models[t["model"]] for t in lora_targets.values()}
+        group_params = {group: peft_lora.trainable_parameters(peft_lora.inject(
+            models[t["model"]], t["modules"], t["rank"], t["alpha"], init="gaussian"))
+            for group, t in lora_targets.items()}
+    else:
+        trained = {name: models[name] for name, g in groups.items() if not g.get("frozen", False)}
+        group_params = {name: list(model.parameters()) for name, model in trained.items()}
+        for name, model in models.items():
+            model.requires_grad_(name in trained)
     for name, model in models.items():
-        model.requires_grad_(name in trained)
         model.train(name in trained)
     optimizer = torch.optim.AdamW(
-        [{"params": list(model.parameters()), "lr": groups[name]["lr"],
-          "weight_decay": groups[name].get("weight_decay", 0.0)} for name, model in trained.items()],
+        [{"params": params, "lr": groups[name]["lr"],
+          "weight_decay": groups[name].get("weight_decay", 0.0)}
+         for name, params in group_params.items()],
         betas=(0.9, 0.999), eps=1e-8)
-    trainable = [p for model in trained.values() for p in model.parameters()]
-    emas = ([EMAModel(model.parameters(), decay=config.ema.decay) for model in trained.values()]
+    trainable = [p for params in group_params.values() for p in params]
+    emas = ([EMAModel(params, decay=config.ema.decay) for params in group_params.values()]
             if config.ema.use else [])
 
     pixels, captions = example_batch(config)
@@ -185,8 +202,8 @@ def diffusers_worker(folder: str, config) -> None:
             torch.nn.utils.clip_grad_norm_(trainable, config.optimizer.grad_clip_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        for ema, model in zip(emas, trained.values()):
-            ema.step(model.parameters())
+        for ema, params in zip(emas, group_params.values()):
+            ema.step(params)
         return loss.detach()
 
     loss = step()  # allocates the optimizer state

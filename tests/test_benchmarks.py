@@ -115,3 +115,66 @@ def test_tokenizer_prints_sdjax_and_transformers_rows_with_the_same_ids(tmp_path
     for row in rows:
         assert _number(row[2]) > 0 and _number(row[4]) > 0  # median s, prompts/s
         assert row[7] == "yes", row
+
+
+def test_lora_forward_prints_runtime_merged_and_fused_rows_whose_outputs_agree(tmp_path):
+    stdout = _run("lora", "--modes=forward", "--sizes=8", "--repeats=1", "--matmul=128",
+                  f"--workdir={tmp_path}", tmp_path=tmp_path)
+    rows = {r[1]: r for r in _rows(stdout, "8x8")}
+    assert set(rows) == {"sdjax base", "sdjax merged", "sdjax run-time", "diffusers unfused",
+                         "diffusers fused"}, stdout
+    for name, row in rows.items():
+        merged = rows["diffusers fused" if name.startswith("diffusers") else "sdjax merged"]
+        # "/ its merged": this row's median over its own side's merged (fused) median.
+        assert _number(row[4]) == pytest.approx(_number(row[2]) / _number(merged[2]), rel=0.02)
+    assert _number(rows["sdjax run-time"][7]) > 0  # the matmul ceiling read in the same loop
+    # The LoRA moves the output, and both sides apply the same one, at run time and merged.
+    effect = float(re.search(r"changes the output by up to ([0-9.e+-]+)", stdout).group(1))
+    assert effect > 1e-2, stdout
+    assert _number(rows["sdjax run-time"][10]) < 1e-4  # run time vs merged, sdjax
+    assert _number(rows["diffusers unfused"][10]) < 1e-4  # vs sdjax run time
+    assert _number(rows["diffusers fused"][10]) < 1e-4  # vs sdjax merged
+    assert re.search(r"8x8: run-time LoRA overhead sdjax [+-][0-9.]+%, diffusers [+-][0-9.]+%",
+                     stdout), stdout
+
+
+def test_lora_merge_prints_both_sides_merging_the_same_factors_into_the_same_weights(tmp_path):
+    stdout = _run("lora", "--modes=merge", "--repeats=2", f"--workdir={tmp_path}",
+                  tmp_path=tmp_path)
+    assert "rank 128 alpha 64" in stdout and "matmul ceiling" in stdout, stdout
+    (ours,) = _rows(stdout, "sdjax merge")
+    (reference,) = _rows(stdout, "diffusers fuse_lora")
+    for row in (ours, reference):
+        assert _number(row[1]) > 0 and _number(row[2]) > 0  # first merge, later median
+        loaded, peak = _number(row[7]), _number(row[8])
+        assert peak >= loaded > 100
+    # Sum of squares of every merged kernel: the same on both sides, and not the base's.
+    assert _number(ours[10]) == pytest.approx(_number(reference[10]), rel=1e-6)
+    base = float(re.search(r"before merging ([0-9.e+-]+)", stdout).group(1))
+    assert abs(_number(ours[10]) - base) > 1e-3 * base, stdout
+    assert _number(reference[4]) == pytest.approx(_number(ours[2]) / _number(reference[2]),
+                                                  rel=0.02)
+
+
+@pytest.mark.parametrize("full_finetune", [
+    False, pytest.param(True, marks=pytest.mark.slow)])  # a third worker compiling a train step
+def test_lora_train_prints_lora_steps_of_both_sides_and_their_memory(tmp_path, full_finetune):
+    stdout = _run("lora", "--modes=train", "--repeats=2", f"--workdir={tmp_path}",
+                  f"--full_finetune={full_finetune}", tmp_path=tmp_path)
+    assert "rank 4 alpha 1 on 60 layers of text_encoder+unet" in stdout, stdout  # train_lora_tiny
+    names = ["sdjax LoRA", "diffusers LoRA (PyTorch, peft)"] + (
+        ["sdjax full fine-tune"] if full_finetune else [])
+    rows = {r[0]: r for r in _rows(stdout, "")[2:]}
+    assert list(rows) == names, stdout
+    for row in rows.values():
+        seconds, examples_per_s = _number(row[1]), _number(row[3])
+        assert examples_per_s == pytest.approx(4 / seconds, rel=0.02)  # train_lora_tiny's batch
+        assert _number(row[6]) > 100  # peak RSS MiB
+        assert 0.3 < _number(row[7]) < 3  # first loss: epsilon MSE of an untrained model
+    reference = rows["diffusers LoRA (PyTorch, peft)"]
+    assert _number(reference[4]) == pytest.approx(
+        _number(rows["sdjax LoRA"][1]) / _number(reference[1]), rel=0.02)
+    if full_finetune:
+        saved = float(re.search(r"\): (-?[0-9]+) MiB less", stdout).group(1))
+        full, lora = _number(rows["sdjax full fine-tune"][6]), _number(rows["sdjax LoRA"][6])
+        assert saved == pytest.approx(full - lora, abs=1)
