@@ -10,7 +10,7 @@ the optional parts left out, which then constrain nothing):
     object     := ("a" | "an") [SIZE] COLOUR SHAPE [POSITION]
     SIZE       := small | large
     COLOUR     := red | green | blue | yellow | purple | cyan | white | black
-    SHAPE      := circle | square | triangle | cross
+    SHAPE      := circle | square | triangle | cross          (| heart: the extension below)
     POSITION   := on the left | on the right | at the top | at the bottom | in the center
 
 e.g. "a small red circle on the left, blue background",
@@ -21,6 +21,11 @@ different colours, so each object is a separate colour region the judge can find
 Composition split: a few (colour, shape) pairs never occur in `train_examples`; every scene
 containing one of them is held out (`is_held_out`) and reachable through `heldout_prompts` /
 `heldout_examples`.
+
+Extension vocabulary: `EXTRA_SHAPES` (a heart) are words the base world never draws —
+`random_scene`, `train_examples` and the held-out split use `SHAPES` only — but that `render`,
+`parse_caption` and the judge know: the concept a LoRA teaches the embedded default model
+(`lora_examples`, `extra_heldout_prompts`; sdjax/assets/default_model/loras/).
 """
 from __future__ import annotations
 
@@ -43,6 +48,13 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (15, 15, 15),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+# A shape and not a colour: the default model's VAE (frozen under a LoRA) was trained on the eight
+# colours above and its encoder pulls any other colour to the nearest of them (60-90 RGB units off
+# for every candidate far from the palette and its mixtures), while it reproduces a heart as well
+# as the base shapes (~33 dB). A heart is also unlike the base shapes under the judge's fit, which
+# keeps its verdicts on base drawings unchanged.
+EXTRA_SHAPES: tuple[str, ...] = ("heart",)
+ALL_SHAPES: tuple[str, ...] = SHAPES + EXTRA_SHAPES
 SIZES: tuple[str, ...] = ("small", "large")
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
 
@@ -61,6 +73,9 @@ POSITION_ANCHOR: dict[str, tuple[float, float]] = {
 # pair stay >= 2 px apart at 32 px and every shape keeps >= 1 px of background around it.
 JITTER = 0.02
 CROSS_ARM = 0.4  # width of the cross's arms, fraction of its side
+# The heart curve's extent: |x| <= 1.139, -1 <= y <= 1.236 (the point at y = -1, the lobes' tops
+# at 1.236), found numerically.
+HEART_HALF_WIDTH, HEART_TOP = 1.139, 1.236
 PAIRS: tuple[tuple[str, str], ...] = (("left", "right"), ("top", "bottom"))
 
 # One held-out colour per shape, all different: every colour and every shape is still seen in
@@ -91,7 +106,7 @@ class ShapeAttrs:
     position: Optional[str] = None
 
     def __post_init__(self):
-        _check("shape", self.shape, SHAPES)
+        _check("shape", self.shape, ALL_SHAPES)
         _check("colour", self.colour, COLOURS)
         if self.size is not None:
             _check("size", self.size, SIZES)
@@ -170,7 +185,7 @@ def caption_variant(scene: Scene, rng: np.random.Generator, *, drop_size: float 
 
 
 _PHRASE_POSITION = {tuple(v.split()): k for k, v in _POSITION_PHRASE.items()}
-_KNOWN_WORDS = (set(COLOURS) | set(SHAPES) | set(SIZES) | {"a", "an", "and", "background"}
+_KNOWN_WORDS = (set(COLOURS) | set(ALL_SHAPES) | set(SIZES) | {"a", "an", "and", "background"}
                 | {w for phrase in _PHRASE_POSITION for w in phrase})
 
 
@@ -214,7 +229,7 @@ def _parse_object(words: list[str], text: str) -> ShapeAttrs:
     size = None
     if i < len(words) and words[i] in SIZES:
         size, i = words[i], i + 1
-    if i + 1 >= len(words) or words[i] not in COLOURS or words[i + 1] not in SHAPES:
+    if i + 1 >= len(words) or words[i] not in COLOURS or words[i + 1] not in ALL_SHAPES:
         raise bad
     colour, shape = words[i], words[i + 1]
     rest = tuple(words[i + 2:])
@@ -273,7 +288,7 @@ def shape_coverage(shape: str, box: tuple[float, float, float, float], height: i
     Pixel (i, j) spans [j, j+1) x [i, i+1). `supersample` sub-samples per pixel side give the
     antialiasing; 1 samples pixel centres only (hard edges). Returns float32 (height, width).
     """
-    _check("shape", shape, SHAPES)
+    _check("shape", shape, ALL_SHAPES)
     x0, y0, x1, y1 = box
     s = supersample
     # Only the pixels touching the box are evaluated.
@@ -295,6 +310,9 @@ def shape_coverage(shape: str, box: tuple[float, float, float, float], height: i
         inside = (np.abs(u) <= 1) & (np.abs(v) <= 1)
     elif shape == "triangle":  # apex at top centre, base along the bottom edge
         inside = (v <= 1) & (np.abs(u) <= (v + 1) / 2)
+    elif shape == "heart":  # (x² + y² - 1)³ <= x² y³, scaled to touch all four sides of the box
+        x, y = HEART_HALF_WIDTH * u, HEART_TOP - (HEART_TOP + 1) / 2 * (v + 1)
+        inside = (x * x + y * y - 1) ** 3 <= x * x * y ** 3
     else:  # cross: a plus sign with arms CROSS_ARM of the side wide
         inside = ((np.abs(u) <= 1) & (np.abs(v) <= 1)
                   & ((np.abs(u) <= CROSS_ARM) | (np.abs(v) <= CROSS_ARM)))
@@ -384,12 +402,80 @@ def heldout_examples(seed: int, image_size: int = 32, *, antialias: bool = True,
     return _examples(seed, True, image_size, antialias, two_object_prob)
 
 
-def heldout_prompts() -> Iterator[str]:
-    """Every single-object held-out caption, in a fixed order (280 of them)."""
-    for colour, shape in sorted(HELD_OUT_PAIRS):
+def _single_object_captions(pairs) -> Iterator[str]:
+    """The full caption of every single-object scene of each (colour, shape) of `pairs`, in order."""
+    for colour, shape in pairs:
         for size in SIZES:
             for position in POSITIONS:
                 for background in COLOURS:
                     if background != colour:
                         yield caption(Scene((ShapeAttrs(shape, colour, size, position),),
                                             background))
+
+
+def heldout_prompts() -> Iterator[str]:
+    """Every single-object held-out caption, in a fixed order (280 of them)."""
+    return _single_object_captions(sorted(HELD_OUT_PAIRS))
+
+
+# ----------------------------------------------------------------------------------------------
+# The extension vocabulary: what a LoRA teaches the default model
+
+
+# A fifth of the single-object extension captions, never in `lora_examples`: what the LoRA is
+# evaluated on. Every colour, size, position and background of an extension shape is still trained.
+EXTRA_HELDOUT_FRACTION = 0.2
+_EXTRA_HELDOUT_SEED = 2026
+
+
+def extra_prompts() -> list[str]:
+    """Every single-object full caption with an extension shape, in a fixed order (560 for one
+    shape: 8 colours, 2 sizes, 5 positions, 7 backgrounds)."""
+    return list(_single_object_captions([(c, s) for s in EXTRA_SHAPES for c in COLOURS]))
+
+
+def extra_heldout_prompts() -> list[str]:
+    """The extension captions `lora_examples` never draws (a seeded `EXTRA_HELDOUT_FRACTION` of
+    `extra_prompts`), in `extra_prompts` order."""
+    prompts = extra_prompts()
+    rng = np.random.default_rng(_EXTRA_HELDOUT_SEED)
+    chosen = rng.permutation(len(prompts))[:round(EXTRA_HELDOUT_FRACTION * len(prompts))]
+    return [prompts[i] for i in sorted(chosen)]
+
+
+def with_extra_shape(scene: Scene, rng: np.random.Generator) -> Scene:
+    """`scene` with an extension shape in place of one of its objects' shapes (or of both a pair's,
+    one time in three), colours, sizes and positions kept."""
+    objects = list(scene.objects)
+    both = len(objects) == 2 and rng.random() < 1 / 3
+    changed = range(len(objects)) if both else [int(rng.integers(len(objects)))]
+    for k in changed:
+        objects[k] = dataclasses.replace(objects[k],
+                                         shape=EXTRA_SHAPES[rng.integers(len(EXTRA_SHAPES))])
+    return Scene(tuple(objects), scene.background)
+
+
+def lora_examples(seed: int, image_size: int = 32, *, concept_share: float = 0.5,
+                  two_object_prob: float = 0.3, variant_share: float = 0.5,
+                  antialias: bool = True) -> Iterator[Example]:
+    """An endless, seed-determined stream for teaching the extension shapes to a model of the base
+    world: a `concept_share` of scenes with an extension shape (`with_extra_shape` of a random
+    scene: as one object or a pair's, on every background), the rest ordinary training scenes,
+    which keep the rest of the model as it was (kohya's regularisation images). Never a held-out
+    base scene (`is_held_out`) nor a single-object scene of `extra_heldout_prompts`. Captions are
+    the full form, or with probability `variant_share` as people write them (`caption_variant`);
+    an example's `scene` is the whole truth either way."""
+    rng = np.random.default_rng(seed)
+    held_out = set(extra_heldout_prompts())
+    while True:
+        scene = random_scene(rng, two_object_prob)
+        if is_held_out(scene):
+            continue
+        if rng.random() < concept_share:
+            scene = with_extra_shape(scene, rng)
+            if caption(scene) in held_out:
+                continue
+        offsets = rng.uniform(-JITTER, JITTER, size=(len(scene.objects), 2))
+        image = render(scene, image_size, antialias=antialias, offsets=[tuple(o) for o in offsets])
+        text = caption_variant(scene, rng) if rng.random() < variant_share else caption(scene)
+        yield Example(image, text, scene)

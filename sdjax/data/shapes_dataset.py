@@ -11,7 +11,7 @@ import json
 import os
 import pathlib
 import shutil
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 from PIL import Image
@@ -23,11 +23,14 @@ MANIFEST = "shapes.json"
 
 def write_shapes_folder(folder: str | os.PathLike, num_examples: int, *, seed: int = 0,
                         image_size: int = 32, held_out: bool = False,
-                        two_object_prob: float = 0.3, caption_variants: bool = False) -> pathlib.Path:
+                        two_object_prob: float = 0.3, caption_variants: bool = False,
+                        examples: Optional[Callable[[int, int], Iterator[shapes.Example]]] = None
+                        ) -> pathlib.Path:
     """Write `num_examples` examples of `train_examples(seed)` (or `heldout_examples`) into
     `folder` as 000000.png + 000000.txt, ...; returns the folder. `caption_variants`: captions
     as `shapes.caption_variant` writes them (attributes left out, other phrasings) instead of the
-    full form; the images are the same.
+    full form; the images are the same. `examples`: another stream, `examples(seed, image_size)`
+    (e.g. `shapes.lora_examples`), written with its own captions.
 
     Written beside its final place and renamed into it, so an interrupted write never passes for
     a finished folder."""
@@ -38,6 +41,8 @@ def write_shapes_folder(folder: str | os.PathLike, num_examples: int, *, seed: i
                 "held_out": bool(held_out), "two_object_prob": float(two_object_prob)}
     if caption_variants:  # only when set, so folders written before the option stay valid
         settings["caption_variants"] = True
+    if examples is not None:
+        settings["examples"] = f"{examples.__module__}:{examples.__qualname__}"
     variant_rng = np.random.default_rng([seed, 1])
     manifest = folder / MANIFEST
     if manifest.is_file() and json.loads(manifest.read_text()) == settings:
@@ -46,8 +51,11 @@ def write_shapes_folder(folder: str | os.PathLike, num_examples: int, *, seed: i
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    stream = (shapes.heldout_examples if held_out else shapes.train_examples)(
-        seed, image_size, two_object_prob=two_object_prob)
+    if examples is not None:
+        stream = examples(seed, image_size)
+    else:
+        stream = (shapes.heldout_examples if held_out else shapes.train_examples)(
+            seed, image_size, two_object_prob=two_object_prob)
     width = max(6, len(str(num_examples - 1)))
     for i in range(num_examples):
         example = next(stream)

@@ -128,13 +128,17 @@ def clip_zero_shot(config, params, tokenizer, images: np.ndarray, scenes: Sequen
 
 def generate_and_judge(model: Pretrained, prompts: Sequence[str],
                        config: ml_collections.ConfigDict, *, seed: int = 0,
-                       batch_size: int = 56) -> tuple[dict, np.ndarray, list]:
+                       batch_size: int = 56, generator: Optional[Generator] = None,
+                       adapters: Sequence = (), judged: Optional[Sequence] = None
+                       ) -> tuple[dict, np.ndarray, list]:
     """Draw each prompt once at `config`'s settings (a configs/shapes.py config) and judge it.
     Returns (accuracy, per-attribute rates and seconds per image; the images, uint8; the
-    verdicts)."""
+    verdicts). `generator`: one of `model` to reuse (its compiled programs with it); `adapters`:
+    LoRAs applied to every image (`Request.adapters`); `judged`: what each image is judged
+    against instead of its prompt (captions or Scenes: a textual-inversion token's meaning)."""
     batch_size = min(batch_size, len(prompts))
     spec = dataclasses.replace(spec_from_config(config), progress=False, microbatch=batch_size)
-    generator = Generator(model)
+    generator = generator or Generator(model)
     drawn = []
     started, timed = None, 0
     for first in range(0, len(prompts), batch_size):
@@ -142,7 +146,8 @@ def generate_and_judge(model: Pretrained, prompts: Sequence[str],
         if len(chunk) < batch_size:  # keep one compiled program
             chunk += [chunk[-1]] * (batch_size - len(chunk))
         out = generator(Request(prompt=chunk, num_images=len(chunk), seed=seed + first,
-                                cfg_scale=float(config.cfg_scale)), spec)
+                                cfg_scale=float(config.cfg_scale), adapters=tuple(adapters)),
+                        spec)
         if started is None:  # the first call compiles
             started = time.perf_counter()
         else:
@@ -150,12 +155,19 @@ def generate_and_judge(model: Pretrained, prompts: Sequence[str],
         drawn.append(images_lib.to_uint8(out["images"]))
     elapsed = time.perf_counter() - started
     images = np.concatenate(drawn)[:len(prompts)]
-    verdicts = [judge(image, prompt) for image, prompt in zip(images, prompts)]
+    verdicts = [judge(image, truth) for image, truth in zip(images, judged or prompts)]
     result = {"accuracy": float(np.mean([v["all_correct"] for v in verdicts])),
               "per_attribute": {a: float(np.mean([v[a] for v in verdicts])) for a in ATTRIBUTES},
               "prompts": len(prompts),
               "seconds_per_image": elapsed / timed if timed else None}
     return result, images, verdicts
+
+
+def spread_subset(prompts: Sequence[str], count: int) -> list:
+    """`count` of `prompts` spread evenly over them (all of them for 0): a quick evaluation's."""
+    if not count:
+        return list(prompts)
+    return list(prompts[::max(1, len(prompts) // count)][:count])
 
 
 def evaluate(config: ml_collections.ConfigDict, model_dir: Optional[str] = None,
@@ -187,9 +199,7 @@ def evaluate(config: ml_collections.ConfigDict, model_dir: Optional[str] = None,
         timings["clip"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    prompts = list(shapes.heldout_prompts())
-    if num_prompts:
-        prompts = prompts[::max(1, len(prompts) // num_prompts)][:num_prompts]
+    prompts = spread_subset(list(shapes.heldout_prompts()), num_prompts)
     heldout, images, _ = generate_and_judge(model, prompts, config)
     results["heldout_accuracy"] = heldout["accuracy"]
     results["heldout_per_attribute"] = heldout["per_attribute"]

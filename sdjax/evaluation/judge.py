@@ -7,8 +7,9 @@ Classical image analysis only, tolerant of what generated images get wrong at th
               split in two where two colours touch;
   colour      palette colour nearest the median of a region's most saturated pixels;
   shape       best soft IoU between the region's coverage map (how far each pixel lies from the
-              background towards the object colour) and each shape, sharp or slightly blurred,
-              drawn into the box that the coverage's moments imply for that shape;
+              background towards the object colour) and each shape (the extension's heart too),
+              sharp or slightly blurred, drawn into the box that the coverage's moments imply for
+              that shape;
   size        side implied by the covered area and the shape's fill ratio, against the geometric
               mean of the small and large sides;
   position    centre of the fitted box: "center" inside the middle square, otherwise the
@@ -48,21 +49,25 @@ _MIN_AREA_FRACTION = 0.25 * _FILL["triangle"] * shapes.SIZE_FRACTION["small"] **
 
 
 def _shape_moments(resolution: int = 256):
-    """Per shape: (std x, std y) of its area as fractions of its box, and its centroid's offset
-    from the box centre, measured on a fine drawing."""
-    spread, offset = {}, {}
+    """Per shape (the extension's too): (std x, std y) of its area as fractions of its box, its
+    centroid's offset from the box centre, and the fraction of its box it fills, measured on a
+    fine drawing."""
+    spread, offset, fill = {}, {}, {}
     ys, xs = (np.mgrid[0:resolution, 0:resolution] + 0.5) / resolution - 0.5
-    for name in shapes.SHAPES:
+    for name in shapes.ALL_SHAPES:
         cov = shapes.shape_coverage(name, (0, 0, resolution, resolution), resolution, resolution)
         total = cov.sum()
+        fill[name] = float(cov.mean())
         mx, my = (cov * xs).sum() / total, (cov * ys).sum() / total
         spread[name] = (float(np.sqrt((cov * (xs - mx) ** 2).sum() / total)),
                         float(np.sqrt((cov * (ys - my) ** 2).sum() / total)))
         offset[name] = (float(mx), float(my))
-    return spread, offset
+    return spread, offset, fill
 
 
-_SPREAD, _CENTROID_OFFSET = _shape_moments()
+_SPREAD, _CENTROID_OFFSET, _MEASURED_FILL = _shape_moments()
+# A heart's area has no closed form: its fill ratio is measured (the base shapes' stay exact).
+_FILL.update({name: _MEASURED_FILL[name] for name in shapes.EXTRA_SHAPES})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +231,7 @@ def _describe(img, bg, dist, region, others) -> DetectedObject:
     vx = float((cover * (xs - mx) ** 2).sum() / weight)
     vy = float((cover * (ys - my) ** 2).sum() / weight)
     scores, boxes = {}, {}
-    for name in shapes.SHAPES:
+    for name in shapes.ALL_SHAPES:
         (rx, ry), (ox, oy) = _SPREAD[name], _CENTROID_OFFSET[name]
         for blur in _BLURS:
             sigma = blur * np.sqrt(h * w)
@@ -240,7 +245,7 @@ def _describe(img, bg, dist, region, others) -> DetectedObject:
                           / max(float(np.maximum(cover, template).sum()), 1e-6))
             if score > scores.get(name, -1.0):
                 scores[name], boxes[name] = score, box
-    shape = max(shapes.SHAPES, key=lambda s: scores[s])
+    shape = max(shapes.ALL_SHAPES, key=lambda s: scores[s])
     box = boxes[shape]
 
     side = np.sqrt(area / _FILL[shape]) / np.sqrt(h * w)
