@@ -4,12 +4,15 @@ image-caption pairs; finishes on a laptop CPU in a minute or two.
     python -m experiments.train --config=configs/train_tiny.py --workdir=/tmp/sdjax_tiny \
         --config.data.folder=/path/to/images_with_txt
 
-Variants: `:vae` trains the tiny VAE, `:clip` a tiny CLIP (contrastive).
+Variants: `:vae` trains the tiny VAE, `:clip` a tiny CLIP (contrastive), `:textual_inversion` a
+new token `<shape-x>` on the frozen model (`with_textual_inversion`).
 """
 import ml_collections
 
 
 def get_config(arg=None):
+    if arg == "textual_inversion":
+        return with_textual_inversion(get_config())
     objective = arg or "ldm"
     c = ml_collections.ConfigDict()
     c.objective = objective      # ldm | vae | clip
@@ -85,6 +88,16 @@ def get_config(arg=None):
     c.lora.rank_dropout = 0.0    # per (example, rank), scale * 1/(1-p)
     c.lora.module_dropout = 0.0  # a whole module skipped for the step
 
+    # Textual inversion as diffusers' examples/textual_inversion trains it
+    # (sdjax.training.textual_inversion; `with_textual_inversion`): the model frozen, only the new
+    # token's vectors trained, in the param group "embeddings" (SDXL: both text encoders'). Exported
+    # as export/<token>.safetensors (the WebUI's format) and export/learned_embeds.safetensors.
+    c.textual_inversion = ml_collections.ConfigDict()
+    c.textual_inversion.use = False
+    c.textual_inversion.token = "<shape-x>"  # new: not a word of the vocabulary; names the file
+    c.textual_inversion.num_vectors = 1
+    c.textual_inversion.init_word = "shape"  # one token; every vector starts as its embedding
+
     c.vae_loss = ml_collections.ConfigDict()
     c.vae_loss.kl_weight = 1e-6
     c.vae_loss.reconstruction = "l1"
@@ -117,4 +130,17 @@ def get_config(arg=None):
     c.sample.cfg_scale = 3.0
     c.sample.seed = 0
     c.lock()
+    return c
+
+
+def with_textual_inversion(c):
+    """Config `c` (a full fine-tune's) learning `c.textual_inversion.token` instead: only the
+    group "embeddings" trains, at diffusers' settings (AdamW, weight decay 1e-2, constant rate);
+    no EMA and no caption dropout (an empty caption holds no token to learn from)."""
+    c.textual_inversion.use = True
+    with c.unlocked():
+        c.optimizer.groups = {"embeddings": {"lr": 5e-3, "schedule": "constant", "warmup_steps": 0,
+                                             "weight_decay": 1e-2, "frozen": False}}
+    c.ema.use = False
+    c.ldm.caption_dropout = 0.0
     return c

@@ -161,13 +161,20 @@ def with_embeddings(model: Pretrained, paths: Sequence[str | os.PathLike], *,
                 else:
                     embeddings.append(embedding)
         elif os.path.isfile(path):
-            embedding = read_embedding(path, token)
-            mismatch = _mismatch(embedding, model)
-            if mismatch:
-                raise AdapterError(mismatch)
-            embeddings.append(embedding)
+            embeddings.append(read_embedding(path, token))  # a misfit is refused when added
         else:
             raise AdapterError(f"{path}: no such embedding file or folder")
+    return add_embeddings(model, embeddings)
+
+
+def add_embeddings(model: Pretrained, embeddings: Sequence[Embedding]) -> Pretrained:
+    """`with_embeddings` for embeddings already in memory (read from files, or being trained):
+    a new `Pretrained` whose tokenizers know their tokens and whose token tables end with their
+    vectors, the same checks applied."""
+    for embedding in embeddings:
+        mismatch = _mismatch(embedding, model)
+        if mismatch:
+            raise AdapterError(mismatch)
     _check_tokens(embeddings, model)
     text_configs, tokenizers = list(model.text_configs), list(model.tokenizers)
     params = dict(model.params)

@@ -232,8 +232,8 @@ def with_runtime_adapters(params: Mapping, adapters: Sequence[Weighted]) -> dict
 
 def _weighted_delta(factor: Factor, kernel_shape: tuple[int, ...], weight: np.float32) -> np.ndarray:
     """weight * `factor`'s delta as a new float32 array. A low-rank factor's scales go into its
-    small `down`, so the product is the only kernel-sized array a layer's merge allocates (there
-    were seven; merging a rank-128 LoRA into SD 1.5 took 2-3x the CPU time)."""
+    small `down`, so the product is the only kernel-sized array a layer's merge allocates (scaling
+    the product instead made seven)."""
     if isinstance(factor, LowRank):
         down = fit_down(factor.down.astype(np.float32), kernel_shape, factor.rank)
         down = down.reshape(-1, factor.rank) * np.float32(weight * np.float32(factor.scale))

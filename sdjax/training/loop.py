@@ -35,6 +35,7 @@ from sdjax.weights.architecture import Architecture
 from sdjax.text.tokenizer import CLIPTokenizer
 from sdjax.training import lora
 from sdjax.training import step as step_lib
+from sdjax.training import textual_inversion
 from sdjax.training.checkpoints import Checkpoints
 from sdjax.training.data import ImageCaptionDataset
 from sdjax.training.state import (EMAConfig, TrainState, cast_for_compute, init_train_state,
@@ -77,8 +78,9 @@ class TrainingDiverged(RuntimeError):
 @dataclasses.dataclass
 class Setup:
     """What a run is built from: the models (as a Pretrained for ldm/vae), the task, the state,
-    for the clip objective with hard negatives, the function that writes them, and for a LoRA run
-    its network, name and what its exported files say of the run (kohya's `ss_*` keys)."""
+    for the clip objective with hard negatives, the function that writes them, for a LoRA run
+    its network, name and what its exported files say of the run (kohya's `ss_*` keys), and for a
+    textual-inversion run its token (`model` then knows it)."""
     task: Any
     state: TrainState
     model: Optional[Pretrained]
@@ -87,6 +89,12 @@ class Setup:
     network: Optional[lora.Network] = None
     lora_name: str = ""
     run_metadata: dict = dataclasses.field(default_factory=dict)
+    inversion: Optional[textual_inversion.Inversion] = None
+
+    @property
+    def adapter(self):
+        """What a LoRA or textual-inversion run trains (`groups`, `inference_params`), or None."""
+        return self.network if self.network is not None else self.inversion
 
 
 def _dtype(name: str):
@@ -126,7 +134,12 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     if config.objective not in step_lib.OBJECTIVES:
         raise ValueError(f"objective {config.objective!r} is not one of {step_lib.OBJECTIVES}")
     dtype = _dtype(config.compute_dtype)
-    model, negatives = None, None
+    model, negatives, inversion = None, None, None
+    if config.lora.use and config.textual_inversion.use:
+        raise ValueError("lora.use and textual_inversion.use are both set: a run trains one")
+    if config.textual_inversion.use and config.objective != "ldm":
+        raise ValueError(f"textual_inversion.use learns a token with the ldm objective, not "
+                         f"{config.objective!r}")
     if config.objective == "clip":
         if config.clip.hard_negatives:
             if not config.clip.hard_negative_captions:
@@ -145,14 +158,21 @@ def build(config: ml_collections.ConfigDict) -> Setup:
         if config.init_from:
             model = load_pretrained(config.init_from, vae=config.vae or None)
         else:
-            # A LoRA adapts a model whose every layer contributes; the start of a training run
+            # A LoRA or a new token adapts a model whose every layer contributes; the start of a run
             # from scratch zeroes the residual branches' last layers and the U-Net's output.
             model = random_pretrained(config.preset, seed=config.seed,
-                                      for_training=not config.lora.use)
+                                      for_training=not (config.lora.use
+                                                        or config.textual_inversion.use))
         if config.objective == "ldm" and config.ldm.prediction_type:
             # Exports and preview grids sample with the parameterisation being trained.
             model = dataclasses.replace(model, scheduler_config={
                 **model.scheduler_config, "prediction_type": config.ldm.prediction_type})
+        if config.textual_inversion.use:
+            # From here on the model knows the token: the captions' tokenizer, the objective's
+            # architecture (its token tables' sizes) and the sample grids use it.
+            inversion, model = textual_inversion.make_inversion(
+                model, textual_inversion.textual_inversion_config(
+                    config.textual_inversion.to_dict(), exclude=TEXTUAL_INVERSION_RUN_FIELDS))
         arch = Architecture.of(model, dtype)
         if config.objective == "vae":
             params = {"vae": model.params["vae"]}
@@ -188,6 +208,14 @@ def build(config: ml_collections.ConfigDict) -> Setup:
         params.update(network.init(config.seed))
         task = lora.LoRATask(task, network)
         groups = lora_groups(groups, network)
+    if inversion is not None:
+        params = inversion.split(params)
+        rows = params.pop(textual_inversion.GROUP)
+        if jnp.dtype(dtype) != jnp.float32:  # as a LoRA run's frozen base
+            params = cast_for_compute(params, dtype)
+        params[textual_inversion.GROUP] = rows
+        task = textual_inversion.TextualInversionTask(task, inversion)
+        groups = textual_inversion.check_groups(groups)
     unknown = sorted(set(groups) - set(params))
     if unknown:
         raise ValueError(f"optimizer.groups names {unknown}, but the {config.objective} objective "
@@ -201,7 +229,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     state = init_train_state(params, optimizer, jax.random.key(config.seed), use_ema=config.ema.use,
                              ema=ema)
     setup = Setup(task=task, state=state, model=model, tokenizer=tokenizer,
-                  hard_negative_captions=negatives, network=network)
+                  hard_negative_captions=negatives, network=network, inversion=inversion)
     if network is not None:
         setup.lora_name = config.lora.output_name
         setup.run_metadata = kohya_run_metadata(config)
@@ -210,6 +238,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
 
 # Fields of `config.lora` that the loop reads itself; the others are `lora.LoRAConfig`'s.
 LORA_RUN_FIELDS = ("use", "output_name")
+TEXTUAL_INVERSION_RUN_FIELDS = ("use",)
 
 
 def lora_groups(groups: dict, network: lora.Network) -> dict:
@@ -307,10 +336,11 @@ def export(setup: Setup, state: TrainState, path: str, use_ema: bool = True) -> 
     """Write a native folder of the model with the trained params: `save_pretrained` for the
     latent-diffusion objectives, `save_clip_native` for CLIP (what `load_clip_scorer` and
     `--clip_model` read); for a LoRA run, the LoRA alone (`lora.export_files`: kohya's file and
-    sdjax's, with kohya's `ss_*` metadata)."""
+    sdjax's, with kohya's `ss_*` metadata); for a textual-inversion run, the token's vectors
+    (`textual_inversion.export_files`: the WebUI's file and diffusers')."""
     params = export_params(state, use_ema)
-    if setup.network is not None:
-        params = {group: params[group] for group in setup.network.groups}
+    if setup.adapter is not None:
+        params = {group: params[group] for group in setup.adapter.groups}
     params = _to_host(params)
     if jax.process_index() == 0:
         if setup.network is not None:
@@ -320,6 +350,9 @@ def export(setup: Setup, state: TrainState, path: str, use_ema: bool = True) -> 
                 extra={**setup.run_metadata, "ss_steps": int(optimizer_steps(state)),
                        "ss_training_finished_at": time.time()})
             lora.export_files(setup.network, params, setup.model, path, setup.lora_name, metadata)
+        elif setup.inversion is not None:
+            textual_inversion.export_files(setup.inversion, params, path,
+                                           {"step": int(optimizer_steps(state))})
         elif setup.model is None:
             save_clip_native(path, setup.task.config, params["clip"], CLIPTokenizer.default())
         else:
@@ -367,7 +400,7 @@ class _Sampler:
         from sdjax.sampling.spec import SamplingSpec
 
         self.config = config.sample
-        self.network = setup.network
+        self.adapter = setup.adapter
         self.generator = Generator(setup.model, mesh=mesh)
         self.request = Request(prompt=list(self.config.prompts),
                                num_images=len(self.config.prompts), seed=self.config.seed,
@@ -379,8 +412,8 @@ class _Sampler:
 
     def __call__(self, state: TrainState, step: int) -> str:
         params = export_params(state, self.config.use_ema)
-        if self.network is not None:
-            params = self.network.inference_params(params)
+        if self.adapter is not None:
+            params = self.adapter.inference_params(params)
         self.generator.params = params
         out = self.generator(self.request, self.spec, check_finite=False)
         self.generator.params = None  # the state's buffers are donated by the next step
@@ -526,7 +559,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
 def export_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                       step: Optional[int] = None) -> str:
     """Export checkpoint `step` (None: the newest) of the run `config` trains in `workdir` into
-    `workdir/exports/step_<N>`, as the run itself exports (a LoRA run: its LoRA files)."""
+    `workdir/exports/step_<N>`, as the run itself exports (a LoRA run: its LoRA files; a
+    textual-inversion run: its token's files)."""
     folder = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: no checkpoints to export")
