@@ -138,6 +138,7 @@ def test_lora_forward_prints_runtime_merged_and_fused_rows_whose_outputs_agree(t
                      stdout), stdout
 
 
+@pytest.mark.slow  # two worker processes: ~15 s
 def test_lora_merge_prints_both_sides_merging_the_same_factors_into_the_same_weights(tmp_path):
     stdout = _run("lora", "--modes=merge", "--repeats=2", f"--workdir={tmp_path}",
                   tmp_path=tmp_path)
@@ -156,8 +157,9 @@ def test_lora_merge_prints_both_sides_merging_the_same_factors_into_the_same_wei
                                                   rel=0.02)
 
 
-@pytest.mark.parametrize("full_finetune", [
-    False, pytest.param(True, marks=pytest.mark.slow)])  # a third worker compiling a train step
+# Two (with the full fine-tune, three) workers compiling train steps: ~30 s and more.
+@pytest.mark.slow
+@pytest.mark.parametrize("full_finetune", [False, True])
 def test_lora_train_prints_lora_steps_of_both_sides_and_their_memory(tmp_path, full_finetune):
     stdout = _run("lora", "--modes=train", "--repeats=2", f"--workdir={tmp_path}",
                   f"--full_finetune={full_finetune}", tmp_path=tmp_path)

@@ -279,6 +279,8 @@ def test_the_text_encoder_weight_alone_changes_the_conditioning(runtime, merged,
                                base_images, atol=1e-6, rtol=0)
 
 
+# 8 devices in a subprocess, three layouts: ~50 s.
+@pytest.mark.slow
 def test_modes_agree_and_runtime_is_bit_identical_across_devices_jit_pmap_and_fsdp():
     result = json_result(run_python("-m", "tests.lora_sampling_check", devices=8, timeout=900))
     assert result["lora_changes_images"] > VISIBLE

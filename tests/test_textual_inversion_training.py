@@ -391,6 +391,8 @@ def test_the_shipped_token_loads_on_the_default_model_and_draws_a_small_red_cros
 
 # --- through experiments/train.py -----------------------------------------------------------------
 
+# Three launches of experiments/train.py: ~40 s.
+@pytest.mark.slow
 def test_train_resumes_and_exports_checkpoints_bit_identically(base_folder, tmp_path):
     """Through experiments/train.py (captions with the token read by the data pipeline): a run
     stopped at step 2 and started again logs the losses and exports the file of one that was not,
