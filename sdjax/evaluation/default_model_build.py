@@ -13,10 +13,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import pathlib
 import shutil
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import ml_collections
@@ -265,3 +266,60 @@ spot. Full captions (`a large red circle in the center, blue background`) are wh
 |---|---|---|
 {stages}
 """
+
+
+def build_shipped_adapter(config: ml_collections.ConfigDict, workdir: str, out: str,
+                          file_name: str, *, evaluate: Callable[[str, str], dict],
+                          readme: Callable[[dict, dict], str], size_key: str,
+                          progress: bool = False) -> dict:
+    """The build of an adapter shipped beside the default model (a LoRA, an embedding): write the
+    training images (`config.shapes_data`), train (`config`, resuming in `workdir/train`), take
+    the exported `file_name`, `evaluate(staged file, grid path)`, and write the folder `out`
+    (beside it first, renamed into place when complete): the file, `evaluation.json`,
+    `build.json` (timings, machine load, the file's size under `size_key`), `README.md`
+    (`readme(record, results)`), `samples.png`, `logs/`. Returns the build record with the
+    evaluation under "evaluation"."""
+    began = time.perf_counter()
+    workdir = pathlib.Path(workdir).absolute()
+    out = pathlib.Path(out).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    record: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
+                    "load_average_at_start": list(os.getloadavg()), "stages": {}}
+
+    started = time.perf_counter()
+    config = copy.deepcopy(config)
+    folder = write_shapes_folder(workdir / "data", config.shapes_data.num_examples,
+                                 seed=config.shapes_data.seed, image_size=config.data.resolution,
+                                 examples=loop.import_function(config.shapes_data.examples))
+    config.data.folder = str(folder)
+    record["stages"]["data"] = {"seconds": time.perf_counter() - started,
+                                "examples": config.shapes_data.num_examples}
+
+    result, stage = run_stage(config, workdir / "train", progress)
+    record["stages"]["train"] = dataclasses.asdict(stage)
+    record["load_average_after_training"] = list(os.getloadavg())
+    trained = pathlib.Path(result["export"]) / file_name
+    del result
+
+    staging = out.with_name(out.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    (staging / "logs").mkdir(parents=True)
+    shutil.copy(trained, staging / file_name)
+    for log in ("metrics.jsonl", "config.json"):
+        shutil.copy(workdir / "train" / log, staging / "logs" / log)
+    started = time.perf_counter()
+    results = evaluate(str(staging / file_name), str(staging / "samples.png"))
+    record["stages"]["evaluate"] = {"seconds": time.perf_counter() - started}
+    record["total_seconds"] = time.perf_counter() - began
+    record["load_average_at_end"] = list(os.getloadavg())
+    record[size_key] = (staging / file_name).stat().st_size
+    (staging / "evaluation.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    (staging / "build.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+    (staging / "README.md").write_text(readme(record, results))
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    record["evaluation"] = results
+    return record

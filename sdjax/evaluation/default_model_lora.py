@@ -21,27 +21,21 @@ is data, so the whole sweep runs one compiled program (`programs_traced`).
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import os
 import pathlib
-import shutil
 import time
 from typing import Optional
 
-import jax
 import ml_collections
 import numpy as np
 
 from sdjax import DEFAULT_MODEL
 from sdjax import images as images_lib
 from sdjax.data import shapes
-from sdjax.data.shapes_dataset import write_shapes_folder
 from sdjax.evaluation import default_model
-from sdjax.evaluation.default_model_build import run_stage
+from sdjax.evaluation.default_model_build import build_shipped_adapter
 from sdjax.sampling.generator import Generator
-from sdjax.training.loop import import_function
 from sdjax.weights.pretrained import load_pretrained
 
 TARGETS = {"concept_accuracy": 0.90, "base_heldout_drift_at_weight_0": 0.03}
@@ -159,51 +153,13 @@ def build_lora(config: ml_collections.ConfigDict, generation: ml_collections.Con
     (beside it first, renamed into place when complete): the kohya file, `evaluation.json`,
     `build.json` (timings, machine load), `README.md`, `samples.png`, `logs/`. Returns the
     build record with the evaluation under "evaluation"."""
-    began = time.perf_counter()
-    workdir = pathlib.Path(workdir).absolute()
-    out = pathlib.Path(out).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    record: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
-                    "load_average_at_start": list(os.getloadavg()), "stages": {}}
-
-    started = time.perf_counter()
-    config = copy.deepcopy(config)
-    folder = write_shapes_folder(workdir / "data", config.shapes_data.num_examples,
-                                 seed=config.shapes_data.seed, image_size=config.data.resolution,
-                                 examples=import_function(config.shapes_data.examples))
-    config.data.folder = str(folder)
-    record["stages"]["data"] = {"seconds": time.perf_counter() - started,
-                                "examples": config.shapes_data.num_examples}
-
-    result, stage = run_stage(config, workdir / "train", progress)
-    record["stages"]["train"] = dataclasses.asdict(stage)
     name = config.lora.output_name + ".safetensors"
-    trained = pathlib.Path(result["export"]) / name
-    del result
-
-    staging = out.with_name(out.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    (staging / "logs").mkdir(parents=True)
-    shutil.copy(trained, staging / name)
-    for log in ("metrics.jsonl", "config.json"):
-        shutil.copy(workdir / "train" / log, staging / "logs" / log)
-    started = time.perf_counter()
-    results = evaluate_lora(generation, str(staging / name), num_prompts=num_eval_prompts,
-                            grid=str(staging / "samples.png"))
-    record["stages"]["evaluate"] = {"seconds": time.perf_counter() - started}
-    record["total_seconds"] = time.perf_counter() - began
-    record["load_average_at_end"] = list(os.getloadavg())
-    record["lora_bytes"] = (staging / name).stat().st_size
-    (staging / "evaluation.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-    (staging / "build.json").write_text(json.dumps(record, indent=2, sort_keys=True))
-    (staging / "README.md").write_text(readme(record, results, name))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    record["evaluation"] = results
-    return record
+    return build_shipped_adapter(
+        config, workdir, out, name,
+        evaluate=lambda file, grid: evaluate_lora(generation, file, num_prompts=num_eval_prompts,
+                                                  grid=grid),
+        readme=lambda record, results: readme(record, results, name),
+        size_key="lora_bytes", progress=progress)
 
 
 def readme(record: dict, results: dict, name: str) -> str:

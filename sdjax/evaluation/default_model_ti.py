@@ -22,17 +22,14 @@ params of the same shapes, and prompts are data.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import json
 import os
 import pathlib
-import shutil
 import time
 from typing import Iterator, Optional
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -40,12 +37,10 @@ from sdjax import DEFAULT_MODEL
 from sdjax import images as images_lib
 from sdjax.adapters.embeddings import read_embedding, with_embeddings
 from sdjax.data import shapes
-from sdjax.data.shapes_dataset import write_shapes_folder
 from sdjax.evaluation import default_model
-from sdjax.evaluation.default_model_build import run_stage
+from sdjax.evaluation.default_model_build import build_shipped_adapter
 from sdjax.sampling.generator import Generator
 from sdjax.training import textual_inversion
-from sdjax.training.loop import import_function
 from sdjax.weights.pretrained import load_pretrained
 
 TOKEN = "xmark"
@@ -238,53 +233,13 @@ def build_embedding(config: ml_collections.ConfigDict, generation: ml_collection
     (beside it first, renamed into place when complete): the WebUI-format file, `evaluation.json`,
     `build.json` (timings, machine load), `README.md`, `samples.png`, `logs/`. Returns the build
     record with the evaluation under "evaluation"."""
-    began = time.perf_counter()
-    workdir = pathlib.Path(workdir).absolute()
-    out = pathlib.Path(out).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    record: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
-                    "load_average_at_start": list(os.getloadavg()), "stages": {}}
-
-    started = time.perf_counter()
-    config = copy.deepcopy(config)
-    folder = write_shapes_folder(workdir / "data", config.shapes_data.num_examples,
-                                 seed=config.shapes_data.seed, image_size=config.data.resolution,
-                                 examples=import_function(config.shapes_data.examples))
-    config.data.folder = str(folder)
-    record["stages"]["data"] = {"seconds": time.perf_counter() - started,
-                                "examples": config.shapes_data.num_examples}
-
-    result, stage = run_stage(config, workdir / "train", progress)
-    record["stages"]["train"] = dataclasses.asdict(stage)
-    record["load_average_after_training"] = list(os.getloadavg())
     name = config.textual_inversion.token + ".safetensors"
-    trained = pathlib.Path(result["export"]) / name
-    del result
-
-    staging = out.with_name(out.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    (staging / "logs").mkdir(parents=True)
-    shutil.copy(trained, staging / name)
-    for log in ("metrics.jsonl", "config.json"):
-        shutil.copy(workdir / "train" / log, staging / "logs" / log)
-    started = time.perf_counter()
-    results = evaluate_embedding(generation, str(staging / name),
-                                 config.textual_inversion.init_word,
-                                 grid=str(staging / "samples.png"))
-    record["stages"]["evaluate"] = {"seconds": time.perf_counter() - started}
-    record["total_seconds"] = time.perf_counter() - began
-    record["load_average_at_end"] = list(os.getloadavg())
-    record["embedding_bytes"] = (staging / name).stat().st_size
-    (staging / "evaluation.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-    (staging / "build.json").write_text(json.dumps(record, indent=2, sort_keys=True))
-    (staging / "README.md").write_text(readme(record, results, name, config))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    record["evaluation"] = results
-    return record
+    return build_shipped_adapter(
+        config, workdir, out, name,
+        evaluate=lambda file, grid: evaluate_embedding(
+            generation, file, config.textual_inversion.init_word, grid=grid),
+        readme=lambda record, results: readme(record, results, name, config),
+        size_key="embedding_bytes", progress=progress)
 
 
 def readme(record: dict, results: dict, name: str, config: ml_collections.ConfigDict) -> str:
