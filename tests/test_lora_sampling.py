@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -410,6 +411,17 @@ def test_names_that_find_no_file_or_several_are_errors(runtime, lora_dir, tmp_pa
         library.path_of("ink")
     pen = str(tmp_path / "sub" / "pen.safetensors")
     assert library.path_of("pen") == library.path_of("sub/pen") == pen
+
+
+def test_a_name_in_the_lora_folder_wins_over_a_same_named_folder_in_the_working_directory(
+        tiny_model, lora_dir, tmp_path, monkeypatch):
+    (tmp_path / "ink").mkdir()  # e.g. a training run's folder, no adapter in it
+    (tmp_path / "ink" / "notes.txt").write_text("not a LoRA")
+    monkeypatch.chdir(tmp_path)
+    library = loras.LoraLibrary(tiny_model, os.path.relpath(lora_dir, tmp_path))
+    adapter = library.adapter("ink")
+    assert os.path.samefile(adapter.source, lora_dir / "styles" / "ink.safetensors")
+    assert adapter.name == "ink"
 
 
 # --- PNG parameters ---------------------------------------------------------------------------------

@@ -108,10 +108,13 @@ class LoraLibrary:
                                 text_encoder=float(lora.text_encoder))
 
     def adapter(self, name: str) -> network.Adapter:
-        """The adapter `name` denotes: an existing file or folder, else a name in `lora_dir`."""
+        """The adapter `name` denotes: a name in `lora_dir`, else an existing file or folder. The
+        folder comes first, so that a `<lora:NAME>` tag never picks up a same-named file or
+        folder that happens to lie in the working directory."""
         from sdjax.adapters.formats import load_adapter
 
-        is_path = os.path.exists(os.path.expanduser(name))
+        in_folder = len(self._matches(name)) == 1
+        is_path = not in_folder and os.path.exists(os.path.expanduser(name))
         path = os.path.expanduser(name) if is_path else self.path_of(name)
         stat = os.stat(path)
         key = (os.path.realpath(path), None if is_path else name)
@@ -129,10 +132,7 @@ class LoraLibrary:
                              f"to look it up in (--lora_dir)")
         if not os.path.isdir(self.lora_dir):
             raise FileNotFoundError(f"LoRA folder {self.lora_dir!r} does not exist")
-        found = self._find(name)
-        if not found:
-            self._index = None  # a file added since the folder was listed
-            found = self._find(name)
+        found = self._matches(name)
         if not found:
             raise ValueError(f"LoRA {name!r}: no {'/'.join(LORA_SUFFIXES)} file of that name in "
                              f"{self.lora_dir} or its subfolders")
@@ -140,6 +140,16 @@ class LoraLibrary:
             raise ValueError(f"LoRA {name!r} is ambiguous: {', '.join(sorted(found))}; name one "
                              f"by its path")
         return found[0]
+
+    def _matches(self, name: str) -> list[str]:
+        """The files of `lora_dir` that `name` denotes (none without a folder)."""
+        if not self.lora_dir or not os.path.isdir(self.lora_dir):
+            return []
+        found = self._find(name)
+        if not found:
+            self._index = None  # a file added since the folder was listed
+            found = self._find(name)
+        return found
 
     def _find(self, name: str) -> list[str]:
         if self._index is None:
