@@ -191,12 +191,9 @@ class Dense(nn.Dense):
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
         y = super().__call__(inputs)
-        if not self.has_variable(ADAPTER_COLLECTION, "down") and \
-                not self.has_variable(ADAPTER_COLLECTION, "delta"):
-            return y
-        x = inputs.astype(self.dtype or inputs.dtype)
         contract = lambda a, w: dot_general(a, w, (((a.ndim - 1,), (0,)), ((), ())))
-        return _adapter_output(self, x, y, contract, contract)
+        return _adapter_output(self, inputs.astype(self.dtype or inputs.dtype), y, contract,
+                               contract)
 
 
 class SerializableConfig:
