@@ -354,6 +354,46 @@ def _spatial_transformer(parent, heads: int, depth: int, name: str) -> SpatialTr
                               param_dtype=parent.param_dtype, name=name)
 
 
+def conv3x3(features: int, name: str, kw: dict) -> Conv2D:
+    return Conv2D(features, (3, 3), padding=((1, 1), (1, 1)), name=name, **kw)
+
+
+def time_embedding(cfg: UNetConfig, timesteps, added_cond, batch: int, kw: dict) -> jax.Array:
+    """The timestep embedding (plus SDXL's added text-time embedding), built inside the calling
+    module as `time_embedding` (and `add_embedding`): the U-Net's and a ControlNet's are the same."""
+    timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
+    t_emb = timestep_embedding(timesteps, cfg.block_out_channels[0],
+                               flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+    temb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(
+        t_emb.astype(kw["dtype"]))
+    if cfg.addition_embed_type == "text_time":
+        time_ids = added_cond["time_ids"]
+        time_emb = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                      flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                      freq_shift=cfg.freq_shift).reshape(batch, -1)
+        add = jnp.concatenate([added_cond["text_embeds"].astype(jnp.float32), time_emb], -1)
+        temb = temb + TimestepEmbedding(cfg.time_embed_dim, name="add_embedding", **kw)(
+            add.astype(kw["dtype"]))
+    return temb
+
+
+def encoder(cfg: UNetConfig, x, temb, context, deterministic: bool, remat: bool, kw: dict,
+            mid_block: bool = True):
+    """The down levels and the middle block after conv_in, built inside the calling module (the
+    U-Net and the ControlNet share them): returns (middle output, skips incl. conv_in's output)."""
+    skips = [x]
+    for i, block_type in enumerate(cfg.down_block_types):
+        x, outputs = UNetLevel(
+            cfg, cfg.block_out_channels[i], cfg.layers[i], cfg.heads[i],
+            cfg.transformer_depths[i], cross_attention=block_type == "CrossAttnDownBlock2D",
+            up=False, resample=i < cfg.num_levels - 1, remat=remat, name=f"down_blocks_{i}", **kw,
+        )(x, temb, context, (), deterministic)
+        skips.extend(outputs)
+    if mid_block:
+        x = MidBlock(cfg, remat=remat, name="mid_block", **kw)(x, temb, context, deterministic)
+    return x, skips
+
+
 class UNet(nn.Module):
     """Conditional U-Net: (noisy latents, timesteps, text context[, SDXL added conditions]) ->
     prediction, all NHWC.
@@ -368,42 +408,30 @@ class UNet(nn.Module):
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
                  added_cond: Optional[Mapping[str, jax.Array]] = None,
-                 deterministic: bool = True) -> jax.Array:
+                 deterministic: bool = True,
+                 control: Optional[tuple[tuple[jax.Array, ...], jax.Array]] = None) -> jax.Array:
         """sample (B, H, W, in_channels), timesteps (B,) or scalar, encoder_hidden_states (B, L, D),
-        added_cond {'text_embeds': (B, P), 'time_ids': (B, 6)} for SDXL -> (B, H, W, out_channels)."""
+        added_cond {'text_embeds': (B, P), 'time_ids': (B, 6)} for SDXL, control (down residuals,
+        mid residual) from ControlNets (`sdjax.models.controlnet`) -> (B, H, W, out_channels)."""
         cfg = self.config
         self._check_inputs(sample, encoder_hidden_states, added_cond)
         batch = sample.shape[0]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         channels = cfg.block_out_channels
 
-        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
-        t_emb = timestep_embedding(timesteps, channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                   freq_shift=cfg.freq_shift)
-        temb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(
-            t_emb.astype(self.dtype))
-        if cfg.addition_embed_type == "text_time":
-            time_ids = added_cond["time_ids"]
-            time_emb = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
-                                          flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                          freq_shift=cfg.freq_shift).reshape(batch, -1)
-            add = jnp.concatenate([added_cond["text_embeds"].astype(jnp.float32), time_emb], -1)
-            temb = temb + TimestepEmbedding(cfg.time_embed_dim, name="add_embedding", **kw)(
-                add.astype(self.dtype))
+        temb = time_embedding(cfg, timesteps, added_cond, batch, kw)
         context = encoder_hidden_states.astype(self.dtype)
 
-        conv = lambda feats, name: Conv2D(feats, (3, 3), padding=((1, 1), (1, 1)), name=name, **kw)
-        x = conv(channels[0], "conv_in")(sample.astype(self.dtype))
-        skips = [x]
-        for i, block_type in enumerate(cfg.down_block_types):
-            x, outputs = UNetLevel(
-                cfg, channels[i], cfg.layers[i], cfg.heads[i], cfg.transformer_depths[i],
-                cross_attention=block_type == "CrossAttnDownBlock2D", up=False,
-                resample=i < cfg.num_levels - 1, remat=self.remat, name=f"down_blocks_{i}", **kw,
-            )(x, temb, context, (), deterministic)
-            skips.extend(outputs)
-
-        x = MidBlock(cfg, remat=self.remat, name="mid_block", **kw)(x, temb, context, deterministic)
+        x = conv3x3(channels[0], "conv_in", kw)(sample.astype(self.dtype))
+        x, skips = encoder(cfg, x, temb, context, deterministic, self.remat, kw)
+        if control is not None:
+            # A ControlNet's residuals: one per skip, and one for the middle block's output.
+            down_residuals, mid_residual = control
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"UNet: {len(down_residuals)} ControlNet down residuals for "
+                                 f"{len(skips)} skip connections")
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals)]
+            x = x + mid_residual.astype(x.dtype)
 
         for i, block_type in enumerate(cfg.up_block_types):
             level = cfg.num_levels - 1 - i
@@ -418,7 +446,7 @@ class UNet(nn.Module):
             )(x, temb, context, tuple(level_skips), deterministic, upsample_size)
 
         x = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, name="conv_norm_out", **kw)(x)
-        return conv(cfg.out_channels, "conv_out")(nn.silu(x))
+        return conv3x3(cfg.out_channels, "conv_out", kw)(nn.silu(x))
 
     def _check_inputs(self, sample, encoder_hidden_states, added_cond):
         cfg = self.config
