@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A module may import its own package and any package of a lower rank. The root modules (runs,
 # images, parallel, cli, the package's __init__) and data/ import nothing above them.
 RANKS = {"": 0, "runs": 0, "images": 0, "parallel": 0, "cli": 0, "data": 0, "assets": 0,
+         "preprocessors": 0,
          "models": 1, "text": 2, "diffusion": 2, "weights": 3, "adapters": 4, "sampling": 5,
          "training": 5, "evaluation": 6, "experiments": 7}
 # Imports allowed against the ranks, each with its reason.

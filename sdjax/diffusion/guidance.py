@@ -40,7 +40,8 @@ def classifier_free_guidance(
     interval: Optional[tuple[float, float]] = None,
     num_train_timesteps: int = 1000,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """Wrap `model_fn` into `fn(x, t) -> guided prediction`.
+    """Wrap `model_fn` into `fn(x, t, **model_kwargs) -> guided prediction` (keyword arguments
+    go through to `model_fn`).
 
     Args:
       cond / uncond: conditioning pytrees (batch B). `uncond=None` means no guidance at all: one
@@ -51,14 +52,14 @@ def classifier_free_guidance(
         (Kynkäänniemi et al. 2024); outside it the conditional prediction is used.
     """
     if uncond is None:
-        return lambda x, t: model_fn(x, t, cond)
+        return lambda x, t, **model_kwargs: model_fn(x, t, cond, **model_kwargs)
 
     both = jax.tree.map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond, cond)
 
-    def guided(x: jax.Array, t: jax.Array) -> jax.Array:
+    def guided(x: jax.Array, t: jax.Array, **model_kwargs) -> jax.Array:
         t = jnp.asarray(t)
         t_both = jnp.concatenate([t, t], axis=0) if t.ndim else t
-        prediction = model_fn(jnp.concatenate([x, x], axis=0), t_both, both)
+        prediction = model_fn(jnp.concatenate([x, x], axis=0), t_both, both, **model_kwargs)
         pred_uncond, pred_cond = jnp.split(prediction, 2, axis=0)
         out = guidance_combine(pred_uncond, pred_cond, scale, rescale)
         if interval is not None:

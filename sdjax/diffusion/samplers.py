@@ -259,20 +259,24 @@ def sample(sampler: Sampler, model_fn: ModelFn, x_T: jax.Array, plan: Plan,
            keys: Optional[jax.Array] = None, *, x0: Optional[jax.Array] = None, start: int = 0,
            return_trajectory: bool = False,
            after_step: Optional[Callable[[State, jax.Array], State]] = None,
-           on_step: Optional[Callable[[jax.Array], None]] = None):
+           on_step: Optional[Callable[[jax.Array], None]] = None, model_takes_step: bool = False):
     """Run steps start..n-1 of `sampler` with one `lax.scan`; returns the final x (and, if asked,
     x after every step, stacked). jit with sampler, model_fn, start, return_trajectory static.
 
     x_T: unit-variance noise (batch first); x0: a clean latent for img2img, noised to level `start`.
     after_step(state, i) -> state edits the state after step i (inpainting's mask blending);
     on_step(i) is called for its effects (a progress callback) after step i.
+    model_takes_step: call `model_fn(x, t, step=i)` with the index i of the step every evaluation
+    belongs to (a higher-order step's extra evaluations too), for inputs scheduled by step
+    (ControlNet guidance start / end).
     """
-    denoise = make_denoiser(model_fn, plan.prediction_type)
     state = sampler.init(plan, x_T, x0, start)
     if sampler.stochastic and keys is None:
         raise ValueError(f"{type(sampler).__name__} is stochastic: pass one PRNG key per image")
 
     def body(state, i):
+        step_fn = (lambda x, t: model_fn(x, t, step=i)) if model_takes_step else model_fn
+        denoise = make_denoiser(step_fn, plan.prediction_type)
         state = sampler.step(plan, denoise, state, i, keys)
         if after_step is not None:
             state = after_step(state, i)

@@ -2,6 +2,7 @@
 sampling program (`program.generate_images`), with that program kept by static settings."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Optional
 
@@ -10,6 +11,7 @@ import numpy as np
 
 from sdjax import parallel
 from sdjax.adapters import network
+from sdjax.sampling import controls as controls_lib
 from sdjax.sampling import exported as exported_lib
 from sdjax.sampling import loras as loras_lib
 from sdjax.sampling.program import PROGRAM_SOURCES, generate_images
@@ -58,11 +60,13 @@ class Generator:
     adapter_mode: how a request's LoRAs (`Request.adapters`, `<lora:...>` tags) are applied:
     "runtime" (weights are data: no recompilation when they change) or "merged" into a copy of the
     kernels (see `sampling.loras`). lora_dir: the folder LoRA names are looked up in.
+    controlnet_dir: the folder ControlNet names (`Control.controlnet`) are looked up in.
     """
 
     def __init__(self, model, *, dtype: Any = None, parallel_mode: str = "jit", fsdp: int = 1,
                  mesh: Optional[jax.sharding.Mesh] = None, exported_programs: bool | str = True,
-                 adapter_mode: str = "runtime", lora_dir: Optional[str | os.PathLike] = None):
+                 adapter_mode: str = "runtime", lora_dir: Optional[str | os.PathLike] = None,
+                 controlnet_dir: Optional[str | os.PathLike] = None):
         if parallel_mode not in parallel.PARALLEL_MODES:
             raise ValueError(f"parallel mode {parallel_mode!r} is not one of "
                              f"{', '.join(parallel.PARALLEL_MODES)}")
@@ -80,6 +84,8 @@ class Generator:
         self.params = self._place(params)  # the base model's, as every program call takes them
         self.loras = loras_lib.LoraLibrary(model, lora_dir)
         self._adapted = loras_lib.AdaptedParams(params, self.params, self._place, adapter_mode)
+        self.controlnets = controls_lib.ControlNetLibrary(
+            self.arch.unet, directory=controlnet_dir, place=self._place, dtype=dtype)
         self.exported_programs = exported_programs
         self._programs: dict = {}
         self._exported: dict = {}
@@ -170,22 +176,42 @@ class Generator:
             "environment": exported_lib.environment(self.mesh, PROGRAM_SOURCES),
         }
 
+    def controlled(self, request: Request, spec: SamplingSpec) -> tuple[SamplingSpec, tuple]:
+        """(spec with the configs of the ControlNets `request.controls` name, their placed params),
+        loading each ControlNet once."""
+        if isinstance(request.controls, (str, bytes)) or not isinstance(request.controls,
+                                                                        (tuple, list)):
+            raise ValueError(f"Request.controls must be a list of sampling.Control, got "
+                             f"{request.controls!r}")
+        loaded = []
+        for k, control in enumerate(request.controls):
+            controls_lib.check_control(control, k)
+            loaded.append(self.controlnets.get(control.controlnet))
+        configs = tuple(weights.config for weights, _ in loaded)
+        if spec.controlnets and spec.controlnets != configs:
+            raise ValueError("spec.controlnets differs from the ControlNets the request's controls "
+                             "name (leave it empty: the Generator fills it)")
+        return dataclasses.replace(spec, controlnets=configs), tuple(p for _, p in loaded)
+
     def prepare(self, request: Request, spec: SamplingSpec) -> dict:
         """Host-side: validate, tokenize and lay out the batch arrays for `request` (and load its
-        LoRAs, so a bad one is an error here)."""
+        LoRAs and ControlNets, so a bad one is an error here)."""
         return self._prepare(request, spec)[0]
 
     def _prepare(self, request: Request, spec: SamplingSpec):
+        spec, controlnet_params = self.controlled(request, spec)
         batch = prepare_batch(self.arch, self.model.tokenizers, request, spec)
         check_fits_memory(self.arch, spec, self.mesh.devices.flat[0])
-        return batch, self.adapters_for(request)
+        return batch, self.adapters_for(request), spec, controlnet_params
 
     def __call__(self, request: Request, spec: SamplingSpec, *, check_finite: bool = True) -> dict:
         """Run a request: returns {"images": float32 (B, H, W, 3) in [-1, 1], "finite": (B,), "seeds"}.
 
         The batch is padded up to a multiple of the device count (`requests.pad_batch`)."""
-        batch, adapters = self._prepare(request, spec)
+        batch, adapters, spec, controlnet_params = self._prepare(request, spec)
         params = self.params_for(adapters)
+        if controlnet_params:
+            params = {**params, "controlnets": controlnet_params}
         n = request.num_images
         padded = -(-n // self.num_devices) * self.num_devices
         if padded != n:

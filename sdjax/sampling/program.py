@@ -15,6 +15,7 @@ from jax import lax
 
 from sdjax.diffusion import samplers as samplers_lib
 from sdjax.diffusion.guidance import classifier_free_guidance
+from sdjax.models.controlnet import ControlNet
 from sdjax.models.layers import model_variables
 from sdjax.models.unet import UNet
 from sdjax.models.vae import AutoencoderKL, scale_latents, unscale_latents
@@ -132,7 +133,8 @@ def _generate_microbatch(arch: Architecture, spec: SamplingSpec, params: dict, b
     optionally noise (B, h, w, c) to replace the seeded noise; init_image (B, H, W, 3) in [-1, 1]
     for img2img / inpaint; mask (B, H, W, 1) in {0, 1} (1 = repaint) and overlay (B, H, W, 1), the
     drawn image's weight in the result, for inpaint; time_ids (B, 6)
-    for SDXL.
+    for SDXL; with spec.controlnets (K of them), control_image_{k} (B, H, W, C) in [0, 1],
+    control_scale (B, K) and control_keep (B, K, steps run), 1 where step i is on.
     Returns images (B, H, W, 3) in [-1, 1] and finite (B,) (False where latents went NaN/inf).
     """
     sampler = samplers_lib.get_sampler(spec.sampler, **dict(spec.sampler_options))
@@ -161,6 +163,12 @@ def _generate_microbatch(arch: Architecture, spec: SamplingSpec, params: dict, b
         cond["time_ids"] = batch["time_ids"]
         if uncond is not None:
             uncond["time_ids"] = batch["time_ids"]
+    if spec.controlnets:  # per-image control inputs travel with the conditioning (both CFG halves)
+        control = {"images": tuple(batch[f"control_image_{k}"] for k in range(len(spec.controlnets))),
+                   "scale": batch["control_scale"], "keep": batch["control_keep"]}
+        cond["control"] = control
+        if uncond is not None:
+            uncond["control"] = control
 
     # VAEs marked force_upcast (SDXL's) overflow in float16: they decode in float32.
     vae_dtype = jnp.float32 if arch.vae.force_upcast and arch.dtype == jnp.float16 else arch.dtype
@@ -179,15 +187,19 @@ def _generate_microbatch(arch: Architecture, spec: SamplingSpec, params: dict, b
                                          method=AutoencoderKL.encode)
             masked_latents = scale_latents(masked_posterior.mode().astype(jnp.float32), arch.vae)
 
-    def unet_fn(x, t, conditioning):
-        if masked_latents is not None:  # inpainting U-Net: [latents, mask, masked-image latents]
-            extra = jnp.concatenate([mask, masked_latents], axis=-1)
-            x = jnp.concatenate([x, jnp.concatenate([extra, extra])[:x.shape[0]]], axis=-1)
+    def unet_fn(x, t, conditioning, step=None):
         added = None
         if arch.family == "sdxl":
             added = {"text_embeds": conditioning["text_embeds"], "time_ids": conditioning["time_ids"]}
+        control = None
+        if spec.controlnets:  # ControlNets see the latents alone, never an inpainting U-Net's extras
+            control = control_residuals(arch, spec, params, x, t, conditioning, added, step)
+        if masked_latents is not None:  # inpainting U-Net: [latents, mask, masked-image latents]
+            extra = jnp.concatenate([mask, masked_latents], axis=-1)
+            x = jnp.concatenate([x, jnp.concatenate([extra, extra])[:x.shape[0]]], axis=-1)
         return unet.apply(model_variables(params, "unet"), x.astype(arch.dtype), t,
-                          conditioning["context"].astype(arch.dtype), added).astype(jnp.float32)
+                          conditioning["context"].astype(arch.dtype), added,
+                          control=control).astype(jnp.float32)
 
     model_fn = classifier_free_guidance(
         unet_fn, cond, uncond, batch["cfg_scale"], rescale=batch["guidance_rescale"],
@@ -208,7 +220,8 @@ def _generate_microbatch(arch: Architecture, spec: SamplingSpec, params: dict, b
     start_x0 = None if spec.mode == "inpaint" and spec.strength == 1.0 else x0
     latents = samplers_lib.sample(
         sampler, model_fn, noise, plan, jax.vmap(lambda k: jax.random.fold_in(k, _SAMPLER_STREAM))(keys),
-        x0=start_x0, start=start, after_step=after_step, on_step=on_step)
+        x0=start_x0, start=start, after_step=after_step, on_step=on_step,
+        model_takes_step=bool(spec.controlnets))
     finite = jnp.all(jnp.isfinite(latents), axis=(1, 2, 3))
     images = vae.apply({"params": params["vae"]}, unscale_latents(latents, arch.vae).astype(vae_dtype),
                        method=AutoencoderKL.decode).astype(jnp.float32)
@@ -216,6 +229,37 @@ def _generate_microbatch(arch: Architecture, spec: SamplingSpec, params: dict, b
     if spec.mode == "inpaint":  # the init image outside the (blurred) mask: see Request.mask_blur
         images = batch["overlay"] * images + (1.0 - batch["overlay"]) * batch["init_image"]
     return {"images": images, "finite": finite}
+
+
+def control_residuals(arch: Architecture, spec: SamplingSpec, params: dict, x, t, conditioning,
+                      added, step):
+    """The summed residuals of spec.controlnets for one U-Net call (x: the latents it sees, both
+    CFG halves when guidance runs), each ControlNet scaled per image by its scale times whether
+    this step lies inside its start/end (conditioning["control"]["keep"], built on the host)."""
+    data = conditioning["control"]
+    scale = data["scale"] * jnp.take(data["keep"], step - spec.start_step, axis=2)  # (n, K)
+    cond_only = spec.guess_mode and spec.guidance
+    if cond_only:  # guess mode: the ControlNets see the conditional half; the other gets nothing
+        half = x.shape[0] // 2
+        x, t = x[half:], (t[half:] if jnp.ndim(t) else t)
+        conditioning = jax.tree.map(lambda a: a[half:], conditioning)
+        added = None if added is None else jax.tree.map(lambda a: a[half:], added)
+        scale, data = scale[half:], conditioning["control"]
+    context = conditioning["context"].astype(arch.dtype)
+    down = mid = None
+    for k, config in enumerate(spec.controlnets):
+        residuals, residual_mid = ControlNet(config, dtype=arch.dtype).apply(
+            {"params": params["controlnets"][k]}, x.astype(arch.dtype), t, context,
+            data["images"][k].astype(arch.dtype), scale[:, k], added, guess_mode=spec.guess_mode)
+        if down is None:
+            down, mid = list(residuals), residual_mid
+        else:  # several ControlNets add up, in order (diffusers' MultiControlNetModel)
+            down = [a + b for a, b in zip(down, residuals)]
+            mid = mid + residual_mid
+    if cond_only:
+        down = [jnp.concatenate([jnp.zeros_like(r), r]) for r in down]
+        mid = jnp.concatenate([jnp.zeros_like(mid), mid])
+    return tuple(down), mid
 
 
 def _at_level(sampler, plan, x0, noise, level):

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from sdjax.sampling import loras
+from sdjax.sampling import controls, loras
 from sdjax.sampling.spec import SamplingSpec
 from sdjax.text import prompts
 from sdjax.text.conditioning import sdxl_time_ids
@@ -35,6 +35,9 @@ class Request:
     # prompts' `<lora:...>` tags name: `adapters.network.Weighted` adapters, or (name_or_path,
     # unet_weight[, te_weight]) that the Generator loads (a name is a file of its `lora_dir`).
     adapters: Sequence = ()
+    # ControlNets (`sampling.controls.Control`): each with its control image(s), scale per image and
+    # start/end; several add up. Their images and scales are data, the ControlNets themselves not.
+    controls: Sequence = ()
 
 
 MAX_SEED = 2 ** 32 - 1  # seeds are uint32, as PRNG keys take them
@@ -90,6 +93,8 @@ def prepare_batch(arch, tokenizers, request: Request, spec: SamplingSpec) -> dic
         batch["time_ids"] = sdxl_time_ids(spec.height, spec.width, n)
         if not negative_given:
             batch["neg_zero"] = np.ones((n,), np.float32)
+    if spec.controlnets or request.controls:
+        batch.update(controls.control_arrays(tuple(request.controls), spec, n))
     if request.noise is not None:
         batch["noise"] = np.asarray(request.noise, np.float32)
     if spec.mode != "txt2img":

@@ -28,6 +28,11 @@ class SamplingSpec:
     # whatever the batch size, device count or parallel mode. 1 is exact everywhere; larger values
     # use an accelerator better and stay exact between runs with the same value.
     microbatch: int = 1
+    # The ControlNets' configs (`sdjax.models.controlnet.ControlNetConfig`), in the order of
+    # params["controlnets"] and the batch's control_image_{k}: the Generator fills them from a
+    # request's controls. Their images, scales and start/end are data.
+    controlnets: tuple = ()
+    guess_mode: bool = False       # ControlNets see the conditional half only (diffusers' guess_mode)
 
     def validate(self, arch) -> None:
         """Raises ValueError naming the field that `arch` (an Architecture) cannot run."""
@@ -59,6 +64,8 @@ class SamplingSpec:
             raise ValueError(f"inpainting needs a U-Net with {arch.vae.latent_channels} or "
                              f"{2 * arch.vae.latent_channels + 1} input channels, this one has "
                              f"{arch.unet.in_channels}")
+        for k, control in enumerate(self.controlnets):
+            _check_controlnet(k, control, arch)
         if self.mode != "inpaint" and arch.unet.in_channels != arch.vae.latent_channels:
             raise ValueError(f"this U-Net takes {arch.unet.in_channels} input channels (an "
                              f"inpainting model): use mode='inpaint' with an init image and a mask")
@@ -71,3 +78,21 @@ class SamplingSpec:
 
         return samplers_lib.start_index(self.steps, self.strength)
 
+
+
+def _check_controlnet(k: int, control, arch) -> None:
+    """A ControlNet's residuals must fit the U-Net's skips, and its control image the image size."""
+    unet = arch.unet
+    what = f"controlnet {k}"
+    for field in ("block_out_channels", "layers", "cross_attention_dim", "addition_embed_type",
+                  "text_embeds_dim"):
+        if getattr(control, field) != getattr(unet, field):
+            raise ValueError(f"{what} does not fit this U-Net: its {field} is "
+                             f"{getattr(control, field)!r}, the U-Net's {getattr(unet, field)!r} "
+                             f"(a ControlNet made for another base model?)")
+    if control.in_channels != arch.vae.latent_channels:
+        raise ValueError(f"{what} takes {control.in_channels} latent channels, the VAE makes "
+                         f"{arch.vae.latent_channels}")
+    if control.conditioning_factor != arch.latent_factor:
+        raise ValueError(f"{what} downsamples its control image {control.conditioning_factor}x, "
+                         f"but latents are 1/{arch.latent_factor} of the image size")
