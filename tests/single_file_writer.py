@@ -264,3 +264,44 @@ def write_header_only(path, state_dict: Mapping[str, np.ndarray]) -> None:
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little") + blob)
         f.truncate(8 + len(blob) + offset)
+
+
+# --- ControlNets (cldm's ControlNet: the U-Net encoder plus hint convs, zero convs, middle out) ----
+
+def controlnet_to_original(sd: Mapping[str, np.ndarray], layers_per_block: int
+                           ) -> dict[str, np.ndarray]:
+    """A diffusers ControlNetModel state dict in the original layout, without `control_model.`.
+    The conditioning embedding's convs sit at the even slots of input_hint_block (SiLUs between):
+    conv_in at 0, blocks.j at 2(j + 1), conv_out after the last block."""
+    blocks = {int(k.split(".")[2]) for k in sd if k.startswith("controlnet_cond_embedding.blocks.")}
+    hint = {"conv_in": 0, "conv_out": 2 * (len(blocks) + 1)}
+    out, encoder = {}, {}
+    for key, value in sd.items():
+        module, param = key.rsplit(".", 1)
+        parts = module.split(".")
+        if parts[0] == "controlnet_cond_embedding":
+            slot = hint[parts[1]] if parts[1] in hint else 2 * (int(parts[2]) + 1)
+            out[f"input_hint_block.{slot}.{param}"] = value
+        elif parts[0] == "controlnet_down_blocks":
+            out[f"zero_convs.{parts[1]}.0.{param}"] = value
+        elif parts[0] == "controlnet_mid_block":
+            out[f"middle_block_out.0.{param}"] = value
+        else:
+            encoder[key] = value
+    out.update(unet_to_original(encoder, layers_per_block))
+    return out
+
+
+def build_controlnet_file(controlnet: Mapping, layers_per_block: int, *, prefix: bool = True,
+                          buffers: bool = True) -> dict[str, np.ndarray]:
+    """A ControlNet's original-layout state dict as files hold it: under `control_model.` (as cldm
+    saves it, with the schedule buffers beside when `buffers`) or bare (as extracted files)."""
+    out = controlnet_to_original(to_numpy(controlnet), layers_per_block)
+    if not prefix:
+        return out
+    out = {"control_model." + k: v for k, v in out.items()}
+    if buffers:
+        betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+        for name in SCHEDULE_BUFFERS + ("lvlb_weights",):
+            out[name] = betas.astype(np.float32)
+    return out

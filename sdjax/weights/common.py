@@ -248,9 +248,9 @@ def convert_state_dict(
     missing = sorted(set(flat_expected) - set(out))
     if unexpected:
         raise WeightsError(f"{source.name}: {what}: unexpected keys: "
-                           + _short_list(sorted(unexpected)))
+                           + short_list(sorted(unexpected)))
     if missing:
-        raise WeightsError(f"{source.name}: {what}: missing keys for: " + _short_list(missing))
+        raise WeightsError(f"{source.name}: {what}: missing keys for: " + short_list(missing))
     return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})
 
 
@@ -289,7 +289,8 @@ def abstract_params(module, *args, **kwargs):
     return variables["params"]
 
 
-def _short_list(items: Sequence[str], limit: int = 8) -> str:
+def short_list(items: Sequence[str], limit: int = 8) -> str:
+    """The first `limit` items, comma-separated, and how many there are in all."""
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 

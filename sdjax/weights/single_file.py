@@ -21,7 +21,8 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from sdjax.models.unet import UNetConfig
-from sdjax.weights.common import RenamedSource, SafetensorsFile, TensorSource, WeightsError
+from sdjax.weights.common import (RenamedSource, SafetensorsFile, TensorSource, WeightsError,
+                                  short_list)
 
 Transform = Optional[Callable[[np.ndarray], np.ndarray]]
 # A rule: (regex that must fullmatch the key below the part's prefix, ((template, transform), ...)).
@@ -89,15 +90,16 @@ def _one(template: str, transform: Transform = None) -> tuple[tuple[str, Transfo
 # ---- U-Net: openaimodel.UNetModel -> diffusers UNet2DConditionModel --------------------------------
 _UNET_RESNET = (r"(?P<res>in_layers\.0|in_layers\.2|emb_layers\.1|out_layers\.0|out_layers\.3"
                 r"|skip_connection)")
-_UNET_RESNET_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-                      "out_layers.0": "norm2", "out_layers.3": "conv2",
-                      "skip_connection": "conv_shortcut"}
+UNET_RESNET_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+                     "out_layers.0": "norm2", "out_layers.3": "conv2",
+                     "skip_connection": "conv_shortcut"}
 # Inside a SpatialTransformer the original names are already diffusers'; list them so nothing
 # unexpected passes through.
 _UNET_ATTENTION = (r"(?P<rest>(?:norm|proj_in|proj_out)\.(?:weight|bias)|transformer_blocks\.\d+\."
                    r"(?:norm[123]|attn[12]\.to_[qkv]|attn[12]\.to_out\.0|ff\.net\.0\.proj|ff\.net\.2)"
                    r"\.(?:weight|bias))")
-UNET_RULES: tuple[Rule, ...] = (
+# The encoder's rules (time embedding, conv_in, down levels, middle block): what a ControlNet shares.
+UNET_ENCODER_RULES: tuple[Rule, ...] = (
     (rf"time_embed\.0\.{_pw('p')}", _one("time_embedding.linear_1.{p}")),
     (rf"time_embed\.2\.{_pw('p')}", _one("time_embedding.linear_2.{p}")),
     (rf"label_emb\.0\.0\.{_pw('p')}", _one("add_embedding.linear_1.{p}")),
@@ -110,6 +112,8 @@ UNET_RULES: tuple[Rule, ...] = (
     (rf"middle_block\.0\.{_UNET_RESNET}\.{_pw('p')}", _one("mid_block.resnets.0.{res}.{p}")),
     (rf"middle_block\.1\.{_UNET_ATTENTION}", _one("mid_block.attentions.0.{rest}")),
     (rf"middle_block\.2\.{_UNET_RESNET}\.{_pw('p')}", _one("mid_block.resnets.1.{res}.{p}")),
+)
+UNET_RULES: tuple[Rule, ...] = UNET_ENCODER_RULES + (
     (rf"output_blocks\.(?P<o>\d+)\.0\.{_UNET_RESNET}\.{_pw('p')}",
      _one("up_blocks.{b}.resnets.{l}.{res}.{p}")),
     # The upsampler is the block's second module, or its third after an attention.
@@ -222,7 +226,7 @@ def _pickle_refusal(path: str, why: str) -> WeightsError:
     return WeightsError(pickle_refusal_message(path, why))
 
 
-def _read_header(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+def read_header(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     """key -> (dtype, shape) from the safetensors header; refuses pickles and truncated files."""
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: no such file")
@@ -262,7 +266,7 @@ def _read_header(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 # ---- Renaming engine -------------------------------------------------------------------------------
-class _Part:
+class Part:
     """The keys of one part: original name -> diffusers name (+ transform), built from one table."""
 
     def __init__(self, file: str, what: str):
@@ -292,6 +296,22 @@ class _Part:
 
 def _no_derive(groups: dict) -> dict:
     return {}
+
+
+def unet_block_index(layers_per_block: int) -> Callable[[dict], dict]:
+    """UNET_RULES' derived values: input block i (after conv_in) and output block o -> the diffusers
+    level b and layer l."""
+    stride = layers_per_block + 1
+
+    def index(groups: dict) -> dict:
+        if "i" in groups:
+            i = int(groups["i"]) - 1
+            return {"b": i // stride, "l": i % stride}
+        if "o" in groups:
+            return {"b": int(groups["o"]) // stride, "l": int(groups["o"]) % stride}
+        return {}
+
+    return index
 
 
 def _indices(keys: Iterable[str], pattern: str) -> list[int]:
@@ -343,16 +363,17 @@ def unet_config_error(path, err: ValueError, shapes: Mapping[str, tuple[int, ...
     return WeightsError(f"{path}: U-Net: {err}{where}")
 
 
-def unet_config(shapes: Mapping[str, tuple[int, ...]], family: str, file: str,
-                pooled_dim: Optional[int] = None) -> dict:
-    """A diffusers UNet2DConditionModel config inferred from original key names and shapes."""
+def unet_encoder_config(shapes: Mapping[str, tuple[int, ...]], family: str, file: str,
+                        pooled_dim: Optional[int] = None) -> dict:
+    """The fields of a diffusers UNet2DConditionModel config that the encoder (time embedding,
+    conv_in, down levels, middle block) tells, inferred from original key names and shapes: what a
+    ControlNet's config shares with its U-Net's."""
     layout = _unet_layout(shapes, file)
     lpb, levels = layout["layers_per_block"], layout["levels"]
     stride = lpb + 1
     first = [1 + b * stride for b in range(levels)]  # first resnet of each down level
     block_out = [shapes[f"input_blocks.{i}.0.out_layers.3.weight"][0] for i in first]
     down_attn = [f"input_blocks.{i}.1.proj_in.weight" in shapes for i in first]
-    up_attn = [f"output_blocks.{b * stride}.1.proj_in.weight" in shapes for b in range(levels)]
     depth = [_depth(shapes, f"input_blocks.{i}.1.") if a else 1 for i, a in zip(first, down_attn)]
     mid_depth = _depth(shapes, "middle_block.1.")
     if mid_depth and mid_depth != depth[-1] and down_attn[-1]:
@@ -364,19 +385,14 @@ def unet_config(shapes: Mapping[str, tuple[int, ...]], family: str, file: str,
     to_k = next((shapes[k] for k in shapes if k.endswith(".attn2.to_k.weight")), None)
     conv_in = shapes["input_blocks.0.0.weight"]
     time_dim = shapes["time_embed.0.weight"][0]
-    sample_size = {"sd1": 64, "sd2": 96, "sdxl": 128}[family]
     if family == "sd1":
         heads: int | list[int] = SD1_HEADS
     else:
         heads = [c // HEAD_DIM if c % HEAD_DIM == 0 else 1 for c in block_out]
     config = {
-        "_class_name": "UNet2DConditionModel",
-        "sample_size": sample_size,
         "in_channels": conv_in[1],
-        "out_channels": shapes["out.2.weight"][0],
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down_attn],
         "mid_block_type": "UNetMidBlock2DCrossAttn" if mid_depth else None,
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attn],
         "block_out_channels": block_out,
         "layers_per_block": lpb,
         "transformer_layers_per_block": depth[0] if len(set(depth)) == 1 else depth,
@@ -402,6 +418,21 @@ def unet_config(shapes: Mapping[str, tuple[int, ...]], family: str, file: str,
         config["addition_time_embed_dim"] = (adm - pooled_dim) // 6 if pooled_dim else 256
         config["projection_class_embeddings_input_dim"] = adm
     return config
+
+
+def unet_config(shapes: Mapping[str, tuple[int, ...]], family: str, file: str,
+                pooled_dim: Optional[int] = None) -> dict:
+    """A diffusers UNet2DConditionModel config inferred from original key names and shapes."""
+    encoder = unet_encoder_config(shapes, family, file, pooled_dim)
+    stride, levels = encoder["layers_per_block"] + 1, len(encoder["block_out_channels"])
+    up_attn = [f"output_blocks.{b * stride}.1.proj_in.weight" in shapes for b in range(levels)]
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": {"sd1": 64, "sd2": 96, "sdxl": 128}[family],
+        **encoder,
+        "out_channels": shapes["out.2.weight"][0],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attn],
+    }
 
 
 def vae_config(shapes: Mapping[str, tuple[int, ...]], *, scaling_factor: float,
@@ -511,7 +542,7 @@ def read_single_file(path: str | os.PathLike, *, prediction_type: Optional[str] 
     is a WeightsError, as are pickle files, truncated files and unrecognised layouts.
     """
     path = os.fspath(path)
-    header = _read_header(path)
+    header = read_header(path)
     keys = list(header)
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         raise WeightsError(f"{path}: no Stable Diffusion U-Net found: looked for keys starting with "
@@ -540,26 +571,18 @@ def read_single_file(path: str | os.PathLike, *, prediction_type: Optional[str] 
                                    + ".+"))
 
     unet_shapes = {k[len(UNET_PREFIX):]: s for k, s in shape_of.items() if k.startswith(UNET_PREFIX)}
-    stride = _unet_layout(unet_shapes, path)["layers_per_block"] + 1
-
-    def unet_index(groups: dict) -> dict:
-        if "i" in groups:
-            i = int(groups["i"]) - 1
-            return {"b": i // stride, "l": i % stride}
-        if "o" in groups:
-            return {"b": int(groups["o"]) // stride, "l": int(groups["o"]) % stride}
-        return {}
+    unet_index = unet_block_index(_unet_layout(unet_shapes, path)["layers_per_block"])
 
     vae_levels = len(_indices(keys, re.escape(VAE_PREFIX) + r"decoder\.up\.(\d+)\."))
 
     def vae_index(groups: dict) -> dict:
         return {"k": vae_levels - 1 - int(groups["u"])} if "u" in groups else {}
 
-    specs = [("unet", UNET_PREFIX, UNET_RULES, unet_index, {"res": _UNET_RESNET_NAMES}),
+    specs = [("unet", UNET_PREFIX, UNET_RULES, unet_index, {"res": UNET_RESNET_NAMES}),
              ("vae", VAE_PREFIX, VAE_RULES, vae_index,
               {"res": _VAE_RESNET_NAMES, "attn": _VAE_ATTN_NAMES})]
     specs += [(name, prefix, rules, _no_derive, {}) for name, prefix, rules, _ in text_parts]
-    parts = {name: _Part(path, name) for name, *_ in specs}
+    parts = {name: Part(path, name) for name, *_ in specs}
     dropped, unknown = [], []
     for key in keys:
         if any(p.fullmatch(key) for p in drop):
@@ -577,7 +600,7 @@ def read_single_file(path: str | os.PathLike, *, prediction_type: Optional[str] 
             unknown.append(key)
     if unknown:
         raise WeightsError(f"{path}: {len(unknown)} keys of no known part (family {family}): "
-                           + _short(unknown))
+                           + short_list(unknown))
     if not parts["vae"].mapping:
         raise WeightsError(f"{path}: no VAE found: looked for keys starting with {VAE_PREFIX!r}")
 
@@ -595,7 +618,8 @@ def read_single_file(path: str | os.PathLike, *, prediction_type: Optional[str] 
         extra = [k for k in keys if k.startswith(EMA_PREFIX) and k not in used
                  and not any(p.fullmatch(k) for p in drop)]
         if extra:
-            raise WeightsError(f"{path}: EMA keys that match no U-Net parameter: " + _short(extra))
+            raise WeightsError(f"{path}: EMA keys that match no U-Net parameter: "
+                               + short_list(extra))
 
     vae_scale = SDXL_VAE_SCALING_FACTOR if family == "sdxl" else SD_VAE_SCALING_FACTOR
     image_size = {"sd1": 512, "sd2": 768, "sdxl": 1024}[family]
@@ -625,7 +649,7 @@ def read_single_file(path: str | os.PathLike, *, prediction_type: Optional[str] 
         scheduler=scheduler_config(prediction_type, timesteps), dropped=tuple(dropped))
 
 
-def _renamed_shapes(part: _Part, shape_of: Mapping[str, tuple[int, ...]]) -> dict:
+def _renamed_shapes(part: Part, shape_of: Mapping[str, tuple[int, ...]]) -> dict:
     """Shapes under the new names, computed from the header (no tensor is read)."""
     out = {}
     for new, (old, transform) in part.mapping.items():
@@ -649,7 +673,7 @@ def read_vae_file(path: str | os.PathLike, *, scaling_factor: float = SD_VAE_SCA
     say which latent scale they were trained for: pass `scaling_factor` (0.13025 for SDXL's).
     """
     path = os.fspath(path)
-    header = _read_header(path)
+    header = read_header(path)
     shape_of = {k: v[1] for k, v in header.items()}
     keys = list(shape_of)
     prefix = next((p for p in (VAE_PREFIX, "vae.") if any(k.startswith(p) for k in keys)), "")
@@ -667,7 +691,7 @@ def read_vae_file(path: str | os.PathLike, *, scaling_factor: float = SD_VAE_SCA
                            f"optionally under 'first_stage_model.' or 'vae.') or "
                            f"'encoder.down_blocks.*' (diffusers)")
     drop = [re.compile(p) for p in NON_PARAMETER_KEYS]
-    part, unknown = _Part(path, "vae"), []
+    part, unknown = Part(path, "vae"), []
     for key in keys:
         if any(p.fullmatch(key) for p in drop):
             continue
@@ -675,7 +699,8 @@ def read_vae_file(path: str | os.PathLike, *, scaling_factor: float = SD_VAE_SCA
                                                      derive, translate)):
             unknown.append(key)
     if unknown:
-        raise WeightsError(f"{path}: {len(unknown)} keys that are not part of a VAE: " + _short(unknown))
+        raise WeightsError(f"{path}: {len(unknown)} keys that are not part of a VAE: "
+                           + short_list(unknown))
     try:
         config = vae_config(_renamed_shapes(part, shape_of), scaling_factor=scaling_factor,
                             sample_size=512)
@@ -683,7 +708,3 @@ def read_vae_file(path: str | os.PathLike, *, scaling_factor: float = SD_VAE_SCA
         raise WeightsError(f"{path}: cannot infer the VAE config: no {err.args[0]!r}") from None
     return config, RenamedSource(SafetensorsFile(path), part.mapping)
 
-
-def _short(items: Sequence[str], limit: int = 8) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")

@@ -42,7 +42,35 @@ def rename_key(key: str) -> Optional[str]:
     return None if path is None else _INDEX.sub(r"_\1", path).replace(".", "/")
 
 
-def _example_inputs(config: UNetConfig, dtype=jnp.float32):
+# sdjax module names that diffusers holds in lists (`down_blocks.0`), which `rename_key` writes
+# `down_blocks_0`; other names ending in a number (`linear_1`, `attn1`) are diffusers' own.
+_LIST_MODULES = re.compile(r"(down_blocks|up_blocks|resnets|attentions|transformer_blocks|blocks"
+                           r"|controlnet_down_blocks)_(\d+)")
+# sdjax paths whose diffusers modules sit inside a list (`to_out.0`) or have other names.
+_DIFFUSERS_MODULES = ((re.compile(r"(^|\.)to_out$"), r"\1to_out.0"),
+                      (re.compile(r"(^|\.)ff\.proj$"), r"\1ff.net.0.proj"),
+                      (re.compile(r"(^|\.)ff\.out$"), r"\1ff.net.2"),
+                      (re.compile(r"(^|\.)downsample\.conv$"), r"\1downsamplers.0.conv"),
+                      (re.compile(r"(^|\.)upsample\.conv$"), r"\1upsamplers.0.conv"))
+
+
+def diffusers_key(path: str) -> str:
+    """The diffusers state-dict key of an sdjax U-Net (or ControlNet) params path, the inverse of
+    `rename_key` (checked against it): `down_blocks_0/attentions_0/proj_in/kernel` ->
+    `down_blocks.0.attentions.0.proj_in.weight`."""
+    *modules, leaf = path.split("/")
+    module = ".".join(_LIST_MODULES.sub(r"\1.\2", m) if _LIST_MODULES.fullmatch(m) else m
+                      for m in modules)
+    for pattern, replacement in _DIFFUSERS_MODULES:
+        module = pattern.sub(replacement, module)
+    key = f"{module}.{'bias' if leaf == 'bias' else 'weight'}"
+    if rename_key(key) != path:
+        raise ValueError(f"no diffusers name for the params path {path} ({key} reads back as "
+                         f"{rename_key(key)})")
+    return key
+
+
+def example_inputs(config: UNetConfig, dtype=jnp.float32):
     """The smallest inputs `UNet.init` accepts for `config` (params do not depend on sizes)."""
     f = config.downsample_factor
     inputs = (jnp.zeros((1, f, f, config.in_channels), dtype), jnp.zeros((1,), jnp.float32),
@@ -61,7 +89,7 @@ def unet_params(source: TensorSource, config: UNetConfig, dtype=None) -> dict:
 
 def unet_shapes(config: UNetConfig) -> dict:
     """Shapes and dtypes of `UNet(config)`'s params (nothing allocated)."""
-    return abstract_params(UNet(config), *_example_inputs(config))
+    return abstract_params(UNet(config), *example_inputs(config))
 
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -89,10 +117,12 @@ def load_unet_folder(path: str | os.PathLike, dtype=None) -> tuple[UNetConfig, d
         config = UNetConfig.from_diffusers(raw)
     except ValueError as err:
         raise WeightsError(f"{config_path}: {err}") from None
-    return config, unet_params(_open_weights(folder), config, dtype=dtype)
+    return config, unet_params(open_weights(folder), config, dtype=dtype)
 
 
-def _open_weights(folder: pathlib.Path) -> TensorSource:
+def open_weights(folder: pathlib.Path, what: str = "U-Net") -> TensorSource:
+    """The weights of a diffusers model folder: single or sharded safetensors, plain or the fp16
+    variant (pickled `.bin` weights are refused)."""
     for single, index in ((WEIGHTS_NAME, WEIGHTS_INDEX_NAME),
                           (FP16_WEIGHTS_NAME, FP16_WEIGHTS_INDEX_NAME)):
         if (folder / single).is_file():
@@ -103,7 +133,7 @@ def _open_weights(folder: pathlib.Path) -> TensorSource:
     if pickled:
         raise WeightsError(f"{folder}: only pickled weights ({', '.join(pickled)}); sdjax reads "
                            f"safetensors only (re-save the model with safe_serialization=True)")
-    raise WeightsError(f"{folder}: no U-Net weights (looked for {WEIGHTS_NAME}, "
+    raise WeightsError(f"{folder}: no {what} weights (looked for {WEIGHTS_NAME}, "
                        f"{WEIGHTS_INDEX_NAME}, {FP16_WEIGHTS_NAME}, {FP16_WEIGHTS_INDEX_NAME})")
 
 
@@ -123,5 +153,5 @@ def _open_sharded(index_path: pathlib.Path) -> TensorSource:
     return source
 
 
-__all__ = ["unet_params", "load_unet_folder", "WEIGHTS_NAME", "WEIGHTS_INDEX_NAME",
-           "FP16_WEIGHTS_NAME", "FP16_WEIGHTS_INDEX_NAME"]
+__all__ = ["unet_params", "load_unet_folder", "open_weights", "diffusers_key", "WEIGHTS_NAME",
+           "WEIGHTS_INDEX_NAME", "FP16_WEIGHTS_NAME", "FP16_WEIGHTS_INDEX_NAME"]
