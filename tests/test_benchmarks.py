@@ -180,3 +180,28 @@ def test_lora_train_prints_lora_steps_of_both_sides_and_their_memory(tmp_path, f
         saved = float(re.search(r"\): (-?[0-9]+) MiB less", stdout).group(1))
         full, lora = _number(rows["sdjax full fine-tune"][6]), _number(rows["sdjax LoRA"][6])
         assert saved == pytest.approx(full - lora, abs=1)
+
+
+def test_controlnet_step_agrees_with_diffusers_and_the_sweep_traces_once(tmp_path):
+    stdout = _run("controlnet", "--sizes=8", "--repeats=1", "--matmul=128",
+                  f"--workdir={tmp_path}", tmp_path=tmp_path)
+    assert "matmul ceiling" in stdout and "load average" in stdout, stdout
+    step = {r[1]: r for r in _rows(stdout, "8x8")}
+    assert set(step) == {"sdjax", "diffusers (PyTorch)"}, stdout
+    ours, reference = step["sdjax"], step["diffusers (PyTorch)"]
+    assert _number(ours[6]) > 0  # the matmul ceiling read in the same loop
+    assert _number(reference[4]) == pytest.approx(_number(ours[2]) / _number(reference[2]),
+                                                  rel=0.02)
+    # Same weights, same inputs: the U-Net's output and the residuals agree, and the ControlNet
+    # moves that output (its zero layers were drawn at random), so the agreement covers it.
+    assert _number(reference[9]) < 1e-4 and _number(reference[10]) < 1e-4
+    effect = float(re.search(r"moves the U-Net's output by ([0-9.e+-]+)", stdout).group(1))
+    assert effect > 0.05, stdout
+    # The sweep: 7 scales and 5 start/end windows through one Generator, traced once; every
+    # setting but the first changes the drawing.
+    sweep = [r for r in _rows(stdout, "") if len(r) == 7 and re.fullmatch(r"[0-9.]+", r[0])]
+    assert len(sweep) == 12, stdout
+    assert [r[4] for r in sweep] == ["1"] * 12
+    assert sweep[0][6].startswith("first call") and all(_number(r[3]) > 0 for r in sweep)
+    assert all(_number(r[5]) > 1e-3 for r in sweep[1:]), stdout
+    assert "program traces: 1 after the first call, 1 after all 12" in stdout
