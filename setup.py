@@ -36,6 +36,9 @@ setuptools.setup(
             "peft>=0.21,<1",  # diffusers' load_lora_weights, LoRA parity tests
             "pytest>=8",
             "chex>=0.1.88",
+            "opencv-python-headless>=4.8,<6",  # the canny preprocessor, tested like the others
         ],
+        # ControlNet preprocessors that need OpenCV ("canny"; sdjax/preprocessors.py).
+        "control": ["opencv-python-headless>=4.8,<6"],
     },
 )

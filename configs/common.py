@@ -46,6 +46,19 @@ def generation_config(*, height: int, width: int, model: str = "", cfg_scale: fl
     c.lora_dir = ""
     c.lora_mode = "runtime"      # runtime (weights are data: no recompiling) | merged (into kernels)
     c.embeddings_dir = ""        # textual-inversion embeddings, usable in prompts by file name
+    # ControlNets applied to every image (a diffusers folder or .safetensors, or a name of
+    # controlnet_dir), each with its control image, conditioning scale (default 1), the fraction of
+    # the steps it acts in (start, end) and its preprocessor (none | mask | canny): one value per
+    # ControlNet in the same order (start, end and preprocess may give one for all). Prompt files
+    # set them per line under the same names.
+    c.controlnet = ()
+    c.control_image = ()
+    c.control_scale = ()
+    c.control_start = ()
+    c.control_end = ()
+    c.control_preprocess = ()
+    c.control_guess_mode = False  # ControlNets act on the conditional half only (diffusers')
+    c.controlnet_dir = ""
     c.parallel = "jit"           # jit (mesh + shardings) | pmap
     c.fsdp = 1                   # >1: split large params over this many devices
     # A per-step bar is a host callback inside the program, which keeps it from being exported

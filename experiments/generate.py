@@ -13,6 +13,13 @@ With LoRAs (a <lora:NAME:WEIGHT> tag in the prompt, or --lora for every image):
     python -m experiments.generate --config=configs/sd15.py --model=/path/to/checkpoint \
         --lora_dir=/path/to/loras --prompt="a photo of a cat <lora:watercolor:0.8>"
 
+With ControlNets (repeat --controlnet for several; each takes the --control_image, --control_scale
+... of the same place):
+
+    python -m experiments.generate --config=configs/sd15.py --model=/path/to/checkpoint \
+        --controlnet=/path/to/control_v11p_sd15_canny --control_image=edges.png \
+        --control_preprocess=canny --control_scale=0.8 --prompt="a house in a forest"
+
 Every config field can be overridden as --config.FIELD=value; the flags below are shortcuts for the
 most used fields and, when given, override the config.
 """
@@ -37,6 +44,7 @@ flags.DEFINE_float("strength", None, "img2img strength in (0, 1]: how much of th
 flags.DEFINE_string("mask", None, "inpainting mask, white = repaint")
 flags.DEFINE_string("out_dir", None, "where the PNGs go")
 generate.define_lora_flags()
+generate.define_control_flags()
 FLAGS = flags.FLAGS
 SHORTCUTS = ("prompt", "negative_prompt", "seed", "num_images", "cfg_scale", "height", "width",
              "model", "vae", "init_image", "strength", "mask", "out_dir")
@@ -48,6 +56,7 @@ def main(argv):
     config = FLAGS.config
     cli.apply_shortcuts(config, SHORTCUTS)
     cli.apply_shortcuts(config, generate.LORA_SHORTCUTS)
+    cli.apply_shortcuts(config, generate.CONTROL_SHORTCUTS)
     if not config.prompt:
         raise app.UsageError("--prompt is required")
     paths = generate.generate_to_dir(config)

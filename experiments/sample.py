@@ -4,11 +4,14 @@
         --prompts=prompts.txt --out_dir=out --images_per_prompt=4
 
 The prompt file is text (one prompt per line) or `.jsonl` (one object per line with any of prompt,
-negative_prompt, seed, cfg_scale, steps, sampler, num_images, width, height, loras; the config fills
+negative_prompt, seed, cfg_scale, steps, sampler, num_images, width, height, loras, controlnet,
+control_image, control_scale, control_start, control_end, control_preprocess; the config fills
 the rest). Prompts may name LoRAs with <lora:NAME:WEIGHT> tags (NAME a file of --lora_dir); --lora
-applies one to every prompt. Blank lines and `#` comments are skipped. Image i of prompt p goes to
-`out/<p:05d>/<i:04d>-<seed>.png`; run the same command again after an interruption and only the
-missing images are drawn, identical to those of an uninterrupted run.
+applies one to every prompt. A line's ControlNet fields hold a value or a list (one per
+ControlNet); --controlnet, --control_image, ... give every line's defaults. Blank lines and `#`
+comments are skipped. Image i of prompt p goes to `out/<p:05d>/<i:04d>-<seed>.png`; run the same
+command again after an interruption and only the missing images are drawn, identical to those of an
+uninterrupted run.
 
 Several hosts: start the same command on each with --coordinator_address=host0:port
 --num_processes=N --process_id=i (on TPU pods and managed clusters JAX finds its peers without them).
@@ -31,6 +34,7 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for mu
 flags.DEFINE_integer("num_processes", None, "number of processes (hosts) in the run")
 flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes)")
 generate.define_lora_flags()
+generate.define_control_flags()
 FLAGS = flags.FLAGS
 SHORTCUTS = {"out_dir": "out_dir", "images_per_prompt": "num_images", "seed": "seed",
              "model": "model", "batch_size": "batch_size"}
@@ -43,6 +47,7 @@ def main(argv):
     config = FLAGS.config
     cli.apply_shortcuts(config, SHORTCUTS)
     cli.apply_shortcuts(config, generate.LORA_SHORTCUTS)
+    cli.apply_shortcuts(config, generate.CONTROL_SHORTCUTS)
     stats = batches.sample_to_dir(config, FLAGS.prompts)
     logging.info("%d written, %d already there, %d not finite; in %s", stats["written"],
                  stats["skipped"], stats["non_finite"], config.out_dir)

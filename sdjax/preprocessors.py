@@ -13,6 +13,9 @@ from typing import Any, Callable
 import numpy as np
 
 PREPROCESSORS = ("none", "mask", "canny")
+# Canny's hysteresis thresholds: the WebUI's and diffusers' examples' defaults (PNG parameters
+# record them as the WebUI's "Threshold A" and "Threshold B").
+CANNY_THRESHOLDS = (100, 200)
 
 
 def _as_pil(image: Any, what: str):
@@ -54,31 +57,43 @@ def _mask(image, low_threshold, high_threshold):
     return Image.fromarray(np.where(gray >= 128, 255, 0).astype(np.uint8))
 
 
-def _canny(image, low_threshold, high_threshold):
-    """OpenCV's Canny edges (the annotator ControlNet's canny models were trained with)."""
+def _opencv():
     try:
         import cv2
     except ImportError:
         raise ValueError("preprocess 'canny' needs OpenCV: pip install 'sdjax[control]' "
                          "(opencv-python-headless)") from None
+    return cv2
+
+
+def _canny(image, low_threshold, high_threshold):
+    """OpenCV's Canny edges (the annotator ControlNet's canny models were trained with)."""
     from PIL import Image
 
-    edges = cv2.Canny(np.asarray(image.convert("RGB")), low_threshold, high_threshold)
+    edges = _opencv().Canny(np.asarray(image.convert("RGB")), low_threshold, high_threshold)
     return Image.fromarray(edges)
 
 
 _FUNCTIONS: dict[str, Callable] = {"none": _none, "mask": _mask, "canny": _canny}
 
 
+def check_preprocess(preprocess: str, what: str = "control image") -> None:
+    """A known preprocessor whose libraries are installed (checked before any image is read)."""
+    if preprocess not in _FUNCTIONS:
+        raise ValueError(f"{what}: unknown preprocess {preprocess!r}; choose one of "
+                         f"{', '.join(PREPROCESSORS)}")
+    if preprocess == "canny":
+        _opencv()
+
+
 def control_image(image: Any, height: int, width: int, *, preprocess: str = "none",
-                  channels: int = 3, low_threshold: int = 100, high_threshold: int = 200,
+                  channels: int = 3, low_threshold: int = CANNY_THRESHOLDS[0],
+                  high_threshold: int = CANNY_THRESHOLDS[1],
                   what: str = "control image") -> np.ndarray:
     """`image` (a path, a PIL image, a uint8 array or a float array in [0, 1]) preprocessed, then
     resized to (height, width) as diffusers' control image processor does (PIL Lanczos) ->
     float32 (height, width, channels) in [0, 1]. Preprocessing runs at the image's own size."""
-    if preprocess not in _FUNCTIONS:
-        raise ValueError(f"{what}: unknown preprocess {preprocess!r}; choose one of "
-                         f"{', '.join(PREPROCESSORS)}")
+    check_preprocess(preprocess, what)
     if isinstance(image, np.ndarray) and image.dtype != np.uint8 and preprocess == "none":
         array = np.asarray(image, np.float32)
         if array.ndim == 2:

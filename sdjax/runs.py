@@ -9,6 +9,8 @@ Imports nothing of sdjax and no jax, so anything may use it.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -154,3 +156,24 @@ def check_fingerprint(path: str | os.PathLike, fingerprint: Mapping[str, Any], w
             detail = ", ".join(f"{name}: {old!r} -> {new!r}" for name, old, new in changed)
             raise ValueError(f"{path}: {what} made with other settings ({detail}); {remedy}")
     write_json_atomically(path, fingerprint if record is None else dict(record))
+
+
+def file_sha256(path: str | os.PathLike, *, tensors_only: bool = False) -> str:
+    """The sha256 (hex) of a file's contents, read once per process while its size and
+    modification time stay the same. `tensors_only`: for a `.safetensors` file, of the bytes after
+    its header (the WebUI's "addnet" hash, blind to metadata edits)."""
+    real = os.path.realpath(path)
+    stat = os.stat(real)
+    return _file_sha256(real, stat.st_mtime_ns, stat.st_size, tensors_only)
+
+
+@functools.lru_cache(maxsize=1024)
+def _file_sha256(path: str, mtime_ns: int, size: int, tensors_only: bool) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if tensors_only and path.endswith(".safetensors"):
+            header = int.from_bytes(f.read(8), "little")
+            f.seek(8 + header)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -5,10 +5,12 @@ seed and output path `DIR/<prompt index:05d>/<image index:04d>-<seed>.png`:
 
 - Prompt p's seed is its own `seed` field, else `config.seed + p * config.num_images`, so adding
   or editing other lines never moves it; image i of the prompt uses seed + i.
-- Jobs with equal static settings (`SamplingSpec` and the prompt's number of 77-token chunks) and
-  equal LoRAs (`config.loras`, the line's `loras`, its prompt's `<lora:...>` tags) are cut into
-  batches of `batch_size` rows, each compiled program serving every batch of its group (LoRAs of
-  the same ranks and targets share a program: their weights are data).
+- Jobs with equal static settings (`SamplingSpec` and the prompt's number of 77-token chunks),
+  equal LoRAs (`config.loras`, the line's `loras`, its prompt's `<lora:...>` tags) and the same
+  ControlNets (the config's or the line's `controlnet`) are cut into batches of `batch_size` rows,
+  each compiled program serving every batch of its group (LoRAs of the same ranks and targets, and
+  ControlNets of the same configs, share a program: their weights are data). Control images,
+  scales, start/end and preprocessors are data too: lines differing only in those share batches.
   Grouping by chunk count keeps an image exactly what `experiments/generate.py` draws for that
   prompt and seed, whatever else is in the file.
 - Every host runs every batch as one global program over all devices (`jax.distributed`); the rows
@@ -16,8 +18,10 @@ seed and output path `DIR/<prompt index:05d>/<image index:04d>-<seed>.png`:
 - Resume: a batch runs when any of its files is missing (all hosts agree on the list before the
   first batch), with the same rows in the same places as in an uninterrupted run, so a missing
   image comes out bit-identical; only missing files are written, each atomically (temp + rename).
-  An image's manifest line records its LoRAs (name, weights, file hash), so an image drawn with
-  another LoRA, weight or LoRA file is never taken for this run's.
+  An image's manifest line records its LoRAs (name, weights, file hash) and ControlNets (name,
+  files' hash, control image and its contents' hash, scale, start/end, preprocessor), so an image
+  drawn with another LoRA, weight, LoRA file, ControlNet or control image is never taken for this
+  run's.
   `manifest.jsonl` (per host, `manifest-<i>-of-<n>.jsonl`, on several hosts) gets one line per
   written image, appended in one write per batch; files found without a line get theirs on restart.
   The file handling (atomic writes, the ledger, the settings check) is `sdjax.runs`.
@@ -42,6 +46,7 @@ from sdjax import images as images_lib
 from sdjax import parallel
 from sdjax import runs
 from sdjax.diffusion import samplers as samplers_lib
+from sdjax.sampling import controls as controls_lib
 from sdjax.sampling import generate
 from sdjax.sampling import loras as loras_lib
 from sdjax.sampling.exported import enable_compilation_cache
@@ -49,7 +54,7 @@ from sdjax.sampling.requests import Request
 from sdjax.sampling.spec import SamplingSpec
 
 PROMPT_FIELDS = ("prompt", "negative_prompt", "seed", "cfg_scale", "steps", "sampler", "num_images",
-                 "width", "height", "loras")
+                 "width", "height", "loras") + generate.CONTROL_FIELDS
 MANIFEST = "manifest.jsonl"
 CONFIG_FILE = "config.json"
 # Config fields that change which images a run draws: resuming into a folder made with other values
@@ -57,7 +62,7 @@ CONFIG_FILE = "config.json"
 IMAGE_FIELDS = ("model", "vae", "dtype", "prediction_type", "prompt", "negative_prompt", "seed",
                 "num_images", "sampler", "steps", "sampler_options", "cfg_scale", "guidance_rescale",
                 "guidance_interval", "clip_skip", "height", "width", "loras", "lora_mode",
-                "embeddings_dir")
+                "embeddings_dir") + generate.CONTROL_FIELDS + ("control_guess_mode",)
 MAX_SEED = 2 ** 32  # seeds are uint32 on the device
 
 
@@ -81,6 +86,8 @@ class Prompt:
     # The line's `loras` (after config.loras): "NAME[:UNET_WEIGHT[:TE_WEIGHT]]" strings or
     # [name, unet_weight(, te_weight)] lists, as `Request.adapters` takes them.
     loras: tuple = ()
+    # The line's ControlNet fields (each defaulting to the config's) as `Request.controls`.
+    controls: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +178,8 @@ def _resolve(path: str, number: int, fields: dict, config: Any, prompt_index: in
         steps=get("steps", int, int(config.steps)), sampler=get("sampler", str, config.sampler),
         num_images=num_images, width=get("width", int, int(config.width)),
         height=get("height", int, int(config.height)), line=number,
-        loras=generate.config_loras(config) + _line_loras(where, fields.get("loras", [])))
+        loras=generate.config_loras(config) + _line_loras(where, fields.get("loras", [])),
+        controls=_line_controls(where, fields, config))
     if num_images < 1:
         raise PromptFileError(f"{where}: field 'num_images' must be >= 1, got {num_images}")
     if not 0 <= seed or seed + num_images > MAX_SEED:
@@ -183,6 +191,18 @@ def _resolve(path: str, number: int, fields: dict, config: Any, prompt_index: in
         raise PromptFileError(f"{where}: unknown sampler {prompt.sampler!r}; valid names: "
                               f"{', '.join(samplers_lib.list_samplers())}")
     return prompt
+
+
+def _line_controls(where: str, fields: dict, config: Any) -> tuple:
+    # A line naming no ControlNets ("controlnet": []) draws without: the config's control images
+    # and scales belong to the config's ControlNets.
+    defaults = {} if fields.get("controlnet") == [] else config
+    settings = {name: fields.get(name, defaults.get(name)) for name in generate.CONTROL_FIELDS}
+    try:
+        return generate.controls_from(settings, directory=config.get("controlnet_dir", ""),
+                                      named=lambda name: f"field {name!r}")
+    except ValueError as err:
+        raise PromptFileError(f"{where}: {err}") from None
 
 
 def _line_loras(where: str, value) -> tuple:
@@ -232,7 +252,8 @@ def spec_for(base: SamplingSpec, prompt: Prompt) -> SamplingSpec:
                                height=prompt.height,
                                sampler_options=samplers_lib.options_for(prompt.sampler,
                                                                         dict(base.sampler_options)),
-                               guidance=prompt.cfg_scale != 1.0, progress=False)
+                               guidance=prompt.cfg_scale != 1.0, progress=False,
+                               guess_mode=base.guess_mode and bool(prompt.controls))
 
 
 class BatchSampler:
@@ -259,25 +280,30 @@ class BatchSampler:
         self.local_rows = self.batch_size // self.num_processes
         self._check_local_rows()
         self.model_name = os.path.basename(os.path.normpath(self.model.source)) or "model"
-        self.specs, self.chunks, self.adapters = [], [], []
+        self.specs, self.chunks, self.adapters, self.controlnet_params = [], [], [], []
         for index, prompt in enumerate(self.prompts):
-            spec = spec_for(self.base_spec, prompt)
             try:
+                # The spec holds the line's ControlNets' configs (loaded once each, by path).
+                spec, controlnet_params = self.generator.controlled(
+                    self._request(index), spec_for(self.base_spec, prompt))
                 spec.validate(self.generator.arch)
-                ids = self._tokenized(index, spec)["ids"]
+                self.specs.append(spec)
+                ids = self._row(index)["ids"]
+                self._control_row(index)  # its control images readable
                 adapters = self.generator.adapters_for(self._request(index))
             except ValueError as err:
                 raise ValueError(f"prompt on line {prompt.line}: {err}") from None
-            self.specs.append(spec)
             self.chunks.append(ids.shape[2])
             self.adapters.append(adapters)
+            self.controlnet_params.append(controlnet_params)
         self.jobs = plan_jobs(self.prompts)
         self.batches = plan_batches(self.jobs, self.key_of, self.batch_size)
 
     def key_of(self, job: Job) -> Hashable:
         return (self.specs[job.prompt_index], self.chunks[job.prompt_index],
                 tuple((w.adapter.name, w.adapter.source, w.unet, w.text_encoder)
-                      for w in self.adapters[job.prompt_index]))
+                      for w in self.adapters[job.prompt_index]),
+                tuple(c.controlnet for c in self.prompts[job.prompt_index].controls))
 
     def _check_same_plan(self) -> None:
         """Hosts given different prompt files or settings would run different programs and hang."""
@@ -301,29 +327,38 @@ class BatchSampler:
                              f"contiguous block [{start}, {start + self.local_rows}) sample.py "
                              f"assumes; every process needs the same number of devices")
 
-    def _request(self, prompt_index: int) -> Request:
+    def _request(self, prompt_index: int, *, controls: bool = True) -> Request:
         prompt = self.prompts[prompt_index]
         return Request(prompt=prompt.prompt, negative_prompt=prompt.negative_prompt or None,
                        seed=0, num_images=1, cfg_scale=prompt.cfg_scale,
-                       guidance_rescale=float(self.config.guidance_rescale), adapters=prompt.loras)
-
-    def _tokenized(self, prompt_index: int, spec: SamplingSpec) -> dict:
-        return self.generator.prepare(self._request(prompt_index), spec)
+                       guidance_rescale=float(self.config.guidance_rescale), adapters=prompt.loras,
+                       controls=prompt.controls if controls else ())
 
     @functools.lru_cache(maxsize=4096)
     def _row(self, prompt_index: int) -> dict:
-        row = self._tokenized(prompt_index, self.specs[prompt_index])
+        """A prompt's text and guidance arrays; its control arrays are `_control_row`'s."""
+        spec = dataclasses.replace(self.specs[prompt_index], controlnets=())
+        row = self.generator.prepare(self._request(prompt_index, controls=False), spec)
         if self.generator.arch.family == "sdxl" and "neg_zero" not in row:
             # Rows with and without a negative prompt share batches: a zero keeps the negative.
             row["neg_zero"] = np.zeros((1,), np.float32)
         return row
 
+    # Control images are large (H x W x 3 floats each): only the last prompts' are kept (a prompt's
+    # rows are consecutive in the jobs, so each is read once per batch it is in).
+    @functools.lru_cache(maxsize=16)
+    def _control_row(self, prompt_index: int) -> dict:
+        controls = self.prompts[prompt_index].controls
+        if not controls:
+            return {}
+        return controls_lib.control_arrays(controls, self.specs[prompt_index], 1)
+
     def _local_batch(self, batch: Batch, share: Sequence[Job]) -> dict:
         """Host arrays for this process's rows: its jobs, then copies of the last as padding."""
         rows = list(share) or [batch.jobs[0]]
         rows += [rows[-1]] * (self.local_rows - len(rows))
-        parts = [dict(self._row(job.prompt_index), seeds=np.array([job.seed], np.uint32))
-                 for job in rows]
+        parts = [dict(self._row(job.prompt_index), **self._control_row(job.prompt_index),
+                      seeds=np.array([job.seed], np.uint32)) for job in rows]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def _global(self, local: dict) -> dict:
@@ -357,7 +392,7 @@ class BatchSampler:
                                   subseed_strength=0.0,
                                   guidance_rescale=self.config.guidance_rescale),
             spec, job.seed, self.model_name, self.adapters[job.prompt_index],
-            self.generator.adapter_mode)
+            self.generator.adapter_mode, prompt.controls)
         return images_lib.format_parameters(prompt.prompt, prompt.negative_prompt, settings)
 
     def _manifest_record(self, job: Job) -> dict:
@@ -372,6 +407,8 @@ class BatchSampler:
             record["loras"] = [{"name": w.adapter.name, "unet": w.unet, "te": w.text_encoder,
                                 "hash": loras_lib.short_hash(w.adapter)} for w in adapters]
             record["lora_mode"] = self.generator.adapter_mode
+        if prompt.controls:  # absent without ControlNets, as in manifests written before them
+            record["controls"] = [_control_record(c) for c in prompt.controls]
         return record
 
     def manifest_name(self) -> str:
@@ -436,7 +473,9 @@ class BatchSampler:
                 spec = batch.key[0]
                 local = self._local_batch(batch, mine[b])
                 global_batch = self._global(local)
-                params = self.generator.params_for(self.adapters[batch.jobs[0].prompt_index])
+                first = batch.jobs[0].prompt_index
+                params = self.generator.params_for(self.adapters[first],
+                                                   self.controlnet_params[first])
                 # Generator's program: exported and reloaded across launches where it can be.
                 program = self.generator.program_for(spec, global_batch, params)
                 dispatched = (b, program(params, global_batch))
@@ -483,6 +522,16 @@ class BatchSampler:
         runs.append_jsonl(manifest, *records)  # one write per batch: its lines land whole or not
         stats["written"] += len(records)
         return len(records)
+
+
+def _control_record(control: controls_lib.Control) -> dict:
+    """What an image's manifest line says of one of its ControlNets: the files' contents, not only
+    their names, so a retrained ControlNet or a redrawn control image makes the image stale."""
+    return {"controlnet": generate.controlnet_name(control.controlnet),
+            "hash": generate.contents_hash(generate.controlnet_files(control.controlnet)),
+            "image": control.image, "image_hash": generate.contents_hash([control.image]),
+            "scale": control.scale, "start": control.start, "end": control.end,
+            "preprocess": control.preprocess}
 
 
 def sample_to_dir(config, prompts_path: str | os.PathLike, out_dir: Optional[str] = None, *,

@@ -1,19 +1,24 @@
 """From a generation config (configs/common.py) to PNG files: what `experiments/generate.py` runs."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import re
 import time
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 from absl import logging
 
 from sdjax import DEFAULT_MODEL
 from sdjax import images as images_lib
+from sdjax import preprocessors
 from sdjax import runs
 from sdjax.diffusion import samplers as samplers_lib
 from sdjax.sampling import loras as loras_lib
+from sdjax.sampling.controls import Control, ControlNetLibrary
 from sdjax.sampling.exported import enable_compilation_cache
 from sdjax.sampling.generator import Generator
 from sdjax.sampling.requests import Request, image_seeds
@@ -38,7 +43,8 @@ def spec_from_config(config) -> SamplingSpec:
         mode=mode, strength=float(config.strength) if mode != "txt2img" else 1.0,
         guidance=float(config.cfg_scale) != 1.0,
         guidance_interval=None if interval == (0.0, 1.0) else interval,
-        clip_skip=int(config.clip_skip), progress=bool(config.progress))
+        clip_skip=int(config.clip_skip), progress=bool(config.progress),
+        guess_mode=bool(config.get("control_guess_mode", False)))
 
 
 def request_from_config(config, spec: SamplingSpec, num_images: int, seed: int) -> Request:
@@ -54,7 +60,8 @@ def request_from_config(config, spec: SamplingSpec, num_images: int, seed: int) 
                    subseed=None if config.subseed < 0 else int(config.subseed),
                    subseed_strength=float(config.subseed_strength),
                    init_image=init_image, mask=mask, inpaint_overlay=bool(config.inpaint_overlay),
-                   mask_blur=float(config.mask_blur), adapters=config_loras(config))
+                   mask_blur=float(config.mask_blur), adapters=config_loras(config),
+                   controls=config_controls(config))
 
 
 def config_loras(config) -> tuple:
@@ -89,12 +96,189 @@ def define_lora_flags() -> None:
                         "usable in prompts by its file name")
 
 
+# --- ControlNets -----------------------------------------------------------------------------------
+
+# The settings of the ControlNets applied to an image, named alike as config fields, flags and
+# prompt-file fields: one value per ControlNet, in order (start, end and preprocess: or one for all).
+CONTROL_FIELDS = ("controlnet", "control_image", "control_scale", "control_start", "control_end",
+                  "control_preprocess")
+# Flags every entry point that draws with ControlNets (generate, sample) has for its config's fields.
+CONTROL_SHORTCUTS = CONTROL_FIELDS + ("control_guess_mode", "controlnet_dir")
+_ONE_FOR_ALL = ("control_start", "control_end", "control_preprocess")
+_DEFAULTS = {"control_scale": Control.scale, "control_start": Control.start,
+             "control_end": Control.end, "control_preprocess": Control.preprocess}
+
+
+def define_control_flags() -> None:
+    """absl flags for `CONTROL_SHORTCUTS` (apply them with `cli.apply_shortcuts`)."""
+    from absl import flags
+
+    flags.DEFINE_multi_string("controlnet", None, "ControlNet applied to every image: a diffusers "
+                              "folder or .safetensors file, or a name of --controlnet_dir "
+                              "(repeatable: several add up)")
+    flags.DEFINE_multi_string("control_image", None, "control image of each --controlnet, in order")
+    flags.DEFINE_multi_float("control_scale", None, "conditioning scale of each --controlnet, in "
+                             "order (default 1)")
+    flags.DEFINE_multi_float("control_start", None, "fraction of the steps at which each "
+                             "--controlnet starts acting (one per ControlNet, or one for all; "
+                             "default 0)")
+    flags.DEFINE_multi_float("control_end", None, "fraction of the steps at which each "
+                             "--controlnet stops acting (one per ControlNet, or one for all; "
+                             "default 1)")
+    flags.DEFINE_multi_enum("control_preprocess", None, preprocessors.PREPROCESSORS,
+                            "what each --control_image goes through first (one per ControlNet, or "
+                            "one for all; default none; canny needs sdjax[control])")
+    flags.DEFINE_boolean("control_guess_mode", None, "ControlNets act on the conditional half of "
+                         "guidance only (diffusers' guess_mode, the WebUI's 'ControlNet is more "
+                         "important')")
+    flags.DEFINE_string("controlnet_dir", None, "folder whose ControlNets (folders or "
+                        ".safetensors) --controlnet names refer to")
+
+
+def controls_from(settings: Mapping[str, Any], *, directory: str = "",
+                  named: Callable[[str], str] = lambda field: f"--{field}") -> tuple[Control, ...]:
+    """The `Control`s that `settings` (`CONTROL_FIELDS` -> a value or a list of them) ask for,
+    checked without loading anything: counts, finite scales, 0 <= start < end <= 1, known
+    preprocessors (and OpenCV for canny), every control image a file and every ControlNet found
+    (a name in `directory`; `Control.controlnet` is the resolved path). Errors name the settings
+    as `named(field)` does."""
+    values = {field: _listed(settings.get(field), field, named) for field in CONTROL_FIELDS}
+    count = len(values["controlnet"])
+    for field in CONTROL_FIELDS[1:]:
+        given = values[field]
+        if not given and field in _DEFAULTS:
+            values[field] = [_DEFAULTS[field]] * count
+        elif len(given) == 1 and field in _ONE_FOR_ALL:
+            values[field] = given * count
+        elif len(given) != count:
+            also = ", or one for all" if field in _ONE_FOR_ALL else ""
+            raise ValueError(f"{named(field)}: {len(given)} value(s) for {count} ControlNet(s) "
+                             f"({named('controlnet')}); give one per ControlNet, in the same "
+                             f"order{also}")
+    library = ControlNetLibrary(None, directory=directory or None)
+    controls = []
+    for k in range(count):
+        net, image, scale, start, end, preprocess = (values[field][k] for field in CONTROL_FIELDS)
+        if not net.strip():
+            raise ValueError(f"{named('controlnet')}: an empty name (ControlNet {k})")
+        if not math.isfinite(scale):
+            raise ValueError(f"{named('control_scale')} must be finite, got {scale}")
+        if not 0.0 <= start < end <= 1.0:
+            raise ValueError(f"{named('control_start')} {start} and {named('control_end')} {end} "
+                             f"(ControlNet {k}) must satisfy 0 <= start < end <= 1 (fractions of "
+                             f"the steps)")
+        preprocessors.check_preprocess(preprocess, named("control_preprocess"))
+        if not os.path.isfile(image):
+            raise ValueError(f"{named('control_image')}: {image}: no such file")
+        controls.append(Control(str(library.resolve(net)), image, scale=float(scale),
+                                start=float(start), end=float(end), preprocess=preprocess))
+    return tuple(controls)
+
+
+_KINDS = {"controlnet": str, "control_image": str, "control_preprocess": str,
+          "control_scale": (int, float), "control_start": (int, float), "control_end": (int, float)}
+
+
+def _listed(value: Any, field: str, named: Callable[[str], str]) -> list:
+    """A setting's values: one value or a list (tuple) of them; None is none."""
+    if value is None:
+        return []
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    kind = _KINDS[field]
+    if any(isinstance(v, bool) or not isinstance(v, kind) for v in values):
+        expected = "a string" if kind is str else "a number"
+        raise ValueError(f"{named(field)} must be {expected} or a list of them, got {value!r}")
+    return values
+
+
+def config_controls(config) -> tuple[Control, ...]:
+    """The config's ControlNets (`CONTROL_FIELDS`) as `Request.controls`."""
+    return controls_from({field: config.get(field) for field in CONTROL_FIELDS},
+                         directory=config.get("controlnet_dir", ""))
+
+
+def check_control_settings(config) -> None:
+    """The config's ControlNet settings readable, before any model is loaded."""
+    if not config_controls(config) and config.get("control_guess_mode", False):
+        raise ValueError("--control_guess_mode needs a --controlnet")
+
+
+def control_parameters(controls: Sequence[Control], guess_mode: bool) -> dict:
+    """PNG `parameters` settings for the ControlNets a picture was drawn with (each `Control`'s
+    controlnet a path, its scale one value), as the WebUI's ControlNet extension writes them:
+    `ControlNet 0: "Module: canny, Model: NAME [HASH], Weight: 0.8, ..."`, NAME the file's stem or
+    the folder's name and HASH the WebUI's short hash of the weights file (absent for sharded
+    weights). Guess mode is recorded as "ControlNet is more important", the control mode the
+    extension's guess mode became in ControlNet 1.1."""
+    settings = {}
+    for k, control in enumerate(controls):
+        path = os.fspath(control.controlnet)
+        # The extension's parser splits units at ',' and ': ', so names must hold neither.
+        name = controlnet_name(path).replace(":", "").replace(",", "")
+        digest = webui_model_hash(path)
+        unit = {"Module": control.preprocess, "Model": f"{name} [{digest}]" if digest else name,
+                "Weight": float(control.scale), "Resize Mode": "Just Resize"}
+        if control.preprocess == "canny":
+            unit["Threshold A"], unit["Threshold B"] = preprocessors.CANNY_THRESHOLDS
+        unit.update({"Guidance Start": float(control.start), "Guidance End": float(control.end),
+                     "Control Mode": "ControlNet is more important" if guess_mode else "Balanced"})
+        # Quoted as the WebUI quotes a value holding ',' or ':' (JSON).
+        settings[f"ControlNet {k}"] = json.dumps(", ".join(f"{key}: {value}"
+                                                           for key, value in unit.items()),
+                                                 ensure_ascii=False)
+    return settings
+
+
+def controlnet_name(path: str) -> str:
+    """A ControlNet's name: its file's stem or its folder's name."""
+    base = os.path.basename(os.path.normpath(path))
+    return os.path.splitext(base)[0] if os.path.isfile(path) else base
+
+
+def controlnet_files(path: str | os.PathLike) -> list[str]:
+    """The files a ControlNet is read from: the file itself, or a diffusers folder's config and
+    weights (in its `controlnet/` subfolder for a pipeline folder)."""
+    from sdjax.weights.controlnet import CONFIG_NAME, SUBFOLDER
+
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return [path]
+    folder = path
+    if not os.path.isfile(os.path.join(path, CONFIG_NAME)) and os.path.isdir(
+            os.path.join(path, SUBFOLDER)):
+        folder = os.path.join(path, SUBFOLDER)
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                  if name == CONFIG_NAME or name.startswith("diffusion_pytorch_model"))
+
+
+def webui_model_hash(path: str | os.PathLike) -> Optional[str]:
+    """The WebUI's short model hash (`sd_models.model_hash`, which its ControlNet extension shows
+    as "name [hash]"): the first 8 hex digits of the sha256 of 64 KiB at 1 MiB into the weights
+    file; None where the weights are several files."""
+    weights = [f for f in controlnet_files(path) if f.endswith(".safetensors")]
+    if len(weights) != 1:
+        return None
+    with open(weights[0], "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+def contents_hash(paths: Sequence[str | os.PathLike]) -> str:
+    """12 hex digits of a sha256 over the files' contents (each file read once per process while
+    it keeps its size and modification time): what tells a changed control image or ControlNet."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(runs.file_sha256(path).encode())
+    return digest.hexdigest()[:12]
+
+
 def make_generator(config, model) -> Generator:
     """The Generator a generation config (or an ablation config) asks for."""
     check_lora_settings(config)
     return Generator(model, dtype=None if config.dtype == "float32" else DTYPES[config.dtype],
                      parallel_mode=config.parallel, fsdp=int(config.fsdp),
-                     adapter_mode=config.lora_mode, lora_dir=config.lora_dir or None)
+                     adapter_mode=config.lora_mode, lora_dir=config.lora_dir or None,
+                     controlnet_dir=config.get("controlnet_dir") or None)
 
 
 RANDOM_PREFIX = "random:"
@@ -121,9 +305,10 @@ def load_model(config):
 
 
 def generation_parameters(config, spec: SamplingSpec, seed: int, model_name: str,
-                          adapters=(), lora_mode: str = "runtime") -> dict:
+                          adapters=(), lora_mode: str = "runtime", controls=()) -> dict:
     """The PNG `parameters` settings of one image (`adapters`: the `Weighted` LoRAs it was drawn
-    with, as `Generator.adapters_for` gives them)."""
+    with, as `Generator.adapters_for` gives them; `controls`: its ControlNets, as
+    `controls_from` gives them)."""
     settings = {"Steps": spec.steps, "Sampler": spec.sampler, "CFG scale": config.cfg_scale,
                 "Seed": seed, "Size": f"{spec.width}x{spec.height}", "Model": model_name}
     if config.guidance_rescale:
@@ -140,6 +325,7 @@ def generation_parameters(config, spec: SamplingSpec, seed: int, model_name: str
     if spec.mode == "inpaint" and config.inpaint_overlay:
         settings["Mask blur"] = config.mask_blur
     settings.update(loras_lib.parameters(adapters, lora_mode))
+    settings.update(control_parameters(controls, spec.guess_mode))
     return settings
 
 
@@ -153,8 +339,8 @@ def generate_to_dir(config, model=None) -> list[str]:
     spec = spec_from_config(config)
     model = model or load_model(config)
     generator = make_generator(config, model)
-    # The first request checked whole (prompt syntax, LoRAs, images, mask, sizes) before anything
-    # is written. Every request of the run applies the same LoRAs.
+    # The first request checked whole (prompt syntax, LoRAs, ControlNets, images, mask, sizes)
+    # before anything is written. Every request of the run applies the same LoRAs and ControlNets.
     first_request = request_from_config(config, spec, min(batch, total), int(config.seed))
     generator.prepare(first_request, spec)
     adapters = generator.adapters_for(first_request)
@@ -177,7 +363,7 @@ def generate_to_dir(config, model=None) -> list[str]:
             text = images_lib.format_parameters(
                 config.prompt, config.negative_prompt,
                 generation_parameters(config, spec, int(seed), model_name, adapters,
-                                      generator.adapter_mode))
+                                      generator.adapter_mode, first_request.controls))
             images_lib.save_png(image, path, text)
             paths.append(path)
             images.append(image)
@@ -199,6 +385,7 @@ def check_counts(config) -> tuple[int, int]:
     if config.dtype not in DTYPES:
         raise ValueError(f"dtype {config.dtype!r} is not one of {', '.join(DTYPES)}")
     check_lora_settings(config)
+    check_control_settings(config)
     image_seeds(config.seed, total)
     if config.subseed >= 0:
         image_seeds(config.subseed, total, "subseed")

@@ -108,9 +108,12 @@ class Generator:
         """The LoRAs `request` applies (`Request.adapters`, then its prompts' tags), loaded."""
         return tuple(self.loras.weighted(lora) for lora in request_loras(request))
 
-    def params_for(self, adapters: tuple[network.Weighted, ...] = ()) -> dict:
-        """The params to call a program with under `adapters` (the base params without any)."""
-        return self._adapted(adapters) if adapters else self.params
+    def params_for(self, adapters: tuple[network.Weighted, ...] = (),
+                   controlnets: tuple = ()) -> dict:
+        """The params to call a program with under `adapters` (the base params without any) and
+        with the placed params of `controlnets` (`controlled`'s) as params["controlnets"]."""
+        params = self._adapted(adapters) if adapters else self.params
+        return {**params, "controlnets": tuple(controlnets)} if controlnets else params
 
     def _program(self, spec: SamplingSpec, structure, params: Optional[dict] = None):
         # The params' structure and adapter shapes: LoRAs of other ranks or targets are another
@@ -209,9 +212,7 @@ class Generator:
 
         The batch is padded up to a multiple of the device count (`requests.pad_batch`)."""
         batch, adapters, spec, controlnet_params = self._prepare(request, spec)
-        params = self.params_for(adapters)
-        if controlnet_params:
-            params = {**params, "controlnets": controlnet_params}
+        params = self.params_for(adapters, controlnet_params)
         n = request.num_images
         padded = -(-n // self.num_devices) * self.num_devices
         if padded != n:

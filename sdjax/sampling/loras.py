@@ -13,8 +13,6 @@ program runs with, in one of two modes (`LORA_MODES`):
 from __future__ import annotations
 
 import collections
-import functools
-import hashlib
 import math
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -22,6 +20,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 from flax import traverse_util
 
+from sdjax import runs
 from sdjax.adapters import network
 from sdjax.text.prompts import NamedLora
 
@@ -174,20 +173,7 @@ def short_hash(adapter: network.Adapter) -> Optional[str]:
     path = adapter.source
     if not path or not os.path.isfile(path):
         return None
-    stat = os.stat(path)
-    return _file_hash(os.path.realpath(path), stat.st_mtime_ns, stat.st_size)[:12]
-
-
-@functools.lru_cache(maxsize=256)
-def _file_hash(path: str, mtime_ns: int, size: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        if path.endswith(".safetensors"):
-            header = int.from_bytes(f.read(8), "little")
-            f.seek(8 + header)
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return runs.file_sha256(path, tensors_only=True)[:12]
 
 
 def parameters(adapters: Sequence[network.Weighted], mode: str) -> dict:
