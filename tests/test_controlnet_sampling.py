@@ -276,3 +276,15 @@ def test_bad_controls_are_errors_naming_the_culprit(models, sd1, control, messag
     fields = {"controlnet": models["cn_a"], "image": control_images(0), **control}
     with pytest.raises(ValueError, match=message):
         sd1(Request(PROMPT, num_images=2, controls=[Control(**fields)]), spec_of())
+
+
+# 8 devices in a subprocess, three layouts.
+@slow
+def test_controlnet_images_are_bit_identical_across_devices_jit_pmap_and_fsdp():
+    from tests.helpers import json_result, run_python
+
+    result = json_result(run_python("-m", "tests.controlnet_sampling_check", devices=8, timeout=900))
+    assert result["control_changes_images"] > 0.05, result
+    assert result["scale_zero_max_abs_diff"] <= 1e-5, result
+    assert all(result["bit_identical"].values()), result["max_abs_diff"]
+    assert result["traces_after_scale_change"] == {"jit8": 0, "pmap8": 0, "fsdp2": 0}
