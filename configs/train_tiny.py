@@ -30,6 +30,9 @@ def get_config(arg=None):
     c.data = ml_collections.ConfigDict()
     c.data.folder = ""           # images with same-named .txt captions
     c.data.manifest = ""         # or a JSONL manifest
+    # ControlNet runs: each image's conditioning image, the file of the same relative name here
+    # (or the manifest's "conditioning_image", relative to the manifest)
+    c.data.conditioning_dir = ""
     c.data.resolution = 32
     c.data.batch_size = 4        # global batch, over all hosts and devices
     c.data.use_latents = False   # read precomputed unscaled VAE latents (<image>.npy) instead
@@ -87,6 +90,28 @@ def get_config(arg=None):
     c.lora.dropout = 0.0         # kohya's network_dropout: per element of the down output
     c.lora.rank_dropout = 0.0    # per (example, rank), scale * 1/(1-p)
     c.lora.module_dropout = 0.0  # a whole module skipped for the step
+
+    # ControlNet training as diffusers' examples/controlnet trains it (sdjax.training.controlnet;
+    # configs/train_controlnet_tiny.py): the model frozen, a ControlNet copied from its U-Net's
+    # encoder trained in the param group "controlnet" (its schedule from optimizer.groups.
+    # controlnet, its rate here; a text encoder's group may train too, at its own rate).
+    # Batches carry each image's control image (data.conditioning_dir or the manifest's
+    # "conditioning_image"). Exported as export/controlnet/ (diffusers' ControlNetModel folder).
+    c.controlnet = ml_collections.ConfigDict()
+    c.controlnet.use = False
+    c.controlnet.learning_rate = 1e-5
+    c.controlnet.caption_dropout = 0.5   # captions -> the empty prompt (ldm.caption_dropout must be 0)
+    c.controlnet.control_dropout = 0.0   # control images -> zero
+    # () = diffusers' (16, 32, 96, 256), cut to the VAE's downsampling (the tiny VAE's 2x: (16, 32))
+    c.controlnet.conditioning_embedding_out_channels = ()
+    # Data the run writes into <workdir>/data instead of data.folder: the function that writes it
+    # ("package.module:function"), which control image ("mask" | "edges": the objects white on
+    # black, or their outlines, drawn from each scene's geometry), how many examples, and how
+    # often each object's position is left out of its caption (the control image shows it).
+    c.controlnet.shapes_data = "sdjax.data.shapes_control:controlnet_data"
+    c.controlnet.shapes_control = ""
+    c.controlnet.shapes_examples = 0
+    c.controlnet.drop_position = 0.0
 
     # Textual inversion as diffusers' examples/textual_inversion trains it
     # (sdjax.training.textual_inversion; `with_textual_inversion`): the model frozen, only the new

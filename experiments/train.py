@@ -6,7 +6,8 @@
 A run resumes from the latest checkpoint in --workdir. Multi-host: start the same command on every
 host with --coordinator_address=HOST:PORT --num_processes=N --process_id=i. With
 --export_checkpoint=N (or `latest`) it trains nothing: it exports that checkpoint of the run into
-<workdir>/exports/step_N (a LoRA run: its LoRA files) and exits.
+<workdir>/exports/step_N (a LoRA run: its LoRA files; a ControlNet run: its ControlNet, as
+diffusers' folder `controlnet/`) and exits.
 """
 import sys
 

@@ -4,7 +4,10 @@ Sources: an image folder (each png/jpg/jpeg/webp with a same-named `.txt` captio
 JSONL manifest ({"image": path relative to the manifest, "caption": ...} per line). Images are
 resized (shorter side) and cropped to the resolution, or to the nearest aspect-ratio bucket, and
 returned as float32 NHWC in [-1, 1]; with `use_latents`, precomputed VAE latents (`.npy`) are read
-instead and returned as stored.
+instead and returned as stored. For ControlNet training each image also has a conditioning image
+(the manifest's "conditioning_image", diffusers' column name, or the file of the same relative name
+under `conditioning_dir`), resized and cropped with the image's own crop box and flip, and returned
+as "control_image", float32 in [0, 1].
 
 Order: epoch e's batches come from `np.random.default_rng([seed, e])`, every global batch from one
 bucket. The position (epoch, index of the next global batch) is the whole iteration state, the same
@@ -40,6 +43,7 @@ class Record:
     image: str
     caption: str
     latent: Optional[str] = None
+    conditioning: Optional[str] = None
 
 
 def latent_path(image: PathLike, root: PathLike, latents_dir: Optional[PathLike] = None) -> str:
@@ -58,6 +62,34 @@ def _with_latents(records: list[Record], root: Path, latents_dir: Optional[PathL
         if not os.path.isfile(path):
             raise ValueError(f"{r.image}: no precomputed latent at {path}")
         out.append(dataclasses.replace(r, latent=path))
+    return out
+
+
+def conditioning_path(image: PathLike, root: PathLike, conditioning_dir: PathLike) -> str:
+    """The conditioning image of `image`: the file of the same path relative to `root` under
+    `conditioning_dir`, or failing that the one of the same stem with another image extension
+    (a .jpg photo's .png edge map). A one-line error names the file expected."""
+    expected = Path(conditioning_dir) / Path(image).relative_to(root)
+    for candidate in [expected] + [expected.with_suffix(e) for e in IMAGE_EXTENSIONS]:
+        if candidate.is_file():
+            return str(candidate)
+    raise ValueError(f"{image}: no conditioning image {expected} (data.conditioning_dir)")
+
+
+def _with_conditioning(records: list[Record], root: Path,
+                       conditioning_dir: Optional[PathLike]) -> list[Record]:
+    """`records` each with its conditioning image: the manifest's, else `conditioning_dir`'s."""
+    out = []
+    for r in records:
+        path = r.conditioning
+        if path is None:
+            if conditioning_dir is None:
+                raise ValueError(f"{r.image}: no conditioning image (give the manifest a "
+                                 f"\"conditioning_image\" or set data.conditioning_dir)")
+            path = conditioning_path(r.image, root, conditioning_dir)
+        elif not os.path.isfile(path):
+            raise ValueError(f"{r.image}: its conditioning image {path} does not exist")
+        out.append(dataclasses.replace(r, conditioning=path))
     return out
 
 
@@ -86,7 +118,8 @@ def read_image_folder(folder: PathLike, *, require_captions: bool = True) -> lis
 
 
 def read_manifest(path: PathLike, *, require_captions: bool = True) -> list[Record]:
-    """A JSONL file of {"image": path relative to the manifest's folder, "caption": str}."""
+    """A JSONL file of {"image": path relative to the manifest's folder, "caption": str[,
+    "conditioning_image": path relative to the manifest's folder]}."""
     path = Path(path)
     root = path.parent
     records = []
@@ -102,8 +135,11 @@ def read_manifest(path: PathLike, *, require_captions: bool = True) -> list[Reco
                 raise ValueError(f"{path}:{line_number}: no \"image\" key")
             if "caption" not in entry and require_captions:
                 raise ValueError(f"{path}:{line_number}: no \"caption\" for {entry['image']}")
+            conditioning = entry.get("conditioning_image")
             records.append(Record(image=str(root / entry["image"]),
-                                  caption=str(entry.get("caption", "")).strip()))
+                                  caption=str(entry.get("caption", "")).strip(),
+                                  conditioning=None if conditioning is None
+                                  else str(root / conditioning)))
     if not records:
         raise ValueError(f"{path}: manifest lists no images")
     return records
@@ -139,15 +175,28 @@ def image_size(path: PathLike) -> tuple[int, int]:
     return height, width
 
 
-def resize_and_crop(image: Image.Image, size: tuple[int, int], crop: str = "center",
-                    rng: Optional[np.random.Generator] = None) -> np.ndarray:
-    """Scale so the image covers `size` = (h, w) (for a square size: shorter side to it), crop to
-    it at the centre or at a random offset; uint8 (h, w, 3)."""
+@dataclasses.dataclass(frozen=True)
+class CropBox:
+    """Where an image is cut: scaled to `scaled` (w, h), then cropped to `box` (left, top,
+    right, bottom)."""
+    scaled: tuple[int, int]
+    box: tuple[int, int, int, int]
+
+    def apply(self, image: Image.Image) -> np.ndarray:
+        """`image` cut this way, uint8 (h, w, c). An image of another size (a conditioning image
+        stored smaller) is scaled to `scaled` all the same, so it stays registered."""
+        if image.size != self.scaled:
+            image = image.resize(self.scaled, Image.BICUBIC)
+        return np.asarray(image.crop(self.box))
+
+
+def crop_box(image_size: tuple[int, int], size: tuple[int, int], crop: str = "center",
+             rng: Optional[np.random.Generator] = None) -> CropBox:
+    """Scale an image of `image_size` (w, h) so it covers `size` = (h, w) (for a square size:
+    shorter side to it), crop to it at the centre or at a random offset."""
     height, width = size
-    scale = max(height / image.height, width / image.width)
-    new_size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    if new_size != image.size:
-        image = image.resize(new_size, Image.BICUBIC)
+    scale = max(height / image_size[1], width / image_size[0])
+    new_size = (max(width, round(image_size[0] * scale)), max(height, round(image_size[1] * scale)))
     if crop == "center":
         left, top = (new_size[0] - width) // 2, (new_size[1] - height) // 2
     elif crop == "random":
@@ -155,19 +204,45 @@ def resize_and_crop(image: Image.Image, size: tuple[int, int], crop: str = "cent
         top = int(rng.integers(0, new_size[1] - height + 1))
     else:
         raise ValueError(f"crop {crop!r} is not one of {CROPS}")
-    return np.asarray(image.crop((left, top, left + width, top + height)))
+    return CropBox(new_size, (left, top, left + width, top + height))
+
+
+def resize_and_crop(image: Image.Image, size: tuple[int, int], crop: str = "center",
+                    rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    """`image` scaled and cropped to `size` (`crop_box`); uint8 (h, w, 3)."""
+    return crop_box(image.size, size, crop, rng).apply(image)
+
+
+def _open_rgb(path: PathLike) -> Image.Image:
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def load_image(path: PathLike, size: tuple[int, int], crop: str = "center",
                rng: Optional[np.random.Generator] = None, flip: bool = False) -> np.ndarray:
     """An image file as float32 (h, w, 3) in [-1, 1]."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
-    pixels = resize_and_crop(image, size, crop, rng)
-    if flip:
-        pixels = pixels[:, ::-1]
-    return pixels.astype(np.float32) / 127.5 - 1.0
+    return load_image_pair(path, None, size, crop, rng, flip)[0]
 
+
+def load_image_pair(path: PathLike, conditioning: Optional[PathLike], size: tuple[int, int],
+                    crop: str = "center", rng: Optional[np.random.Generator] = None,
+                    flip: bool = False) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """An image file as float32 (h, w, 3) in [-1, 1] and its conditioning image (None: none)
+    as float32 (h, w, 3) in [0, 1], cut with the image's crop box and flipped with it."""
+    image = _open_rgb(path)
+    box = crop_box(image.size, size, crop, rng)
+    arrays = [box.apply(image)]
+    if conditioning is not None:
+        arrays.append(box.apply(_open_rgb(conditioning)))
+    if flip:
+        arrays = [a[:, ::-1] for a in arrays]
+    pixels = arrays[0].astype(np.float32) / 127.5 - 1.0
+    control = arrays[1].astype(np.float32) / 255.0 if conditioning is not None else None
+    return pixels, control
+
+
+# The caption augmentation's stream beside the crop's: rng [seed, epoch, example, this].
+_CAPTION_STREAM = 0x43415054
 
 _END = object()
 
@@ -231,7 +306,10 @@ class Prefetcher:
 
 class ImageCaptionDataset:
     """Batches {"pixels" | "latents": float32 (b, h, w, c), "captions": list[str], "index": int64
-    (b,) record indices, and "input_ids" when a tokenizer is given}, b = batch_size / process_count.
+    (b,) record indices, "input_ids" when a tokenizer is given, and with `conditioning` each
+    image's conditioning image as "control_image", float32 (b, h, w, 3) in [0, 1]},
+    b = batch_size / process_count. `caption_transform(caption, rng)` rewrites each caption as it
+    is loaded (an augmentation; rng is the example's own for this epoch).
 
     batch_size is the global batch; every host builds the same dataset and reads its slice.
     Unreadable images are skipped (header failures when the dataset is built, decode failures in
@@ -248,6 +326,8 @@ class ImageCaptionDataset:
                  process_index: int = 0, process_count: int = 1, prefetch: int = 2,
                  num_workers: int = 4,
                  tokenizer: Optional[Callable[[list[str]], np.ndarray]] = None,
+                 conditioning: bool = False,
+                 caption_transform: Optional[Callable[[str, np.random.Generator], str]] = None,
                  source: str = "dataset"):
         if crop not in CROPS:
             raise ValueError(f"crop {crop!r} is not one of {CROPS}")
@@ -261,6 +341,12 @@ class ImageCaptionDataset:
         if use_latents and any(r.latent is None for r in records):
             missing = next(r for r in records if r.latent is None)
             raise ValueError(f"{missing.image}: use_latents is set but the record has no latent path")
+        if conditioning and use_latents:
+            raise ValueError(f"{source}: conditioning images are cut with their image's crop box, "
+                             f"which precomputed latents (use_latents) no longer have")
+        if conditioning and any(r.conditioning is None for r in records):
+            missing = next(r for r in records if r.conditioning is None)
+            raise ValueError(f"{missing.image}: no conditioning image")
         self.records = list(records)
         self.batch_size = batch_size
         self.local_batch_size = batch_size // process_count
@@ -274,6 +360,7 @@ class ImageCaptionDataset:
         self.seed, self.shuffle, self.num_epochs = seed, shuffle, num_epochs
         self.process_index, self.process_count = process_index, process_count
         self.prefetch, self.tokenizer, self.source = prefetch, tokenizer, source
+        self.conditioning, self.caption_transform = conditioning, caption_transform
         self._pool = concurrent.futures.ThreadPoolExecutor(max(1, num_workers))
         self._lock = threading.Lock()
         self._skipped: dict[str, str] = {}
@@ -289,18 +376,24 @@ class ImageCaptionDataset:
 
     @classmethod
     def from_folder(cls, folder: PathLike, *, require_captions: bool = True,
-                    latents_dir: Optional[PathLike] = None, **kwargs) -> "ImageCaptionDataset":
+                    latents_dir: Optional[PathLike] = None,
+                    conditioning_dir: Optional[PathLike] = None, **kwargs) -> "ImageCaptionDataset":
         records = read_image_folder(folder, require_captions=require_captions)
         if kwargs.get("use_latents"):
             records = _with_latents(records, Path(folder), latents_dir)
+        if kwargs.get("conditioning"):
+            records = _with_conditioning(records, Path(folder), conditioning_dir)
         return cls(records, source=str(folder), **kwargs)
 
     @classmethod
     def from_manifest(cls, path: PathLike, *, require_captions: bool = True,
-                      latents_dir: Optional[PathLike] = None, **kwargs) -> "ImageCaptionDataset":
+                      latents_dir: Optional[PathLike] = None,
+                      conditioning_dir: Optional[PathLike] = None, **kwargs) -> "ImageCaptionDataset":
         records = read_manifest(path, require_captions=require_captions)
         if kwargs.get("use_latents"):
             records = _with_latents(records, Path(path).parent, latents_dir)
+        if kwargs.get("conditioning"):
+            records = _with_conditioning(records, Path(path).parent, conditioning_dir)
         return cls(records, source=str(path), **kwargs)
 
     # --- bookkeeping -------------------------------------------------------------------------
@@ -363,18 +456,21 @@ class ImageCaptionDataset:
 
     # --- loading -----------------------------------------------------------------------------
 
-    def _read(self, index: int, key: tuple, epoch: int) -> np.ndarray:
+    def _read(self, index: int, key: tuple, epoch: int) -> dict[str, np.ndarray]:
         record = self.records[index]
         if self.use_latents:
-            return np.load(record.latent).astype(np.float32)
+            return {"latents": np.load(record.latent).astype(np.float32)}
         # Per (seed, epoch, example) randomness: the same crop whichever host or thread loads it.
         rng = np.random.default_rng([self.seed, epoch, index])
         flip = self.random_flip and bool(rng.integers(2))
-        return load_image(record.image, key, self.crop, rng, flip)
+        pixels, control = load_image_pair(record.image,
+                                          record.conditioning if self.conditioning else None,
+                                          key, self.crop, rng, flip)
+        return {"pixels": pixels} if control is None else {"pixels": pixels, "control_image": control}
 
     def _read_or_replace(self, index: int, key: tuple, epoch: int, order: np.ndarray):
         """The example, or, if it cannot be decoded, the next readable one of its bucket in this
-        epoch's order; returns (record index, array)."""
+        epoch's order; returns (record index, {name: array})."""
         def candidates():
             yield index
             # Only on a failure: the bucket's order from just after `index`, wrapping around.
@@ -401,8 +497,12 @@ class ImageCaptionDataset:
                                      local))
         indices = np.asarray([i for i, _ in loaded], np.int64)
         captions = [self.records[i].caption for i in indices]
-        batch = {"latents" if self.use_latents else "pixels": np.stack([a for _, a in loaded]),
-                 "captions": captions, "index": indices}
+        if self.caption_transform is not None:
+            captions = [self.caption_transform(c, np.random.default_rng([self.seed, epoch, int(i),
+                                                                         _CAPTION_STREAM]))
+                        for c, i in zip(captions, indices)]
+        batch = {name: np.stack([arrays[name] for _, arrays in loaded]) for name in loaded[0][1]}
+        batch.update(captions=captions, index=indices)
         if self.tokenizer is not None:
             batch["input_ids"] = np.asarray(self.tokenizer(captions))
         return batch

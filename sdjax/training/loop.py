@@ -33,6 +33,7 @@ from sdjax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionC
 from sdjax.weights.presets import random_pretrained
 from sdjax.weights.architecture import Architecture
 from sdjax.text.tokenizer import CLIPTokenizer
+from sdjax.training import controlnet as controlnet_lib
 from sdjax.training import lora
 from sdjax.training import step as step_lib
 from sdjax.training import textual_inversion
@@ -79,8 +80,9 @@ class TrainingDiverged(RuntimeError):
 class Setup:
     """What a run is built from: the models (as a Pretrained for ldm/vae), the task, the state,
     for the clip objective with hard negatives, the function that writes them, for a LoRA run
-    its network, name and what its exported files say of the run (kohya's `ss_*` keys), and for a
-    textual-inversion run its token (`model` then knows it)."""
+    its network, name and what its exported files say of the run (kohya's `ss_*` keys), for a
+    textual-inversion run its token (`model` then knows it), and for a ControlNet run the
+    ControlNet's config (its params are the state's group "controlnet")."""
     task: Any
     state: TrainState
     model: Optional[Pretrained]
@@ -90,6 +92,7 @@ class Setup:
     lora_name: str = ""
     run_metadata: dict = dataclasses.field(default_factory=dict)
     inversion: Optional[textual_inversion.Inversion] = None
+    controlnet: Optional[controlnet_lib.ControlNetConfig] = None
 
     @property
     def adapter(self):
@@ -134,9 +137,14 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     if config.objective not in step_lib.OBJECTIVES:
         raise ValueError(f"objective {config.objective!r} is not one of {step_lib.OBJECTIVES}")
     dtype = _dtype(config.compute_dtype)
-    model, negatives, inversion = None, None, None
-    if config.lora.use and config.textual_inversion.use:
-        raise ValueError("lora.use and textual_inversion.use are both set: a run trains one")
+    model, negatives, inversion, controlnet = None, None, None, None
+    adapters = [name for name in ("lora", "textual_inversion", "controlnet") if config[name].use]
+    if len(adapters) > 1:
+        raise ValueError(f"{' and '.join(f'{a}.use' for a in adapters)} are "
+                         f"{'both' if len(adapters) == 2 else 'all'} set: a run trains one")
+    if config.controlnet.use and config.objective != "ldm":
+        raise ValueError(f"controlnet.use trains a ControlNet with the ldm objective, not "
+                         f"{config.objective!r}")
     if config.textual_inversion.use and config.objective != "ldm":
         raise ValueError(f"textual_inversion.use learns a token with the ldm objective, not "
                          f"{config.objective!r}")
@@ -161,8 +169,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
             # A LoRA or a new token adapts a model whose every layer contributes; the start of a run
             # from scratch zeroes the residual branches' last layers and the U-Net's output.
             model = random_pretrained(config.preset, seed=config.seed,
-                                      for_training=not (config.lora.use
-                                                        or config.textual_inversion.use))
+                                      for_training=not adapters)
         if config.objective == "ldm" and config.ldm.prediction_type:
             # Exports and preview grids sample with the parameterisation being trained.
             model = dataclasses.replace(model, scheduler_config={
@@ -208,6 +215,22 @@ def build(config: ml_collections.ConfigDict) -> Setup:
         params.update(network.init(config.seed))
         task = lora.LoRATask(task, network)
         groups = lora_groups(groups, network)
+    if config.controlnet.use:
+        settings = controlnet_lib.controlnet_settings(config.controlnet.to_dict(),
+                                                      exclude=CONTROLNET_RUN_FIELDS)
+        if config.ldm.caption_dropout:
+            raise ValueError("ldm.caption_dropout is set on a ControlNet run: its captions are "
+                             "dropped at controlnet.caption_dropout (set ldm.caption_dropout=0)")
+        groups = controlnet_lib.controlnet_groups(groups, settings)
+        if jnp.dtype(dtype) != jnp.float32:  # as a LoRA run's frozen base
+            params = {name: sub if name in groups and not groups[name].get("frozen", False)
+                      else cast_for_compute(sub, dtype) for name, sub in params.items()}
+        weights = controlnet_lib.init_controlnet(model, settings, config.seed)
+        controlnet = weights.config
+        params[controlnet_lib.GROUP] = weights.params
+        task = controlnet_lib.ControlNetTask(task, controlnet,
+                                             caption_dropout=settings.caption_dropout,
+                                             control_dropout=settings.control_dropout)
     if inversion is not None:
         params = inversion.split(params)
         rows = params.pop(textual_inversion.GROUP)
@@ -229,7 +252,8 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     state = init_train_state(params, optimizer, jax.random.key(config.seed), use_ema=config.ema.use,
                              ema=ema)
     setup = Setup(task=task, state=state, model=model, tokenizer=tokenizer,
-                  hard_negative_captions=negatives, network=network, inversion=inversion)
+                  hard_negative_captions=negatives, network=network, inversion=inversion,
+                  controlnet=controlnet)
     if network is not None:
         setup.lora_name = config.lora.output_name
         setup.run_metadata = kohya_run_metadata(config)
@@ -239,6 +263,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
 # Fields of `config.lora` that the loop reads itself; the others are `lora.LoRAConfig`'s.
 LORA_RUN_FIELDS = ("use", "output_name")
 TEXTUAL_INVERSION_RUN_FIELDS = ("use",)
+CONTROLNET_RUN_FIELDS = ("use",)
 
 
 def lora_groups(groups: dict, network: lora.Network) -> dict:
@@ -302,18 +327,50 @@ def hard_negative_ids(captions: list[str], tokenizer,
     return np.asarray(tokenizer(negatives)).reshape(len(captions), count, -1)
 
 
-def make_dataset(config: ml_collections.ConfigDict, tokenizer) -> ImageCaptionDataset:
+def make_dataset(config: ml_collections.ConfigDict, tokenizer,
+                 workdir: Optional[str] = None) -> ImageCaptionDataset:
+    """The run's data. A ControlNet run's batches also hold each image's control image; one that
+    writes its own data (`controlnet.shapes_data`, the shapes world) writes it into
+    `<workdir>/data` first."""
     d = config.data
     kwargs = dict(batch_size=d.batch_size, resolution=d.resolution, crop=d.crop,
                   random_flip=d.random_flip, use_latents=d.use_latents, seed=config.seed,
                   shuffle=d.shuffle, process_index=jax.process_index(),
                   process_count=jax.process_count(), prefetch=d.prefetch,
                   num_workers=d.num_workers, tokenizer=tokenizer)
-    if d.folder:
-        return ImageCaptionDataset.from_folder(d.folder, **kwargs)
-    if d.manifest:
-        return ImageCaptionDataset.from_manifest(d.manifest, **kwargs)
+    folder, manifest = d.folder, d.manifest
+    if d.conditioning_dir and not config.controlnet.use:
+        raise ValueError("data.conditioning_dir is set, but conditioning images are read for a "
+                         "ControlNet run (controlnet.use) only")
+    if config.controlnet.use:
+        settings = controlnet_lib.controlnet_settings(config.controlnet.to_dict(),
+                                                      exclude=CONTROLNET_RUN_FIELDS)
+        kwargs.update(conditioning=True, conditioning_dir=d.conditioning_dir or None)
+        if settings.shapes_control:
+            if folder or manifest or d.conditioning_dir or workdir is None:
+                raise ValueError("controlnet.shapes_control writes the run's own data into its "
+                                 "workdir: leave data.folder, data.manifest and "
+                                 "data.conditioning_dir empty")
+            made = import_function(settings.shapes_data)(
+                os.path.join(workdir, "data"), settings.shapes_examples, seed=config.seed,
+                image_size=d.resolution, control=settings.shapes_control,
+                drop_position=settings.drop_position, write=jax.process_index() == 0)
+            _sync("controlnet data")
+            folder = made["folder"]
+            kwargs.update(conditioning_dir=made["conditioning_dir"],
+                          caption_transform=made["caption_transform"])
+    if folder:
+        return ImageCaptionDataset.from_folder(folder, **kwargs)
+    if manifest:
+        return ImageCaptionDataset.from_manifest(manifest, **kwargs)
     raise ValueError("set config.data.folder (images with .txt captions) or config.data.manifest")
+
+
+def _sync(name: str) -> None:
+    """Every process waits here for the others (process 0 wrote something they read)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def _to_host(tree):
@@ -337,10 +394,14 @@ def export(setup: Setup, state: TrainState, path: str, use_ema: bool = True) -> 
     latent-diffusion objectives, `save_clip_native` for CLIP (what `load_clip_scorer` and
     `--clip_model` read); for a LoRA run, the LoRA alone (`lora.export_files`: kohya's file and
     sdjax's, with kohya's `ss_*` metadata); for a textual-inversion run, the token's vectors
-    (`textual_inversion.export_files`: the WebUI's file and diffusers')."""
+    (`textual_inversion.export_files`: the WebUI's file and diffusers'); for a ControlNet run,
+    the ControlNet as a diffusers folder `<path>/controlnet` (`controlnet.export_files`; with
+    the model beside it when a text encoder trained too)."""
     params = export_params(state, use_ema)
     if setup.adapter is not None:
         params = {group: params[group] for group in setup.adapter.groups}
+    if setup.controlnet is not None:
+        params = {name: params[name] for name in state.optimizer.trainable}
     params = _to_host(params)
     if jax.process_index() == 0:
         if setup.network is not None:
@@ -353,6 +414,9 @@ def export(setup: Setup, state: TrainState, path: str, use_ema: bool = True) -> 
         elif setup.inversion is not None:
             textual_inversion.export_files(setup.inversion, params, path,
                                            {"step": int(optimizer_steps(state))})
+        elif setup.controlnet is not None:
+            controlnet_lib.export_files(setup.controlnet, params, setup.model, path,
+                                        source=f"{path} (step {int(optimizer_steps(state))})")
         elif setup.model is None:
             save_clip_native(path, setup.task.config, params["clip"], CLIPTokenizer.default())
         else:
@@ -360,9 +424,7 @@ def export(setup: Setup, state: TrainState, path: str, use_ema: bool = True) -> 
                                         source=path)
             save_pretrained(model, path)
         logging.info("exported %s", path)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(f"export {path}")
+    _sync(f"export {path}")
     return path
 
 
@@ -445,7 +507,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     shardings = step_lib.state_sharding(mesh, setup.state)
     state = step_lib.place(setup.state, shardings, consume=True)
     setup.state = None
-    dataset = make_dataset(config, setup.tokenizer)
+    dataset = make_dataset(config, setup.tokenizer, workdir)
     if setup.network is not None:
         setup.run_metadata.update(ss_num_train_images=len(dataset.records),
                                   ss_num_batches_per_epoch=dataset.batches_per_epoch)
@@ -465,7 +527,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     key_fn = jax.jit(jax.random.fold_in, out_shardings=parallel.replicated(mesh))
     sampler = None
     if config.sample.every and setup.model is not None and config.objective == "ldm":
-        if jax.process_count() == 1:
+        if setup.controlnet is not None:
+            # The grids' requests would need control images; the export is what to sample.
+            logging.warning("sample grids are not drawn in ControlNet runs")
+        elif jax.process_count() == 1:
             sampler = _Sampler(setup, config, mesh, workdir)
         else:
             logging.warning("sample grids are written in single-process runs only")
@@ -560,7 +625,7 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                       step: Optional[int] = None) -> str:
     """Export checkpoint `step` (None: the newest) of the run `config` trains in `workdir` into
     `workdir/exports/step_<N>`, as the run itself exports (a LoRA run: its LoRA files; a
-    textual-inversion run: its token's files)."""
+    textual-inversion run: its token's files; a ControlNet run: its `controlnet/` folder)."""
     folder = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: no checkpoints to export")

@@ -8,6 +8,8 @@ Objectives (chosen by the task object, each a pure `loss(params, batch, key) -> 
 - `VAETask`: the KL autoencoder's reconstruction + beta * KL.
 - `CLIPTask`: CLIP's symmetric contrastive loss over the global batch.
 - `training.lora.LoRATask`: `LDMTask` on a frozen model with trained LoRA factors (kohya's LoRA).
+- `training.controlnet.ControlNetTask`: `LDMTask` on a frozen model whose U-Net takes a trained
+  ControlNet's residuals (`control`).
 
 Non-finite guard: a step whose loss or gradient norm is not finite leaves the whole state as it
 was, `step` included (the optimizer's counters, the EMA and `step` never disagree), and reports
@@ -68,10 +70,12 @@ class LDMTask:
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
 
-    def loss(self, params: dict, batch: dict, key: jax.Array):
+    def loss(self, params: dict, batch: dict, key: jax.Array,
+             control: Optional[Callable[..., tuple]] = None):
         """batch: "pixels" (B, H, W, 3) in [-1, 1] or "latents" (B, h, w, c) unscaled VAE latents;
         "input_ids" (B, encoders, 1, 77). Adapters in params[ADAPTERS_KEY] (LoRA training) reach
-        the U-Net and the text encoders."""
+        the U-Net and the text encoders. `control(noisy, timesteps, context, added_cond)`: the
+        (down residuals, mid residual) the U-Net adds (a ControlNet's), or None."""
         arch = self.arch
         latent_key, drop_key, noise_key, time_key = jax.random.split(key, 4)
         if "latents" in batch:
@@ -99,9 +103,10 @@ class LDMTask:
         timesteps = objectives.sample_timesteps(time_key, b, arch.schedule.num_train_timesteps)
         alphas_cumprod = arch.schedule.alphas_cumprod
         noisy = add_noise(alphas_cumprod, latents, noise, timesteps)
+        noisy, context = noisy.astype(arch.dtype), cond["context"].astype(arch.dtype)
+        residuals = None if control is None else control(noisy, timesteps, context, added)
         prediction = UNet(arch.unet, dtype=arch.dtype, remat=self.remat).apply(
-            model_variables(params, "unet"), noisy.astype(arch.dtype), timesteps,
-            cond["context"].astype(arch.dtype), added)
+            model_variables(params, "unet"), noisy, timesteps, context, added, control=residuals)
         loss, _ = objectives.diffusion_loss(prediction, latents, noise, timesteps, alphas_cumprod,
                                             self.prediction_type, self.snr_gamma)
         return loss, {}
