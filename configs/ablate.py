@@ -18,11 +18,17 @@ weight as an axis:
         --lora=watercolor --lora_dir=/path/to/loras --config.lora_weights="(0.0,0.5,1.0)" \
         --config.grid.x=lora_weight
 
+and a ControlNet's conditioning scale (the same flags as experiments/generate.py's):
+
+    python -m experiments.ablate --config=configs/ablate.py --model=/path/to/model \
+        --controlnet=/path/to/controlnet --control_image=edges.png \
+        --config.control_scales="(0.0,0.5,1.0)" --config.grid.x=control_scale
+
 Run the same command again after an interruption: finished (cell, prompt) pairs are skipped.
 """
 import ml_collections
 
-from configs.common import COMPILATION_CACHE
+from configs.common import COMPILATION_CACHE, generation_config
 from sdjax.sampling.spec import SamplingSpec
 
 
@@ -59,8 +65,18 @@ def get_config(arg=None):
     c.lora_dir = ""
     c.lora_mode = "runtime"      # runtime | merged (see configs/common.py)
     c.embeddings_dir = ""        # textual-inversion embeddings, usable in prompts by file name
+    # ControlNets applied to every cell: configs/common.py's fields, with its defaults (controlnet,
+    # control_image, control_scale, control_start, control_end, control_preprocess: one value per
+    # ControlNet; control_guess_mode, controlnet_dir).
+    generation = generation_config(height=512, width=512)
+    for field in generation.keys():
+        if field.startswith("control"):
+            c[field] = generation[field]
+    # An axis: each cell drawn with the ControlNets of `controlnet` at each of these conditioning
+    # scales (multiples of their listed scales). Scales are data: no more programs for them.
+    c.control_scales = ()
     c.grid = ml_collections.ConfigDict()
-    # columns: sampler | steps | variant | cfg_scale | lora_weight | prompt | seed
+    # columns: sampler | steps | variant | cfg_scale | lora_weight | control_scale | prompt | seed
     c.grid.x = "cfg_scale"
     c.grid.y = "sampler"         # rows: as x; one grid file per combination of the other axes
     c.grid.max_prompts = 8       # prompts per grid when the prompt is an axis (0: all)

@@ -4,7 +4,9 @@
         --clip_model=/path/to/clip --out_dir=ablations/sd15
 
 A LoRA's weight is an axis too: --lora=NAME --lora_dir=/path/to/loras
---config.lora_weights="(0.0,0.5,1.0)" draws every cell at each weight, with one program.
+--config.lora_weights="(0.0,0.5,1.0)" draws every cell at each weight, with one program; and so
+is a ControlNet's scale: --controlnet=PATH --control_image=IMAGE
+--config.control_scales="(0.0,0.5,1.0)".
 
 See configs/ablate.py for every setting; the flags below are shortcuts that override the config.
 """
@@ -21,6 +23,7 @@ flags.DEFINE_string("clip_model", None,
                     "CLIP for the CLIP score: transformers CLIPModel or sdjax CLIP folder")
 flags.DEFINE_string("out_dir", None, "where images, grids, tables and plots go")
 generate.define_lora_flags()
+generate.define_control_flags()
 FLAGS = flags.FLAGS
 SHORTCUTS = ("model", "clip_model", "out_dir")
 
@@ -31,6 +34,7 @@ def main(argv):
     config = FLAGS.config
     cli.apply_shortcuts(config, SHORTCUTS)
     cli.apply_shortcuts(config, generate.LORA_SHORTCUTS)
+    cli.apply_shortcuts(config, generate.CONTROL_SHORTCUTS)
     result = ablation.run_sweep(config)
     logging.info("%d (cell, prompt) pairs drawn, %d resumed, %d compilations; tables in %s",
                  result["generated"], result["skipped"], result["traces"], result["markdown"])

@@ -6,6 +6,7 @@ compiled once for the whole file.
 import csv
 import json
 import os
+import shutil
 import sys
 
 import jax
@@ -23,6 +24,8 @@ from sdjax.weights.presets import random_pretrained
 from sdjax.sampling import Generator
 from sdjax.text.tokenizer import CLIPTokenizer
 from sdjax.weights.clip import clip_text_shapes, clip_vision_shapes
+from sdjax.weights.controlnet import save_controlnet
+from tests.controlnet_sampling_check import random_controlnet
 
 SIZE = 32
 SAMPLERS = ("euler", "ddim")
@@ -307,3 +310,147 @@ def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="grid axis 'colour'"):
         ablation.write_grids(str(tmp_path), ablation.Sweep.from_config(_config(tmp_path)), [],
                              "colour", "sampler")
+
+
+# --- the ControlNet scale axis ---------------------------------------------------------------------
+
+CONTROL_SCALES = (0.0, 0.5, 1.0)
+
+
+def _control_config(out_dir, **overrides):
+    """One (sampler, steps, variant), so one program, x the guidance scales; one prompt, 2 seeds."""
+    return _config(out_dir, samplers=("euler",), steps=(2,), variants=("cfg",), num_prompts=1,
+                   **overrides)
+
+
+@pytest.fixture(scope="module")
+def control_files(tmp_path_factory, generator):
+    """A ControlNet of the tiny model's U-Net whose zero convs are not zero (so its scale shows in
+    the images), saved as a diffusers folder, and a control image."""
+    folder = tmp_path_factory.mktemp("control")
+    save_controlnet(random_controlnet(generator.model, seed=5), folder / "controlnet")
+    blocks = np.random.default_rng(0).random((4, 4, 3))
+    Image.fromarray((np.kron(blocks, np.ones((8, 8, 1))) * 255).astype(np.uint8)).save(
+        folder / "control.png")
+    return {"controlnet": (str(folder / "controlnet"),),
+            "control_image": (str(folder / "control.png"),)}
+
+
+@pytest.fixture(scope="module")
+def control_sweeps(tmp_path_factory, generator, control_files):
+    """The same sweep without a ControlNet, and with one at CONTROL_SCALES (grid x = control_scale,
+    y = cfg_scale)."""
+    plain = _control_config(tmp_path_factory.mktemp("plain_sweep"))
+    plain_result = ablation.run_sweep(plain, generator=generator)
+    controlled = _control_config(tmp_path_factory.mktemp("control_sweep"), **control_files,
+                                 control_scales=CONTROL_SCALES,
+                                 **{"grid.x": "control_scale", "grid.y": "cfg_scale"})
+    result = ablation.run_sweep(controlled, generator=generator)
+    return {"plain": plain, "plain_result": plain_result, "config": controlled, "result": result}
+
+
+def _by_cell(out_dir):
+    return {(r["cfg_scale"], r.get("control_scale")): ablation._load_images(out_dir, r)
+            for r in ablation.read_records(out_dir)}
+
+
+def test_control_scales_run_in_as_many_programs_as_without_the_axis(control_sweeps, generator,
+                                                                    tmp_path):
+    result = control_sweeps["result"]
+    assert result["programs"] == control_sweeps["plain_result"]["programs"] == 1
+    # Six cells (3 ControlNet scales x 2 guidance scales), one program traced once.
+    assert result["traces"] == 1
+    assert result["generated"] == len(CONTROL_SCALES) * len(SCALES)
+    assert result["columns"][:5] == ["sampler", "steps", "variant", "cfg_scale", "control_scale"]
+    assert [(r["cfg_scale"], r["control_scale"]) for r in result["rows"]] == [
+        (g, c) for g in SCALES for c in CONTROL_SCALES]
+    assert "control_scale" not in control_sweeps["plain_result"]["columns"]
+    # A restart with another scale draws only its cells, in the same program.
+    config = control_sweeps["config"].copy_and_resolve_references()
+    with config.unlocked():
+        config.out_dir = str(tmp_path / "more")
+        config.control_scales = CONTROL_SCALES + (2.0,)
+    shutil.copytree(control_sweeps["config"].out_dir, config.out_dir)
+    again = ablation.run_sweep(config, generator=generator)
+    assert (again["generated"], again["skipped"], again["traces"]) == (
+        len(SCALES), len(CONTROL_SCALES) * len(SCALES), 0)
+
+
+def test_control_scale_zero_draws_the_images_without_a_controlnet(control_sweeps):
+    plain = _by_cell(control_sweeps["plain"].out_dir)
+    controlled = _by_cell(control_sweeps["config"].out_dir)
+    for cfg_scale in SCALES:
+        without = plain[(cfg_scale, None)].astype(int)
+        assert np.abs(controlled[(cfg_scale, 0.0)].astype(int) - without).max() <= 1
+        for scale in CONTROL_SCALES[1:]:
+            assert np.abs(controlled[(cfg_scale, scale)].astype(int) - without).max() > 2
+        assert np.abs(controlled[(cfg_scale, 0.5)].astype(int)
+                      - controlled[(cfg_scale, 1.0)].astype(int)).max() > 2
+
+
+def test_control_scale_is_recorded_per_record_and_png(control_sweeps):
+    out_dir = control_sweeps["config"].out_dir
+    records = ablation.read_records(out_dir)
+    assert sorted({r["control_scale"] for r in records}) == list(CONTROL_SCALES)
+    assert all("control_scale" not in r
+               for r in ablation.read_records(control_sweeps["plain"].out_dir))
+    half = next(r for r in records if r["control_scale"] == 0.5)
+    assert "-control0.5/" in half["files"][0]                # the cell's own folder
+    text = images_lib.read_parameters(os.path.join(out_dir, half["files"][0]))
+    assert 'ControlNet 0: "Module: none, Model: controlnet' in text and "Weight: 0.5" in text
+
+
+def test_grid_with_control_scale_on_x(control_sweeps):
+    config, result = control_sweeps["config"], control_sweeps["result"]
+    (entry,) = result["grids"]                      # one (sampler, steps, variant, prompt)
+    assert (entry["rows"], entry["cols"], entry["tiles"]) == (len(SCALES), len(CONTROL_SCALES), 6)
+    assert entry["col_labels"] == ["ControlNet 0", "ControlNet 0.5", "ControlNet 1"]
+    assert entry["row_labels"] == ["CFG 1", "CFG 7.5"]
+    canvas = np.asarray(Image.open(os.path.join(config.out_dir, entry["file"])))
+    by_cell = _by_cell(config.out_dir)
+    tiles = [np.concatenate(list(by_cell[(g, c)]), axis=1) for g in SCALES for c in CONTROL_SCALES]
+    np.testing.assert_array_equal(canvas, images_lib.grid(
+        tiles, rows=len(SCALES), row_labels=entry["row_labels"], col_labels=entry["col_labels"]))
+
+
+def test_control_settings_errors_are_one_line(tmp_path, control_files, control_sweeps):
+    def error(config, call=ablation.Sweep.from_config):
+        with pytest.raises(ValueError) as info:
+            call(config)
+        assert "\n" not in str(info.value)
+        return str(info.value)
+
+    without_controlnet = error(_control_config(tmp_path, control_scales=(0.0, 1.0)))
+    assert "config.control_scales" in without_controlnet
+    assert "config.controlnet," in without_controlnet
+    for scales, message in (((0.5, 0.5), "config.control_scales repeats"),
+                            ((float("nan"),), "config.control_scales must be finite"),
+                            (("strong",), "config.control_scales must hold numbers")):
+        assert message in error(_control_config(tmp_path, **control_files, control_scales=scales))
+    assert "--control_image: 0 value(s) for 1 ControlNet(s)" in error(_control_config(
+        tmp_path, controlnet=control_files["controlnet"], control_scales=(0.0, 1.0)))
+    assert "no such file" in error(_control_config(
+        tmp_path, **{**control_files, "control_image": (str(tmp_path / "missing.png"),)}))
+    assert "--control_guess_mode needs a --controlnet" in error(
+        _control_config(tmp_path, control_guess_mode=True))
+    # The grid axis without the sweep axis: refused before anything is drawn.
+    no_axis = _control_config(tmp_path / "no_axis", **control_files, **{"grid.x": "control_scale"})
+    assert "grid axis 'control_scale' needs config.control_scales" in error(
+        no_axis, ablation.run_sweep)
+    assert not os.path.exists(tmp_path / "no_axis" / ablation.RECORDS)
+    # Another start into the sweep's folder would mix images: named, refused.
+    changed = control_sweeps["config"].copy_and_resolve_references()
+    with changed.unlocked():
+        changed.control_start = (0.5,)
+    assert "control_start: [] -> [0.5]" in error(changed, ablation.run_sweep)
+
+
+def test_guess_mode_is_static_and_axis_scales_multiply_the_listed_scale(control_files):
+    sweep = ablation.Sweep.from_config(_control_config("/nonexistent", **control_files,
+                                                       control_guess_mode=True,
+                                                       control_scale=(0.5,),
+                                                       control_scales=CONTROL_SCALES))
+    assert len(sweep.programs()) == 1
+    assert all(spec.guess_mode for spec in sweep.programs())
+    assert [(c.control_scale, sweep.controls_for(c)[0].scale) for c in sweep.cells()[:3]] == [
+        (0.0, 0.0), (0.5, 0.25), (1.0, 0.5)]

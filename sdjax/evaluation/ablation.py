@@ -1,14 +1,17 @@
 """Sampler × steps × guidance sweeps: images, labelled X/Y grids, a metrics table and plots.
 
 A sweep is the product of samplers, step counts, guidance variants (plain CFG, rescale φ, a
-limited guidance interval, or combinations), guidance scales and, when `config.lora_weights` is
-set, the weight of the LoRAs of `config.loras`, drawn for every prompt with the same seeds. A
-*cell* is one (sampler, steps, variant, scale[, LoRA weight]) setting: one row of the table.
+limited guidance interval, or combinations), guidance scales and the optional axes: when
+`config.lora_weights` is set, the weight of the LoRAs of `config.loras`; when
+`config.control_scales` is set, the conditioning scale of the ControlNets of `config.controlnet`;
+drawn for every prompt with the same seeds. A *cell* is one (sampler, steps, variant, scale[, LoRA
+weight][, ControlNet scale]) setting: one row of the table.
 
 Compilation: a program is compiled per static `SamplingSpec` — (sampler, steps, guidance
-interval) here — and every scale, rescale φ and LoRA weight of it runs through that one program as
-data (LoRAs at run time, `Generator(adapter_mode="runtime")`), one call per (cell, prompt) with
-the seeds as the batch. `run_sweep` reports `Generator.traces`.
+interval) here — and every scale, rescale φ, LoRA weight and ControlNet scale of it runs through
+that one program as data (LoRAs at run time, `Generator(adapter_mode="runtime")`; ControlNet
+scales as `Control.scale`), one call per (cell, prompt) with the seeds as the batch. `run_sweep`
+reports `Generator.traces`.
 
 Out dir (written by `run_sweep`):
   config.json        the resolved config
@@ -43,10 +46,14 @@ from sdjax.diffusion.samplers import parse_sampler
 from sdjax.evaluation import judge as judge_lib
 from sdjax.evaluation import metrics
 
-AXES = ("sampler", "steps", "variant", "cfg_scale", "lora_weight", "prompt", "seed")
+AXES = ("sampler", "steps", "variant", "cfg_scale", "lora_weight", "control_scale", "prompt",
+        "seed")
 CELL_FIELDS = ("sampler", "steps", "variant", "cfg_scale")
-# A cell's field (and a record's, and a table's column) only in sweeps with a LoRA weight axis.
+# Optional axes: a cell's field (and a record's, and a table's column) only in sweeps with that
+# axis, which the config field (and `Sweep` field) named here lists the values of.
 LORA_WEIGHT = "lora_weight"
+CONTROL_SCALE = "control_scale"
+OPTIONAL_AXES = {LORA_WEIGHT: "lora_weights", CONTROL_SCALE: "control_scales"}
 JUDGE_COLUMNS = tuple(f"acc_{a}" for a in judge_lib.ATTRIBUTES) + ("all_correct",)
 RECORDS = "records.jsonl"
 SWEEP_MANIFEST = "sweep.json"
@@ -96,24 +103,27 @@ class Variant:
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """One setting of the sweep: a row of the metrics table, a tile of a grid. `lora_weight` is
-    None in sweeps without that axis."""
+    """One setting of the sweep: a row of the metrics table, a tile of a grid. `lora_weight` and
+    `control_scale` are None in sweeps without that axis."""
     sampler: str
     steps: int
     variant: str
     cfg_scale: float
     lora_weight: Optional[float] = None
+    control_scale: Optional[float] = None
 
     @property
     def key(self) -> str:
         """A file-name-safe id, unique within a sweep."""
         lora = "" if self.lora_weight is None else f"_lora{self.lora_weight:g}"
-        return _slug(f"{self.sampler}_{self.steps}steps_{self.variant}_cfg{self.cfg_scale:g}{lora}")
+        control = "" if self.control_scale is None else f"_control{self.control_scale:g}"
+        return _slug(f"{self.sampler}_{self.steps}steps_{self.variant}_cfg{self.cfg_scale:g}"
+                     f"{lora}{control}")
 
     @classmethod
     def of_record(cls, record: dict) -> "Cell":
         return cls(record["sampler"], record["steps"], record["variant"], record["cfg_scale"],
-                   record.get(LORA_WEIGHT))
+                   *(record.get(axis) for axis in OPTIONAL_AXES))
 
 
 def _slug(text: str, limit: int = 80) -> str:
@@ -140,6 +150,9 @@ class Sweep:
     microbatch: int = 1
     loras: tuple = ()                      # NamedLora each, at their listed weights
     lora_weights: tuple = (None,)          # the LoRA weight axis; (None,) without one
+    controls: tuple = ()                   # sampling.Control each, at their listed scales
+    control_scales: tuple = (None,)        # the ControlNet scale axis; (None,) without one
+    guess_mode: bool = False               # the ControlNets act on the conditional half only
 
     @classmethod
     def from_config(cls, config) -> "Sweep":
@@ -151,15 +164,24 @@ class Sweep:
                 raise ValueError(f"config.{what} repeats a value: {values}")
             return values
 
+        def numbers(values, what):
+            try:
+                floats = tuple(float(v) for v in values)
+            except (TypeError, ValueError):
+                raise ValueError(f"config.{what} must hold numbers, got {values!r}") from None
+            if not all(math.isfinite(v) for v in floats):
+                raise ValueError(f"config.{what} must be finite, got {floats}")
+            return distinct(floats, what)
+
         samplers = distinct((s.strip() for s in config.samplers), "samplers")
         steps = distinct((int(s) for s in config.steps), "steps")
         if min(steps) < 1:
             raise ValueError(f"config.steps must be >= 1, got {steps}")
         variants = tuple(Variant.parse(v) for v in distinct(config.variants, "variants"))
-        scales = distinct((float(s) for s in config.cfg_scales), "cfg_scales")
+        scales = numbers(config.cfg_scales, "cfg_scales")
         if int(config.num_seeds) < 1:
             raise ValueError(f"config.num_seeds must be >= 1, got {config.num_seeds}")
-        from sdjax.sampling.generate import config_loras
+        from sdjax.sampling.generate import check_control_settings, config_controls, config_loras
 
         loras = config_loras(config)
         lora_weights: tuple = (None,)
@@ -167,25 +189,37 @@ class Sweep:
             if not loras:
                 raise ValueError("config.lora_weights sweeps the weights of config.loras, which "
                                  "is empty (give --lora=NAME)")
-            lora_weights = distinct((float(w) for w in config.lora_weights), "lora_weights")
+            lora_weights = numbers(config.lora_weights, "lora_weights")
+        check_control_settings(config)
+        controls = config_controls(config)
+        control_scales: tuple = (None,)
+        if config.control_scales:
+            if not controls:
+                raise ValueError("config.control_scales sweeps the scales of config.controlnet, "
+                                 "which is empty (give --controlnet=PATH --control_image=IMAGE)")
+            control_scales = numbers(config.control_scales, "control_scales")
         return cls(samplers=samplers, steps=steps, variants=variants, cfg_scales=scales,
                    prompts=distinct(select_prompts(config), "prompts"),
                    seeds=tuple(int(config.seed) + i for i in range(int(config.num_seeds))),
                    height=int(config.height), width=int(config.width),
                    negative_prompt=config.negative_prompt, clip_skip=int(config.clip_skip),
-                   microbatch=int(config.microbatch), loras=loras, lora_weights=lora_weights)
+                   microbatch=int(config.microbatch), loras=loras, lora_weights=lora_weights,
+                   controls=controls, control_scales=control_scales,
+                   guess_mode=bool(config.control_guess_mode))
 
     def variant(self, name: str) -> Variant:
         return next(v for v in self.variants if v.name == name)
 
     @property
-    def has_lora_axis(self) -> bool:
-        return self.lora_weights != (None,)
+    def optional_axes(self) -> tuple[str, ...]:
+        """The `OPTIONAL_AXES` this sweep has."""
+        return tuple(axis for axis, field in OPTIONAL_AXES.items()
+                     if getattr(self, field) != (None,))
 
     def cells(self) -> list[Cell]:
-        return [Cell(s, n, v.name, g, w) for s, n, v, g, w in
+        return [Cell(s, n, v.name, g, w, c) for s, n, v, g, w, c in
                 itertools.product(self.samplers, self.steps, self.variants, self.cfg_scales,
-                                  self.lora_weights)]
+                                  self.lora_weights, self.control_scales)]
 
     def adapters(self, cell: Cell) -> tuple:
         """`Request.adapters` of a cell: `loras`, their weights times the cell's LoRA weight."""
@@ -195,9 +229,17 @@ class Sweep:
                                          text_encoder=lora.text_encoder * cell.lora_weight)
                      for lora in self.loras)
 
+    def controls_for(self, cell: Cell) -> tuple:
+        """`Request.controls` of a cell: `controls`, their scales times the cell's ControlNet
+        scale (data: every scale runs in the same program)."""
+        if cell.control_scale is None:
+            return self.controls
+        return tuple(dataclasses.replace(control, scale=control.scale * cell.control_scale)
+                     for control in self.controls)
+
     def cell_fields(self) -> tuple[str, ...]:
         """The fields that tell cells apart: the table's first columns."""
-        return CELL_FIELDS + ((LORA_WEIGHT,) if self.has_lora_axis else ())
+        return CELL_FIELDS + self.optional_axes
 
     def spec(self, cell: Cell):
         """The compiled program's static settings: the scale and rescale φ are data."""
@@ -209,7 +251,8 @@ class Sweep:
                             # One program per sweep setting: scale 1 cells run it with scale 1.
                             guidance=any(g != 1.0 for g in self.cfg_scales),
                             guidance_interval=self.variant(cell.variant).interval,
-                            clip_skip=self.clip_skip, microbatch=self.microbatch)
+                            clip_skip=self.clip_skip, microbatch=self.microbatch,
+                            guess_mode=self.guess_mode)
 
     def programs(self) -> dict:
         """SamplingSpec -> the cells it runs, in sweep order."""
@@ -257,8 +300,10 @@ def read_records(out_dir: str) -> list[dict]:
 
 
 def _record_key(cell: Cell, prompt: str) -> tuple:
-    lora = () if cell.lora_weight is None else (cell.lora_weight,)
-    return (cell.sampler, cell.steps, cell.variant, cell.cfg_scale, prompt) + lora
+    # Optional axes are named in the key: a LoRA weight is never taken for a ControlNet scale.
+    optional = tuple((axis, getattr(cell, axis)) for axis in OPTIONAL_AXES
+                     if getattr(cell, axis) is not None)
+    return (cell.sampler, cell.steps, cell.variant, cell.cfg_scale, prompt) + optional
 
 
 def _key_of_record(record: dict) -> tuple:
@@ -266,7 +311,9 @@ def _key_of_record(record: dict) -> tuple:
 
 
 def _check_fingerprint(config, out_dir: str) -> None:
-    fingerprint = {k: config[k] for k in sorted(_FINGERPRINT_FIELDS)}
+    from sdjax.sampling.generate import CONTROL_SHORTCUTS  # the ControlNet settings' fields
+
+    fingerprint = {k: config[k] for k in sorted(_FINGERPRINT_FIELDS + CONTROL_SHORTCUTS)}
     path = os.path.join(out_dir, SWEEP_MANIFEST)
     if config.resume:
         runs.check_fingerprint(path, fingerprint, "the out dir holds a sweep",
@@ -316,11 +363,12 @@ def run_sweep(config, model=None, clip: Optional[metrics.ClipScorer] = None,
     static settings that had work to do.
     """
     from sdjax.sampling import loras as loras_lib
-    from sdjax.sampling.generate import load_model, make_generator
+    from sdjax.sampling.generate import control_parameters, load_model, make_generator
     from sdjax.sampling.exported import enable_compilation_cache
     from sdjax.sampling.requests import Request
 
     sweep = Sweep.from_config(config)
+    check_grid_axes(sweep, config.grid.x, config.grid.y)
     out_dir = os.path.expanduser(config.out_dir)
     os.makedirs(out_dir, exist_ok=True)
     _check_fingerprint(config, out_dir)
@@ -356,7 +404,7 @@ def run_sweep(config, model=None, clip: Optional[metrics.ClipScorer] = None,
                 request = Request(prompt=prompt, negative_prompt=sweep.negative_prompt or None,
                                   seed=sweep.seeds[0], num_images=len(sweep.seeds),
                                   cfg_scale=cell.cfg_scale, guidance_rescale=variant.rescale,
-                                  adapters=sweep.adapters(cell))
+                                  adapters=sweep.adapters(cell), controls=sweep.controls_for(cell))
                 if index == 0 and config.warmup:
                     # Compile outside the timed call, so seconds per image are the sampler's.
                     started = time.perf_counter()
@@ -368,16 +416,14 @@ def run_sweep(config, model=None, clip: Optional[metrics.ClipScorer] = None,
                 seconds = time.perf_counter() - started
                 # Non-finite images (flagged in `finite`) are stored black, not as cast garbage.
                 images = images_lib.to_uint8(np.nan_to_num(out["images"], nan=-1.0))
-                record = {"sampler": cell.sampler, "steps": cell.steps, "variant": cell.variant,
-                          "cfg_scale": cell.cfg_scale}
-                if sweep.has_lora_axis:
-                    record[LORA_WEIGHT] = cell.lora_weight
-                lora_settings = loras_lib.parameters(generator.adapters_for(request),
-                                                     generator.adapter_mode)
+                record = {f: getattr(cell, f) for f in sweep.cell_fields()}
+                settings = {**loras_lib.parameters(generator.adapters_for(request),
+                                                   generator.adapter_mode),
+                            **control_parameters(request.controls, sweep.guess_mode)}
                 record.update({"prompt": prompt, "seeds": list(sweep.seeds), "seconds": seconds,
                                "finite": [bool(f) for f in out["finite"]],
                                "files": _save_images(out_dir, cell, prompt, images, sweep, variant,
-                                                     model_name, lora_settings)})
+                                                     model_name, settings)})
                 record.update(evaluate_group(images, prompt, clip))
                 runs.append_jsonl(records_path, record)
                 records[_record_key(cell, prompt)] = record
@@ -413,7 +459,9 @@ def run_sweep(config, model=None, clip: Optional[metrics.ClipScorer] = None,
 
 
 def _save_images(out_dir: str, cell: Cell, prompt: str, images: np.ndarray, sweep: Sweep,
-                 variant: Variant, model_name: str, lora_settings: dict) -> list[str]:
+                 variant: Variant, model_name: str, adapter_settings: dict) -> list[str]:
+    """The PNGs of a (cell, prompt), with their `parameters` (`adapter_settings`: the LoRAs' and
+    ControlNets')."""
     folder = os.path.join("images", cell.key)
     os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
     settings = {"Steps": cell.steps, "Sampler": cell.sampler, "CFG scale": cell.cfg_scale,
@@ -422,7 +470,7 @@ def _save_images(out_dir: str, cell: Cell, prompt: str, images: np.ndarray, swee
         settings["Guidance rescale"] = variant.rescale
     if variant.interval:
         settings["Guidance interval"] = f"{variant.interval[0]:g}-{variant.interval[1]:g}"
-    settings.update(lora_settings)
+    settings.update(adapter_settings)
     names = []
     for image, seed in zip(images, sweep.seeds):
         name = os.path.join(folder, f"{prompt_id(prompt)}-{seed}.png")
@@ -482,13 +530,14 @@ def aggregate(sweep: Sweep, records: Sequence[dict],
 
 def steps_to_fraction(rows: Sequence[dict], metric: str = "all_correct",
                       fraction: float = 0.95) -> list[dict]:
-    """Per (sampler, variant, cfg_scale[, lora_weight]) swept over >= 2 step counts: `metric` at
+    """Per (sampler, variant, cfg_scale[, optional axes]) swept over >= 2 step counts: `metric` at
     the most steps, and the fewest steps whose `metric` reaches `fraction` of it (how many steps a
     sampler needs)."""
     groups: dict = {}
     for row in rows:
         if metric in row and not math.isnan(row[metric]):
-            setting = {f: row[f] for f in CELL_FIELDS + (LORA_WEIGHT,) if f in row and f != "steps"}
+            setting = {f: row[f] for f in CELL_FIELDS + tuple(OPTIONAL_AXES)
+                       if f in row and f != "steps"}
             groups.setdefault(tuple(setting.items()), []).append(row)
     out = []
     for setting, group in groups.items():
@@ -512,7 +561,7 @@ def write_csv(path: str, columns: Sequence[str], rows: Sequence[dict]) -> None:
 
 
 def _format(value: Any, column: str) -> str:
-    if isinstance(value, float) and column not in ("cfg_scale", LORA_WEIGHT):
+    if isinstance(value, float) and column not in ("cfg_scale", *OPTIONAL_AXES):
         if math.isnan(value):
             return "–"
         return f"{value:.3g}" if column == "sec_per_image" else f"{value:.3f}"
@@ -560,7 +609,7 @@ def write_markdown(path: str, config, sweep: Sweep, columns, rows, grids, plots,
 def _axis_values(sweep: Sweep, axis: str) -> list:
     return {"sampler": list(sweep.samplers), "steps": list(sweep.steps),
             "variant": [v.name for v in sweep.variants], "cfg_scale": list(sweep.cfg_scales),
-            LORA_WEIGHT: list(sweep.lora_weights),
+            **{a: list(getattr(sweep, field)) for a, field in OPTIONAL_AXES.items()},
             "prompt": list(sweep.prompts), "seed": list(sweep.seeds)}[axis]
 
 
@@ -571,10 +620,23 @@ def axis_label(axis: str, value: Any, limit: int = 48) -> str:
         return f"CFG {value:g}"
     if axis == LORA_WEIGHT:
         return f"LoRA {value:g}"
+    if axis == CONTROL_SCALE:
+        return f"ControlNet {value:g}"
     if axis == "seed":
         return f"seed {value}"
     text = str(value)
     return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def check_grid_axes(sweep: Sweep, x: str, y: str) -> None:
+    """Grid axes `write_grids` can draw for `sweep`: checked before a sweep draws anything."""
+    for axis in (x, y):
+        if axis not in AXES:
+            raise ValueError(f"grid axis {axis!r} is not one of {', '.join(AXES)}")
+        if axis in OPTIONAL_AXES and axis not in sweep.optional_axes:
+            raise ValueError(f"grid axis {axis!r} needs config.{OPTIONAL_AXES[axis]}")
+    if x == y:
+        raise ValueError(f"grid axes must differ, both are {x!r}")
 
 
 def write_grids(out_dir: str, sweep: Sweep, records: Sequence[dict], x: str, y: str,
@@ -582,16 +644,10 @@ def write_grids(out_dir: str, sweep: Sweep, records: Sequence[dict], x: str, y: 
     """X/Y plots: columns are values of `x`, rows values of `y`; one file per combination of the
     other settings (prompts in subsets of `max_prompts` when the prompt is an axis). A tile shows
     every seed side by side unless the seed is an axis. Also writes grids/grids.json."""
-    for axis in (x, y):
-        if axis not in AXES:
-            raise ValueError(f"grid axis {axis!r} is not one of {', '.join(AXES)}")
-    if x == y:
-        raise ValueError(f"grid axes must differ, both are {x!r}")
-    if LORA_WEIGHT in (x, y) and not sweep.has_lora_axis:
-        raise ValueError("grid axis 'lora_weight' needs config.lora_weights")
+    check_grid_axes(sweep, x, y)
     index = {_key_of_record(r): r for r in records}
     fixed_axes = [a for a in AXES if a not in (x, y) and a != "seed"
-                  and (a != LORA_WEIGHT or sweep.has_lora_axis)]
+                  and (a not in OPTIONAL_AXES or a in sweep.optional_axes)]
     prompt_subsets = [list(sweep.prompts)]
     if "prompt" in (x, y) and max_prompts > 0:
         prompt_subsets = [list(sweep.prompts[i:i + max_prompts])
@@ -608,7 +664,7 @@ def write_grids(out_dir: str, sweep: Sweep, records: Sequence[dict], x: str, y: 
             for row_value in values[y]:
                 for col_value in values[x]:
                     where = {**setting, y: row_value, x: col_value}
-                    cell = Cell(*(where.get(f) for f in CELL_FIELDS + (LORA_WEIGHT,)))
+                    cell = Cell(*(where.get(f) for f in CELL_FIELDS + tuple(OPTIONAL_AXES)))
                     record = index[_record_key(cell, where["prompt"])]
                     images = _load_images(out_dir, record)
                     if "seed" in where:
@@ -662,14 +718,16 @@ def write_plots(folder: str, sweep: Sweep, rows: Sequence[dict],
             FigureCanvasAgg(figure)
             axes = figure.subplots(1, len(panels), squeeze=False)[0]
             for ax, panel_value in zip(axes, panels):
-                for sampler, variant, weight in itertools.product(sweep.samplers, sweep.variants,
-                                                                  sweep.lora_weights):
+                for sampler, variant, weight, control in itertools.product(
+                        sweep.samplers, sweep.variants, sweep.lora_weights, sweep.control_scales):
                     line = sorted((r[x], r[metric]) for r in rows if r["sampler"] == sampler
                                   and r["variant"] == variant.name and r[panel] == panel_value
-                                  and r.get(LORA_WEIGHT) == weight)
+                                  and r.get(LORA_WEIGHT) == weight
+                                  and r.get(CONTROL_SCALE) == control)
                     label = sampler if len(sweep.variants) == 1 else f"{sampler} / {variant.name}"
-                    if weight is not None:
-                        label += f" / LoRA {weight:g}"
+                    for axis, value in ((LORA_WEIGHT, weight), (CONTROL_SCALE, control)):
+                        if value is not None:
+                            label += " / " + axis_label(axis, value)
                     ax.plot([p[0] for p in line], [p[1] for p in line], marker="o", label=label)
                 ax.set_title(axis_label(panel, panel_value))
                 ax.set_xlabel("guidance scale" if x == "cfg_scale" else "steps")

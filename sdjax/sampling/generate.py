@@ -102,7 +102,7 @@ def define_lora_flags() -> None:
 # prompt-file fields: one value per ControlNet, in order (start, end and preprocess: or one for all).
 CONTROL_FIELDS = ("controlnet", "control_image", "control_scale", "control_start", "control_end",
                   "control_preprocess")
-# Flags every entry point that draws with ControlNets (generate, sample) has for its config's fields.
+# Flags every entry point that draws with ControlNets (generate, sample, ablate) has for its config's fields.
 CONTROL_SHORTCUTS = CONTROL_FIELDS + ("control_guess_mode", "controlnet_dir")
 _ONE_FOR_ALL = ("control_start", "control_end", "control_preprocess")
 _DEFAULTS = {"control_scale": Control.scale, "control_start": Control.start,
