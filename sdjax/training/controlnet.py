@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from sdjax.models.controlnet import ControlNet, ControlNetConfig
 from sdjax.training import objectives
+from sdjax.training.step import WrappingTask
 from sdjax.weights.controlnet import ControlNetWeights, controlnet_from_unet, save_controlnet
 
 GROUP = "controlnet"
@@ -134,7 +135,7 @@ def controlnet_groups(groups: dict, settings: ControlNetSettings) -> dict:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: static data of a jitted task
-class ControlNetTask:
+class ControlNetTask(WrappingTask):
     """`task` (the latent-diffusion objective, `step.LDMTask`, with no caption dropout of its own)
     run with the ControlNet of params["controlnet"] feeding the frozen U-Net. The batch brings
     "control_image" (B, H, W, C) in [0, 1] at pixel size."""
@@ -142,14 +143,6 @@ class ControlNetTask:
     config: ControlNetConfig
     caption_dropout: float = 0.5
     control_dropout: float = 0.0
-
-    @property
-    def dtype(self):
-        return self.task.dtype
-
-    @property
-    def prediction_type(self) -> str:
-        return self.task.prediction_type
 
     def dropouts(self, batch: dict, key: jax.Array) -> tuple[jax.Array, jax.Array, dict]:
         """(input_ids with dropped captions the empty prompt, control images with dropped ones

@@ -37,6 +37,7 @@ from sdjax.adapters import network as network_lib
 from sdjax.adapters.names import layer_names
 from sdjax.models.layers import ADAPTERS_KEY
 from sdjax.models.unet import UNetConfig
+from sdjax.training.step import WrappingTask
 
 GROUP_PREFIX = "lora_"
 # kohya's default targets, as regular expressions searched in the diffusers / transformers module
@@ -260,18 +261,10 @@ def make_network(params: Mapping[str, Any], unet_config: UNetConfig, config: LoR
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class LoRATask:
+class LoRATask(WrappingTask):
     """`task` (the latent-diffusion objective) run with `network`'s LoRA on its frozen base."""
     task: Any
     network: Network
-
-    @property
-    def dtype(self):
-        return self.task.dtype
-
-    @property
-    def prediction_type(self) -> str:
-        return self.task.prediction_type
 
     def loss(self, params: dict, batch: dict, key: jax.Array):
         adapters = self.network.variables(params, jax.random.fold_in(key, _STREAM),

@@ -48,6 +48,19 @@ def text_conditioning(arch: Architecture, params: dict, ids: jax.Array, clip_ski
                        clip_skip)
 
 
+class WrappingTask:
+    """What a task that runs the latent-diffusion objective `self.task` with something added (a
+    LoRA, new token rows, a ControlNet) reports as its own: the objective's dtype and target."""
+
+    @property
+    def dtype(self):
+        return self.task.dtype
+
+    @property
+    def prediction_type(self) -> str:
+        return self.task.prediction_type
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class LDMTask:
     """Latent-diffusion objective of one architecture. `empty_ids` (encoders, 1, 77): the empty

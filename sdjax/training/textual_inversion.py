@@ -33,6 +33,7 @@ import safetensors.numpy
 from sdjax.adapters.embeddings import SDXL_KEYS, WEBUI_KEYS, Embedding, add_embeddings
 from sdjax.runs import write_atomically
 from sdjax.text.tokenizer import clean_text
+from sdjax.training.step import WrappingTask
 from sdjax.weights.pretrained import Pretrained
 
 GROUP = "embeddings"
@@ -177,19 +178,11 @@ def check_groups(groups: dict) -> dict:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class TextualInversionTask:
+class TextualInversionTask(WrappingTask):
     """`task` (the latent-diffusion objective) run with `inversion`'s trained rows in the frozen
     models' token tables."""
     task: Any
     inversion: Inversion
-
-    @property
-    def dtype(self):
-        return self.task.dtype
-
-    @property
-    def prediction_type(self) -> str:
-        return self.task.prediction_type
 
     def loss(self, params: dict, batch: dict, key):
         return self.task.loss(self.inversion.inference_params(params), batch, key)
