@@ -129,24 +129,31 @@ def clip_zero_shot(config, params, tokenizer, images: np.ndarray, scenes: Sequen
 def generate_and_judge(model: Pretrained, prompts: Sequence[str],
                        config: ml_collections.ConfigDict, *, seed: int = 0,
                        batch_size: int = 56, generator: Optional[Generator] = None,
-                       adapters: Sequence = (), judged: Optional[Sequence] = None
-                       ) -> tuple[dict, np.ndarray, list]:
+                       adapters: Sequence = (), judged: Optional[Sequence] = None,
+                       controls: Sequence = ()) -> tuple[dict, np.ndarray, list]:
     """Draw each prompt once at `config`'s settings (a configs/shapes.py config) and judge it.
     Returns (accuracy, per-attribute rates and seconds per image; the images, uint8; the
     verdicts). `generator`: one of `model` to reuse (its compiled programs with it); `adapters`:
     LoRAs applied to every image (`Request.adapters`); `judged`: what each image is judged
-    against instead of its prompt (captions or Scenes: a textual-inversion token's meaning)."""
+    against instead of its prompt (captions or Scenes: a textual-inversion token's meaning);
+    `controls`: ControlNets (`sampling.Control`) whose `image` and `scale` are lists with one entry
+    per prompt."""
     batch_size = min(batch_size, len(prompts))
     spec = dataclasses.replace(spec_from_config(config), progress=False, microbatch=batch_size)
     generator = generator or Generator(model)
     drawn = []
     started, timed = None, 0
     for first in range(0, len(prompts), batch_size):
-        chunk = list(prompts[first:first + batch_size])
-        if len(chunk) < batch_size:  # keep one compiled program
-            chunk += [chunk[-1]] * (batch_size - len(chunk))
+        def take(values):  # this chunk's entries, the last repeated to keep one compiled program
+            values = list(values[first:first + batch_size])
+            return values + [values[-1]] * (batch_size - len(values))
+
+        chunk = take(prompts)
+        chunk_controls = [dataclasses.replace(c, image=take(c.image), scale=take(c.scale))
+                          for c in controls]
         out = generator(Request(prompt=chunk, num_images=len(chunk), seed=seed + first,
-                                cfg_scale=float(config.cfg_scale), adapters=tuple(adapters)),
+                                cfg_scale=float(config.cfg_scale), adapters=tuple(adapters),
+                                controls=chunk_controls),
                         spec)
         if started is None:  # the first call compiles
             started = time.perf_counter()

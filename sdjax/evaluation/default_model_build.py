@@ -272,9 +272,10 @@ def build_shipped_adapter(config: ml_collections.ConfigDict, workdir: str, out: 
                           file_name: str, *, evaluate: Callable[[str, str], dict],
                           readme: Callable[[dict, dict], str], size_key: str,
                           progress: bool = False) -> dict:
-    """The build of an adapter shipped beside the default model (a LoRA, an embedding): write the
-    training images (`config.shapes_data`), train (`config`, resuming in `workdir/train`), take
-    the exported `file_name`, `evaluate(staged file, grid path)`, and write the folder `out`
+    """The build of an adapter shipped beside the default model (a LoRA, an embedding, a
+    ControlNet): write the training images (`config.shapes_data`; a run without it writes its
+    own), train (`config`, resuming in `workdir/train`), take the exported `file_name` (a file,
+    or a folder), `evaluate(staged file, grid path)`, and write the folder `out`
     (beside it first, renamed into place when complete): the file, `evaluation.json`,
     `build.json` (timings, machine load, the file's size under `size_key`), `README.md`
     (`readme(record, results)`), `samples.png`, `logs/`. Returns the build record with the
@@ -287,14 +288,16 @@ def build_shipped_adapter(config: ml_collections.ConfigDict, workdir: str, out: 
                     "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
                     "load_average_at_start": list(os.getloadavg()), "stages": {}}
 
-    started = time.perf_counter()
     config = copy.deepcopy(config)
-    folder = write_shapes_folder(workdir / "data", config.shapes_data.num_examples,
-                                 seed=config.shapes_data.seed, image_size=config.data.resolution,
-                                 examples=loop.import_function(config.shapes_data.examples))
-    config.data.folder = str(folder)
-    record["stages"]["data"] = {"seconds": time.perf_counter() - started,
-                                "examples": config.shapes_data.num_examples}
+    if "shapes_data" in config:  # else the training run writes its own data (a ControlNet's)
+        started = time.perf_counter()
+        folder = write_shapes_folder(workdir / "data", config.shapes_data.num_examples,
+                                     seed=config.shapes_data.seed,
+                                     image_size=config.data.resolution,
+                                     examples=loop.import_function(config.shapes_data.examples))
+        config.data.folder = str(folder)
+        record["stages"]["data"] = {"seconds": time.perf_counter() - started,
+                                    "examples": config.shapes_data.num_examples}
 
     result, stage = run_stage(config, workdir / "train", progress)
     record["stages"]["train"] = dataclasses.asdict(stage)
@@ -306,7 +309,10 @@ def build_shipped_adapter(config: ml_collections.ConfigDict, workdir: str, out: 
     if staging.exists():
         shutil.rmtree(staging)
     (staging / "logs").mkdir(parents=True)
-    shutil.copy(trained, staging / file_name)
+    if trained.is_dir():  # a ControlNet's diffusers folder
+        shutil.copytree(trained, staging / file_name)
+    else:
+        shutil.copy(trained, staging / file_name)
     for log in ("metrics.jsonl", "config.json"):
         shutil.copy(workdir / "train" / log, staging / "logs" / log)
     started = time.perf_counter()
@@ -314,7 +320,9 @@ def build_shipped_adapter(config: ml_collections.ConfigDict, workdir: str, out: 
     record["stages"]["evaluate"] = {"seconds": time.perf_counter() - started}
     record["total_seconds"] = time.perf_counter() - began
     record["load_average_at_end"] = list(os.getloadavg())
-    record[size_key] = (staging / file_name).stat().st_size
+    shipped = staging / file_name
+    files = [shipped] if shipped.is_file() else [f for f in shipped.rglob("*") if f.is_file()]
+    record[size_key] = sum(f.stat().st_size for f in files)
     (staging / "evaluation.json").write_text(json.dumps(results, indent=2, sort_keys=True))
     (staging / "build.json").write_text(json.dumps(record, indent=2, sort_keys=True))
     (staging / "README.md").write_text(readme(record, results))
