@@ -289,6 +289,18 @@ def test_bad_control_fields_of_a_line_are_named(folders, tmp_path, line, message
     assert message in str(err.value)
 
 
+def test_a_lines_relative_control_image_is_also_found_beside_the_prompt_file(folders, tmp_path,
+                                                                             monkeypatch):
+    import shutil
+
+    (tmp_path / "prompts" / "masks").mkdir(parents=True)
+    shutil.copy(folders["image"], tmp_path / "prompts" / "masks" / "m.png")
+    path = _write_lines(tmp_path / "prompts" / "p.jsonl", [dict(prompt="x", control_image="masks/m.png")])
+    monkeypatch.chdir(tmp_path)  # the working directory holds no masks/m.png
+    (prompt,) = bs.read_prompts(path, _config(folders))
+    assert prompt.controls[0].image == str(tmp_path / "prompts" / "masks" / "m.png")
+
+
 def test_a_line_naming_no_controlnets_draws_without_the_configs(folders, tmp_path):
     path = _write_lines(tmp_path / "p.jsonl", [{"prompt": "x", "controlnet": []}, {"prompt": "y"}])
     without, default = bs.read_prompts(path, _config(folders))

@@ -97,11 +97,13 @@ def spec_of(sampler: str = "ddim", **kw) -> SamplingSpec:
 
 # --- parity ----------------------------------------------------------------------------------------
 
+# Each case compiles a program: the default run keeps start/end and guess mode, `-m slow` adds
+# the rest (and img2img, inpaint, SDXL, 8 devices below).
 TXT2IMG_CASES = [  # sampler, conditioning scale, start, end, guess mode, guidance scale
-    ("ddim", 0.8, 0.0, 1.0, False, 7.5),
+    pytest.param("ddim", 0.8, 0.0, 1.0, False, 7.5, marks=slow),
     ("ddim", 1.0, 0.2, 0.7, False, 7.5),   # steps 0-1 and 6-7 of 8 run without the ControlNet
     ("ddim", 0.8, 0.0, 1.0, True, 7.5),    # guess mode: the unconditional half sees no control
-    ("ddim", 1.2, 0.1, 0.9, False, 1.0),   # no guidance: one conditional branch
+    pytest.param("ddim", 1.2, 0.1, 0.9, False, 1.0, marks=slow),   # no guidance: one branch
     pytest.param("euler", 0.8, 0.0, 0.9, True, 7.5, marks=slow),
     pytest.param("dpmpp_2m", 0.8, 0.3, 1.0, False, 7.5, marks=slow),
 ]
@@ -149,6 +151,7 @@ def deterministic_controlnet_img2img(monkeypatch):
     return _deterministic(monkeypatch, module)
 
 
+@slow
 def test_img2img_with_a_controlnet_matches_diffusers(models, sd1, components,
                                                      deterministic_controlnet_img2img):
     """The start/end fractions count the steps img2img runs (diffusers' convention)."""
@@ -174,6 +177,7 @@ def deterministic_controlnet_inpaint(monkeypatch):
     return _deterministic(monkeypatch, module)
 
 
+@slow
 def test_inpaint_with_a_controlnet_matches_diffusers(models, sd1, components,
                                                      deterministic_controlnet_inpaint):
     from PIL import Image

@@ -179,7 +179,7 @@ def _resolve(path: str, number: int, fields: dict, config: Any, prompt_index: in
         num_images=num_images, width=get("width", int, int(config.width)),
         height=get("height", int, int(config.height)), line=number,
         loras=generate.config_loras(config) + _line_loras(where, fields.get("loras", [])),
-        controls=_line_controls(where, fields, config))
+        controls=_line_controls(where, fields, config, os.path.dirname(os.path.abspath(path))))
     if num_images < 1:
         raise PromptFileError(f"{where}: field 'num_images' must be >= 1, got {num_images}")
     if not 0 <= seed or seed + num_images > MAX_SEED:
@@ -193,11 +193,24 @@ def _resolve(path: str, number: int, fields: dict, config: Any, prompt_index: in
     return prompt
 
 
-def _line_controls(where: str, fields: dict, config: Any) -> tuple:
+def _line_controls(where: str, fields: dict, config: Any, folder: str) -> tuple:
+    """A line's ControlNets. Its relative paths (control images, ControlNets) are found in the
+    working directory or, failing that, beside the prompt file (`folder`)."""
     # A line naming no ControlNets ("controlnet": []) draws without: the config's control images
     # and scales belong to the config's ControlNets.
     defaults = {} if fields.get("controlnet") == [] else config
-    settings = {name: fields.get(name, defaults.get(name)) for name in generate.CONTROL_FIELDS}
+
+    def beside_file(value):
+        if isinstance(value, list):
+            return [beside_file(v) for v in value]
+        if (isinstance(value, str) and value and not os.path.isabs(value)
+                and not os.path.exists(value) and os.path.exists(os.path.join(folder, value))):
+            return os.path.join(folder, value)
+        return value
+
+    settings = {name: (beside_file(fields[name]) if name in ("control_image", "controlnet")
+                       else fields[name]) if name in fields else defaults.get(name)
+                for name in generate.CONTROL_FIELDS}
     try:
         return generate.controls_from(settings, directory=config.get("controlnet_dir", ""),
                                       named=lambda name: f"field {name!r}")
