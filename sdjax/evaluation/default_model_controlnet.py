@@ -38,6 +38,7 @@ from sdjax.evaluation.default_model_build import build_shipped_adapter
 from sdjax.evaluation.judge import ATTRIBUTES
 from sdjax.sampling.controls import Control
 from sdjax.sampling.generator import Generator
+from sdjax.weights.controlnet import load_controlnet, save_controlnet
 from sdjax.weights.pretrained import load_pretrained
 
 TARGETS = {"position_follows_control": 0.95}
@@ -173,9 +174,11 @@ def build_controlnet(config: ml_collections.ConfigDict, generation: ml_collectio
     """Train the ControlNet (`config`, resuming in `workdir/train`; the run writes its own
     shapes-world data), evaluate it at `generation`'s settings, and write the shipped folder `out`
     (beside it first, renamed into place when complete): the ControlNet as diffusers' folder
-    `controlnet/`, `evaluation.json`, `build.json`, `README.md`, `samples.png`, `grid.png`,
+    `controlnet/` (in float16), `evaluation.json`, `build.json`, `README.md`, `samples.png`, `grid.png`,
     `logs/`. Returns the build record with the evaluation under "evaluation"."""
     def evaluate(controlnet: str, samples: str) -> dict:
+        # Shipped in float16 (half the bytes); what is evaluated is what ships.
+        save_controlnet(load_controlnet(controlnet, dtype="float16"), controlnet, overwrite=True)
         folder = pathlib.Path(samples).parent
         write_example_masks(folder / "masks", int(generation.height))
         return evaluate_controlnet(generation, controlnet, num_scenes=num_scenes, samples=samples,

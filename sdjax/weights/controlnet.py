@@ -302,7 +302,9 @@ def save_controlnet(controlnet: ControlNetWeights, path: str | os.PathLike, *,
     try:
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         (staging / CONFIG_NAME).write_text(config_text)
-        os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide the model from other users
+        # mkdtemp's 0700 (and safetensors' 0600 file) would hide the model from other users.
+        os.chmod(staging, 0o755)
+        os.chmod(staging / WEIGHTS_NAME, 0o644)
         if not existing:
             os.replace(staging, target)  # a new or empty folder: one rename
             return
