@@ -313,6 +313,12 @@ def test_save_keeps_the_params_dtype(reference, tmp_path):
         torch.testing.assert_close(value, want[key], rtol=0, atol=0, msg=key)
 
 
+def test_saved_files_are_readable_by_other_users(reference, tmp_path):
+    save_controlnet(load_controlnet(reference("sd1").folder), tmp_path / "shared")
+    for path in [tmp_path / "shared", *(tmp_path / "shared").iterdir()]:
+        assert path.stat().st_mode & 0o044 == 0o044, path
+
+
 def test_save_refuses_a_non_empty_folder_and_overwrite_replaces_only_model_files(
         reference, tmp_path, monkeypatch):
     ref = reference("sd1")
