@@ -44,7 +44,7 @@ from sdjax.weights.pretrained import load_pretrained
 TARGETS = {"position_follows_control": 0.95}
 EVAL_SEED, NUM_SCENES = 60_000, 40
 # The grid of the docs: control scale x guidance scale for one prompt and mask.
-GRID_PROMPT, GRID_POSITION = "a large yellow square, purple background", "left"
+GRID_PROMPT, GRID_POSITION = "a large blue circle, yellow background", "left"
 GRID_CONTROL_SCALES = (0.0, 0.25, 0.5, 1.0, 1.5)
 GRID_CFG_SCALES = (1.0, 2.0, 4.0, 7.0)
 
@@ -209,9 +209,9 @@ def readme(record: dict, results: dict) -> str:
 steers sdjax's default model (`sdjax/assets/default_model`) with a mask: white where the object
 goes, black elsewhere, as `sdjax.data.shapes_control.control_image` draws it. Draw with it:
 
-    python -m experiments.generate --prompt="a large yellow square, purple background" \\
+    python -m experiments.generate --prompt="{GRID_PROMPT}" \\
         --controlnet=sdjax/assets/controlnets/shapes_mask/{SHIPPED_FOLDER} \\
-        --control_image=sdjax/assets/controlnets/shapes_mask/masks/left.png --out_dir=outputs
+        --control_image=sdjax/assets/controlnets/shapes_mask/masks/bottom.png --out_dir=outputs
 
 Rebuilt from scratch (training data, ControlNet training, export, evaluation, this folder) by
 
@@ -224,7 +224,7 @@ Rebuilt from scratch (training data, ControlNet training, export, evaluation, th
 ```
 {format_controlnet_results(results)}
 ```
-`masks/`: the square of that prompt at each of the five positions. `samples.png`: eight prompts (rows in pairs: the masks, then the drawings, one column per
+`masks/`: the object of that prompt at each of the five positions. `samples.png`: eight prompts (rows in pairs: the masks, then the drawings, one column per
 position). `grid.png`: control scale across, guidance scale down, one seed.
 
 ## Build ({record['devices'][0]}, {record['cpu_count']} CPU cores, started {record['started']}, load average {load})
