@@ -399,6 +399,20 @@ def test_controlnet_from_unet_copies_the_encoder_as_diffusers_does(family, compi
     assert all(not np.asarray(r).any() for r in (*down, mid))
 
 
+def test_the_model_classmethod_from_unet_is_what_controlnet_from_unet_returns(reference):
+    from sdjax.models.unet import UNet
+
+    unet_params = load_controlnet(reference("sd1").folder).params  # holds every encoder param
+    widths = FAMILIES["sd1"]["conditioning_embedding_out_channels"]
+    module, params = ControlNet.from_unet(UNet(base_config("sd1")), unet_params, seed=3,
+                                          conditioning_embedding_out_channels=widths)
+    weights = controlnet_from_unet(base_config("sd1"), unet_params, seed=3,
+                                   conditioning_embedding_out_channels=widths)
+    assert module.config == weights.config
+    got, want = flat_params(params), flat_params(weights.params)
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in got)
+
+
 def test_controlnet_from_unet_refuses_params_of_another_unet(reference, tmp_path):
     with pytest.raises(WeightsError, match="lack add_embedding"):
         controlnet_from_unet(base_config("sdxl"), load_controlnet(reference("sd1").folder).params)

@@ -9,11 +9,12 @@ Param names follow diffusers' module tree (`controlnet_cond_embedding/blocks_0`,
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sdjax.models.layers import Conv2D, ResnetBlock
 from sdjax.models.unet import NUM_TIME_IDS, UNetConfig, conv3x3, encoder, time_embedding
@@ -170,6 +171,51 @@ class ControlNet(nn.Module):
             outputs = [o.mean(axis=(1, 2), keepdims=True) for o in outputs]
         return tuple(outputs[:-1]), outputs[-1]
 
+    @classmethod
+    def from_unet(cls, unet: Union[UNetConfig, nn.Module], unet_params: Mapping[str, Any], *,
+                  seed: int = 0, **control_fields: Any) -> tuple["ControlNet", dict]:
+        """diffusers' `ControlNetModel.from_unet`: (the ControlNet of `unet` (a U-Net config or
+        module), its params), every encoder param copied from `unet_params` (same dtype), the
+        conditioning embedding's kernels drawn N(0, 1/fan_in) from `seed` but its last conv at zero,
+        the zero convs at zero: its residuals start at exactly zero. `control_fields`:
+        ControlNetConfig's own fields (conditioning_channels, ...). Params are numpy arrays
+        (`sdjax.weights.controlnet.controlnet_from_unet` returns them aligned, as loaded ones)."""
+        unet_config = unet.config if isinstance(unet, nn.Module) else unet
+        model = cls(ControlNetConfig.from_unet(unet_config, **control_fields))
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *example_inputs(
+            model.config)))["params"]
+        missing = sorted(name for name in shapes
+                         if not name.startswith("controlnet_") and name not in unet_params)
+        if missing:
+            raise ValueError(f"ControlNet.from_unet: the U-Net params lack {', '.join(missing)} "
+                             f"(params of another config?)")
+        dtype = np.asarray(unet_params["conv_in"]["kernel"]).dtype
+        rng = np.random.default_rng(seed)
+
+        def fresh(path, leaf) -> np.ndarray:
+            # Kernels N(0, 1/fan_in), drawn with numpy (tracing flax's init costs seconds of
+            # compiling); the conditioning embedding's last conv and every zero conv stay zero.
+            names = [p.key for p in path]
+            if names[0] != "controlnet_cond_embedding" or names[1] == "conv_out" \
+                    or names[-1] != "kernel":
+                return np.zeros(leaf.shape, dtype)
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return (rng.standard_normal(leaf.shape, np.float32)
+                    / np.float32(np.sqrt(fan_in))).astype(dtype)
+
+        own = jax.tree_util.tree_map_with_path(
+            fresh, {name: tree for name, tree in shapes.items() if name.startswith("controlnet_")})
+        params = from_unet_params(unet_params, {name: own.get(name) for name in shapes})
+        for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
+            value = params
+            for p in path:
+                value = value[p.key]
+            if tuple(np.shape(value)) != tuple(leaf.shape):
+                raise ValueError(f"ControlNet.from_unet: {'/'.join(p.key for p in path)} is "
+                                 f"{tuple(np.shape(value))} in the U-Net params, the ControlNet "
+                                 f"needs {tuple(leaf.shape)} (params of another config?)")
+        return model, jax.tree.map(lambda x: np.asarray(x, dtype), params)
+
     def _check_inputs(self, sample, encoder_hidden_states, control_image, added_cond):
         cfg = self.config
         if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
@@ -195,6 +241,19 @@ class ControlNet(nn.Module):
                 if tuple(added_cond[key].shape) != shape:
                     raise ValueError(f"ControlNet: added_cond[{key!r}] must be {shape}, got "
                                      f"{tuple(added_cond[key].shape)}")
+
+
+def example_inputs(config: ControlNetConfig) -> tuple:
+    """The smallest inputs `ControlNet.init` accepts for `config` (params do not depend on sizes)."""
+    f = config.downsample_factor
+    size = f * config.conditioning_factor
+    inputs = (jnp.zeros((1, f, f, config.in_channels)), jnp.zeros((1,)),
+              jnp.zeros((1, 1, config.cross_attention_dim)),
+              jnp.zeros((1, size, size, config.conditioning_channels)), 1.0)
+    if config.addition_embed_type == "text_time":
+        return inputs + ({"text_embeds": jnp.zeros((1, config.text_embeds_dim)),
+                          "time_ids": jnp.zeros((1, NUM_TIME_IDS))},)
+    return inputs
 
 
 def from_unet_params(unet_params: Mapping[str, Any], controlnet_params: Mapping[str, Any]) -> dict:

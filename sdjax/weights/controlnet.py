@@ -27,18 +27,17 @@ import tempfile
 from typing import Any, Mapping, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from sdjax.models.controlnet import ControlNet, ControlNetConfig, from_unet_params
+from sdjax.models.controlnet import ControlNet, ControlNetConfig, example_inputs
 from sdjax.models.unet import UNetConfig
 from sdjax.weights.common import (DictSource, RenamedSource, SafetensorsFile, TensorSource,
                                   WeightsError, abstract_params, convert_state_dict)
 from sdjax.weights.single_file import (NON_PARAMETER_KEYS, UNET_ENCODER_RULES, UNET_RESNET_NAMES,
                                        Part, read_header, short_list, unet_block_index,
                                        unet_encoder_config)
-from sdjax.weights.unet import WEIGHTS_NAME, diffusers_key, example_inputs, open_weights, rename_key
+from sdjax.weights.unet import WEIGHTS_NAME, diffusers_key, open_weights, rename_key
 
 CLASS_NAME = "ControlNetModel"
 CONFIG_NAME = "config.json"
@@ -104,14 +103,7 @@ def load_controlnet(path: str | os.PathLike, *, base: Optional[UNetConfig] = Non
 
 def controlnet_shapes(config: ControlNetConfig) -> dict:
     """Shapes and dtypes of `ControlNet(config)`'s params (nothing allocated)."""
-    return abstract_params(ControlNet(config), *_example_inputs(config))
-
-
-def _example_inputs(config: ControlNetConfig) -> tuple:
-    sample, timesteps, context, *added = example_inputs(config)
-    size = sample.shape[1] * config.conditioning_factor
-    image = jnp.zeros((1, size, size, config.conditioning_channels), jnp.float32)
-    return (sample, timesteps, context, image, 1.0, *added)
+    return abstract_params(ControlNet(config), *example_inputs(config))
 
 
 def _read_config(config_path: pathlib.Path, base: Optional[UNetConfig]) -> ControlNetConfig:
@@ -360,40 +352,19 @@ def _reference_layout(array: np.ndarray, path: str, config: ControlNetConfig) ->
 # ---- A new ControlNet from a U-Net -----------------------------------------------------------------
 def controlnet_from_unet(unet_config: UNetConfig, unet_params: Mapping[str, Any], *, seed: int = 0,
                          **control_fields: Any) -> ControlNetWeights:
-    """A ControlNet to train for `unet_config`, as diffusers' `ControlNetModel.from_unet`: every
-    encoder param copied from the U-Net's (same dtype), the conditioning embedding's kernels drawn
-    from `seed` but its last conv's at zero, the zero convs at zero (so its residuals start at zero).
-    `control_fields`: ControlNetConfig's own fields (conditioning_channels, ...)."""
+    """`ControlNet.from_unet` (diffusers' `ControlNetModel.from_unet`: the encoder copied, the
+    conditioning embedding fresh with its last conv at zero, the zero convs at zero) as
+    ControlNetWeights, its params aligned as loaded ones; bad input is a WeightsError."""
     try:
-        config = ControlNetConfig.from_unet(unet_config, **control_fields)
+        model, params = ControlNet.from_unet(unet_config, unet_params, seed=seed, **control_fields)
     except (TypeError, ValueError) as err:
         raise WeightsError(f"controlnet_from_unet: {err}") from None
-    shapes = controlnet_shapes(config)
-    missing = sorted(name for name in shapes
-                     if not name.startswith("controlnet_") and name not in unet_params)
-    if missing:
-        raise WeightsError(f"controlnet_from_unet: the U-Net params lack {', '.join(missing)} "
-                           f"(params of another config?)")
-    rng = np.random.default_rng(seed)
-
-    def fresh_leaf(path, leaf) -> np.ndarray:
-        # sdjax's training init (presets.random_pretrained(for_training=True)): kernels
-        # N(0, 1/fan_in), drawn with numpy (tracing flax's init costs seconds of compiling).
-        names = [p.key for p in path]
-        if names[0] != "controlnet_cond_embedding" or names[1] == "conv_out" \
-                or names[-1] != "kernel":
-            return np.zeros(leaf.shape, np.float32)
-        fan_in = int(np.prod(leaf.shape[:-1]))
-        return rng.standard_normal(leaf.shape, np.float32) / np.float32(np.sqrt(fan_in))
-
-    fresh = jax.tree_util.tree_map_with_path(
-        fresh_leaf, {name: tree for name, tree in shapes.items() if name.startswith("controlnet_")})
-    params = from_unet_params(unet_params, {name: fresh.get(name) for name in shapes})
+    shapes = controlnet_shapes(model.config)
     dtype = np.asarray(unet_params["conv_in"]["kernel"]).dtype
     params = convert_state_dict(DictSource(_flat(params), name="<U-Net params>"), lambda key: key,
                                 shapes, what="ControlNet from U-Net", dtype=dtype,
                                 reference_layout=False)
-    return ControlNetWeights(config, params, "")
+    return ControlNetWeights(model.config, params, "")
 
 
 __all__ = ["ControlNetWeights", "load_controlnet", "save_controlnet", "controlnet_from_unet",
