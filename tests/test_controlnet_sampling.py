@@ -242,6 +242,10 @@ def test_scales_start_end_and_images_are_data_and_scale_zero_is_no_control(model
     other = sd1(Request(PROMPT, seed=9, num_images=2, cfg_scale=7.5, controls=[
         Control(models["cn_a"], [control_images(6), control_images(7)], scale=[0.5, 1.5],
                 start=0.1, end=0.6)]), spec)["images"]
+    stacked = sd1(Request(PROMPT, seed=9, num_images=2, cfg_scale=7.5, controls=[
+        Control(models["cn_a"], np.stack([control_images(6), control_images(7)]), scale=[0.5, 1.5],
+                start=0.1, end=0.6)]), spec)["images"]
+    assert np.array_equal(stacked, other), "a (B, H, W, C) array is one control image per image"
     assert sd1.traces == traces, "a new scale, start/end or control image retraced the program"
     assert np.array_equal(alone["images"][0], first[1]), "image 1 of the batch != the image alone"
     plain = sd1(Request(PROMPT, seed=9, cfg_scale=7.5), spec)["images"][0]

@@ -23,8 +23,9 @@ class Control:
 
     controlnet: a path (a diffusers folder or a single file), a name of the Generator's
       `controlnet_dir`, or loaded `sdjax.weights.controlnet.ControlNetWeights`.
-    image: one control image for the request or a list with one per image: a path, PIL image,
-      uint8 array or float array in [0, 1] (see `sdjax.preprocessors.control_image`).
+    image: one control image for the request, or one per image (a list, or an array stacked
+      along a first axis): a path, PIL image, uint8 array or float array in [0, 1] (see
+      `sdjax.preprocessors.control_image`).
     scale: the conditioning scale, one value or one per image (data: no recompilation).
     start, end: the fractions of the steps run between which the ControlNet acts; step i of N is
       on unless i/N < start or (i + 1)/N > end (diffusers' control_guidance_start / _end).
@@ -70,6 +71,8 @@ def control_arrays(controls: Sequence[Control], spec: SamplingSpec, n: int) -> d
     for k, (control, config) in enumerate(zip(controls, spec.controlnets)):
         check_control(control, k)
         images = control.image
+        if isinstance(images, np.ndarray) and images.ndim == 4:  # (B, H, W, C): one per image
+            images = list(images)
         if isinstance(images, (list, tuple)):
             images = per_image(images, n, f"controls[{k}].image")
         else:
