@@ -22,15 +22,8 @@ from flax import traverse_util
 from sdjax.models.unet import UNetConfig
 from sdjax.weights import unet as unet_weights
 
-# sdjax path pieces whose diffusers names are list items or differently nested.
+# sdjax path pieces whose diffusers names are list items (text-encoder layers included).
 _INDEXED = re.compile(r"^(down_blocks|up_blocks|attentions|resnets|transformer_blocks|layers)_(\d+)$")
-_DIFFUSERS_SPECIAL = (
-    (re.compile(r"(^|\.)to_out$"), r"\1to_out.0"),
-    (re.compile(r"(^|\.)ff\.proj$"), r"\1ff.net.0.proj"),
-    (re.compile(r"(^|\.)ff\.out$"), r"\1ff.net.2"),
-    (re.compile(r"(^|\.)downsample\.conv$"), r"\1downsamplers.0.conv"),
-    (re.compile(r"(^|\.)upsample\.conv$"), r"\1upsamplers.0.conv"),
-)
 # diffusers resnet layer -> the original ResBlock's.
 _LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -93,13 +86,8 @@ def _dotted(path: str) -> str:
 
 
 def _diffusers_unet_name(path: str) -> str:
-    name = _dotted(path)
-    for pattern, replacement in _DIFFUSERS_SPECIAL:
-        name = pattern.sub(replacement, name)
-    converted = unet_weights.rename_key(name + ".weight")
-    if converted != path + "/kernel":
-        raise AssertionError(f"U-Net layer {path}: diffusers name {name} converts to {converted}")
-    return name
+    """The diffusers module name of an sdjax U-Net layer path (checked by `diffusers_key`)."""
+    return unet_weights.diffusers_key(path + "/kernel").removesuffix(".weight")
 
 
 def _transformers_text_name(path: str) -> str:
