@@ -243,6 +243,31 @@ class ControlNet(nn.Module):
                                      f"{tuple(added_cond[key].shape)}")
 
 
+def unet_mismatch(unet: UNetConfig, *, block_out_channels, layers, cross_attention_dim,
+                  addition_embed_type, text_embeds_dim) -> Optional[tuple[str, Any, Any]]:
+    """(what, the ControlNet's value, the U-Net's) for the first way a ControlNet of these values
+    cannot feed `unet`, else None: it adds one residual per skip connection and to the middle
+    block (widths and layers per level must agree) and sees the U-Net's inputs (context width,
+    SDXL's pooled text). `layers` is one int or one per level."""
+    if not isinstance(layers, (list, tuple)):
+        layers = (layers,) * len(block_out_channels)
+    pairs = {"block_out_channels": (tuple(block_out_channels), unet.block_out_channels),
+             "layers_per_block": (tuple(layers), unet.layers),
+             "cross_attention_dim": (cross_attention_dim, unet.cross_attention_dim),
+             "addition_embed_type": (addition_embed_type, unet.addition_embed_type),
+             "pooled text embedding width": (text_embeds_dim, unet.text_embeds_dim)}
+    return next(((what, ours, theirs) for what, (ours, theirs) in pairs.items()
+                 if ours != theirs), None)
+
+
+def config_mismatch(config: ControlNetConfig, unet: UNetConfig) -> Optional[tuple[str, Any, Any]]:
+    """`unet_mismatch` of a ControlNet config."""
+    return unet_mismatch(unet, block_out_channels=config.block_out_channels, layers=config.layers,
+                         cross_attention_dim=config.cross_attention_dim,
+                         addition_embed_type=config.addition_embed_type,
+                         text_embeds_dim=config.text_embeds_dim)
+
+
 def example_inputs(config: ControlNetConfig) -> tuple:
     """The smallest inputs `ControlNet.init` accepts for `config` (params do not depend on sizes)."""
     f = config.downsample_factor

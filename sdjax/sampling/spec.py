@@ -82,14 +82,14 @@ class SamplingSpec:
 
 def _check_controlnet(k: int, control, arch) -> None:
     """A ControlNet's residuals must fit the U-Net's skips, and its control image the image size."""
-    unet = arch.unet
+    from sdjax.models.controlnet import config_mismatch
+
     what = f"controlnet {k}"
-    for field in ("block_out_channels", "layers", "cross_attention_dim", "addition_embed_type",
-                  "text_embeds_dim"):
-        if getattr(control, field) != getattr(unet, field):
-            raise ValueError(f"{what} does not fit this U-Net: its {field} is "
-                             f"{getattr(control, field)!r}, the U-Net's {getattr(unet, field)!r} "
-                             f"(a ControlNet made for another base model?)")
+    mismatch = config_mismatch(control, arch.unet)
+    if mismatch is not None:
+        field, ours, theirs = mismatch
+        raise ValueError(f"{what} does not fit this U-Net: its {field} is {ours!r}, the U-Net's "
+                         f"{theirs!r} (a ControlNet made for another base model?)")
     if control.in_channels != arch.vae.latent_channels:
         raise ValueError(f"{what} takes {control.in_channels} latent channels, the VAE makes "
                          f"{arch.vae.latent_channels}")

@@ -30,7 +30,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from sdjax.models.controlnet import ControlNet, ControlNetConfig, example_inputs
+from sdjax.models.controlnet import (ControlNet, ControlNetConfig, config_mismatch,
+                                     example_inputs, unet_mismatch)
 from sdjax.models.unet import UNetConfig
 from sdjax.weights.common import (DictSource, RenamedSource, SafetensorsFile, TensorSource,
                                   WeightsError, abstract_params, convert_state_dict)
@@ -219,11 +220,11 @@ def _original_config(body: Mapping[str, tuple[int, ...]], hints: list[int], path
         text_embeds = (config["projection_class_embeddings_input_dim"]
                        - 6 * config["addition_time_embed_dim"]
                        if config["addition_embed_type"] == "text_time" else 0)
-        _check_fits_values(path, base, block_out_channels=config["block_out_channels"],
-                           layers=config["layers_per_block"],
-                           cross_attention_dim=config["cross_attention_dim"],
-                           addition_embed_type=config["addition_embed_type"],
-                           text_embeds_dim=text_embeds)
+        _raise_mismatch(unet_mismatch(base, block_out_channels=config["block_out_channels"],
+                                      layers=config["layers_per_block"],
+                                      cross_attention_dim=config["cross_attention_dim"],
+                                      addition_embed_type=config["addition_embed_type"],
+                                      text_embeds_dim=text_embeds), path)
         config.update({field: getattr(base, field) for field in _FIELDS_FROM_BASE})
         if not any(k.endswith(".proj_in.weight") for k in body):  # no attention to tell
             config["use_linear_projection"] = base.use_linear_projection
@@ -241,31 +242,14 @@ def _looks_like(shapes: Mapping[str, tuple[int, ...]]) -> str:
 
 # ---- Fit with the U-Net ----------------------------------------------------------------------------
 def _check_fits(config: ControlNetConfig, base: UNetConfig, where: str) -> None:
-    _check_fits_values(where, base, block_out_channels=config.block_out_channels,
-                       layers=config.layers, cross_attention_dim=config.cross_attention_dim,
-                       addition_embed_type=config.addition_embed_type,
-                       text_embeds_dim=config.text_embeds_dim)
+    _raise_mismatch(config_mismatch(config, base), where)
 
 
-def _check_fits_values(where: str, base: UNetConfig, **controlnet: Any) -> None:
-    """A ControlNet feeds one residual per skip connection and the middle block (so widths and
-    layers per level must agree) and sees the U-Net's inputs (context width, SDXL's pooled text)."""
-    levels, layers = len(controlnet["block_out_channels"]), controlnet["layers"]
-    if not isinstance(layers, (list, tuple)):
-        layers = (layers,) * levels
-    ours = {"block_out_channels": tuple(controlnet["block_out_channels"]),
-            "layers_per_block": tuple(layers),
-            "cross_attention_dim": controlnet["cross_attention_dim"],
-            "addition_embed_type": controlnet["addition_embed_type"],
-            "pooled text embedding width": controlnet["text_embeds_dim"]}
-    theirs = {"block_out_channels": base.block_out_channels, "layers_per_block": base.layers,
-              "cross_attention_dim": base.cross_attention_dim,
-              "addition_embed_type": base.addition_embed_type,
-              "pooled text embedding width": base.text_embeds_dim}
-    for field, value in ours.items():
-        if value != theirs[field]:
-            raise WeightsError(f"{where}: the ControlNet's {field} {value!r} does not match the "
-                               f"U-Net's {theirs[field]!r}: they cannot work together")
+def _raise_mismatch(mismatch, where: str) -> None:
+    if mismatch is not None:
+        what, ours, theirs = mismatch
+        raise WeightsError(f"{where}: the ControlNet's {what} {ours!r} does not match the "
+                           f"U-Net's {theirs!r}: they cannot work together")
 
 
 # ---- Writing diffusers folders ---------------------------------------------------------------------
