@@ -55,12 +55,16 @@ def dot_product_attention(
     value: jax.Array,
     *,
     mask: Optional[jax.Array] = None,
+    bias: Optional[jax.Array] = None,
+    scale: Optional[float] = None,
     is_causal: bool = False,
     implementation: str = "xla",
 ) -> jax.Array:
     """Multi-head attention core. q: (B, Lq, H, D), k/v: (B, Lk, H, D) -> (B, Lq, H, D).
 
-    `mask` is boolean, broadcastable to (B, H, Lq, Lk); True means "may attend".
+    `mask` is boolean, broadcastable to (B, H, Lq, Lk); True means "may attend". `bias`, broadcastable
+    to the same, is added to the logits (T5's relative positions); `scale` multiplies the logits
+    (None: 1/sqrt(D); T5 uses 1).
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
@@ -68,12 +72,14 @@ def dot_product_attention(
             f"choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
     if implementation == "xla" and jax.default_backend() == "cpu":
         implementation = "blocked"
-    if implementation == "blocked" and mask is None and not is_causal:
-        return _blocked_attention(query, key, value)
+    if implementation == "blocked" and mask is None and bias is None and not is_causal:
+        return _blocked_attention(query, key, value, scale)
     if implementation in ("reference", "blocked"):
-        scale = query.shape[-1] ** -0.5
+        scale = query.shape[-1] ** -0.5 if scale is None else scale
         logits = jnp.einsum("bqhd,bkhd->bhqk", query, key,
                             preferred_element_type=jnp.float32) * scale
+        if bias is not None:
+            logits = logits + bias.astype(jnp.float32)
         if is_causal:
             lq, lk = query.shape[1], key.shape[1]
             causal = jnp.tril(jnp.ones((lq, lk), dtype=bool), k=lk - lq)
@@ -83,11 +89,13 @@ def dot_product_attention(
         weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
         return einsum("bhqk,bkhd->bqhd", weights, value)
     return jax.nn.dot_product_attention(
-        query, key, value, mask=mask, is_causal=is_causal,
+        query, key, value, bias=None if bias is None else bias.astype(query.dtype), mask=mask,
+        scale=scale, is_causal=is_causal,
         implementation=None if implementation == "xla" else implementation)
 
 
-def _blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+def _blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                       scale: Optional[float] = None) -> jax.Array:
     """Unmasked attention with the numerics of "reference", one (batch x head, query block) at a
     time: each block's logits stay small enough to be reused from cache by the softmax and the
     second matmul."""
@@ -100,7 +108,7 @@ def _blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> ja
     heads_first = lambda x: jnp.transpose(x, (0, 2, 1, 3)).reshape((b * h,) + x.shape[1:2] + (d,))
     q = heads_first(query).reshape(b * h, blocks, rows, d)
     k, v = heads_first(key), heads_first(value)
-    scale = d ** -0.5
+    scale = d ** -0.5 if scale is None else scale
 
     def one_head(args):
         q_head, k_head, v_head = args
@@ -297,13 +305,15 @@ class Attention(nn.Module):
     out_features: Optional[int] = None  # None: the input width
     names: tuple[str, str, str, str] = ("to_q", "to_k", "to_v", "to_out")
     use_bias: tuple[bool, bool, bool, bool] = (True, True, True, True)
+    scale: Optional[float] = None  # of the logits; None: 1/sqrt(head_dim)
     implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, context: Optional[jax.Array] = None, *,
-                 mask: Optional[jax.Array] = None, is_causal: bool = False) -> jax.Array:
+                 mask: Optional[jax.Array] = None, bias: Optional[jax.Array] = None,
+                 is_causal: bool = False) -> jax.Array:
         context = x if context is None else context
         head_dim = self.head_dim or x.shape[-1] // self.heads
         inner = self.heads * head_dim
@@ -318,10 +328,29 @@ class Attention(nn.Module):
         q, k, v = project(x, 0), project(context, 1), project(context, 2)
         # diffusers' upcast_attention (SD 2.1-v) computes logits and softmax in float32 to avoid
         # half-precision overflow; every implementation here always does, so it needs no flag.
-        out = dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+        out = dot_product_attention(q, k, v, mask=mask, bias=bias, scale=self.scale,
+                                    is_causal=is_causal,
                                     implementation=self.implementation).astype(self.dtype)
         out = out.reshape(out.shape[:-2] + (inner,))
         return dense(self.out_features or x.shape[-1], 3)(out)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last axis (Zhang & Sennrich 2019) with a learnt `scale`,
+    computed in float32 as diffusers' and T5's RMSNorm are, then cast to `dtype`."""
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        if scale.dtype in (jnp.bfloat16, jnp.float16):
+            # As the references: normalised values rounded to 16-bit weights' dtype, then scaled.
+            return (x.astype(scale.dtype) * scale).astype(self.dtype)
+        return (x * scale.astype(jnp.float32)).astype(self.dtype)
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool = True,
@@ -460,6 +489,25 @@ class Upsample(nn.Module):
             x = x[:, rows][:, :, cols]
         return Conv2D(self.out_channels, (3, 3), padding=((1, 1), (1, 1)),
                       dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+
+
+class GELUFeedForward(nn.Module):
+    """Transformer feed-forward with a GELU between two dense layers, as diffusers' `FeedForward`
+    with activation "gelu-approximate" (the tanh form; SD3's and Flux's blocks): proj (dim ->
+    inner), gelu, out (inner -> dim)."""
+    inner_features: int
+    out_features: Optional[int] = None
+    approximate: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = Dense(self.inner_features, dtype=self.dtype, param_dtype=self.param_dtype,
+                  name="proj")(x)
+        h = jax.nn.gelu(h, approximate=self.approximate)
+        return Dense(self.out_features or x.shape[-1], dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="out")(h)
 
 
 class GEGLUFeedForward(nn.Module):
