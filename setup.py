@@ -23,7 +23,9 @@ setuptools.setup(
         "tqdm>=4.66,<5",
         "matplotlib>=3.7",
         "tensorboardX>=2.6",
-        "tokenizers>=0.15,<1",  # the CLIP BPE (sdjax/text/tokenizer.py)
+        "tokenizers>=0.15,<1",  # the CLIP BPE (sdjax/text/tokenizer.py), T5's Unigram
+        "sentencepiece>=0.2",  # T5 tokenizer folders holding only spiece.model (text/t5_tokenizer.py)
+        "protobuf>=3.20",  # which reads spiece.model's pieces and normalisation table
         "flatbuffers>=23.0",  # jax.export's serialization (sdjax/exported.py)
     ],
     extras_require={

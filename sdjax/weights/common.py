@@ -27,6 +27,10 @@ class TensorSource(Mapping[str, np.ndarray]):
 
     name: str = "<tensors>"
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape; sources over files tell it from the header, without reading it."""
+        return tuple(self[key].shape)
+
 
 class DictSource(TensorSource):
     """A TensorSource over tensors already in memory (tests, renamed views)."""
@@ -58,6 +62,10 @@ class RenamedSource(TensorSource):
         old, transform = self._mapping[key]
         value = self._source[old]
         return value if transform is None else transform(value)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        old, transform = self._mapping[key]
+        return self._source.shape(old) if transform is None else super().shape(key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._mapping)
@@ -152,6 +160,9 @@ class MergedSource(TensorSource):
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self._where[key][key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._where[key].shape(key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
