@@ -14,12 +14,18 @@ model sees `x_in = x / sqrt(sigma^2 + 1)` (the VP latent) and a model timestep, 
 for the k-diffusion family exactly as in diffusers. The model's parameterisation (epsilon,
 v_prediction, sample) is handled once by `make_denoiser` (k-diffusion's D(x, sigma)).
 
+Flow-matching samplers (`flow = True`: flow_euler, flow_euler_a, flow_heun, flow_dpmpp_2m,
+flow_dpmpp_2m_sde, flow_unipc) take a FlowSchedule and keep x = (1 - sigma) x0 + sigma eps ("flow"
+space); the model sees x itself and timestep sigma * num_train_timesteps, and returns the velocity
+v = eps - x0 (prediction type "flow"), so D(x, sigma) = x - sigma v.
+
 Stochastic samplers draw their noise from `step_noise(keys, i, ...)`: one key per image, folded with
 the global step index, so a batch may be cut or sharded any way without changing any image.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, ClassVar, Optional
 
 import jax
@@ -28,9 +34,10 @@ import numpy as np
 from flax import struct
 from jax import lax
 
-from sdjax.diffusion.schedules import SIGMA_SPACINGS, NoiseSchedule, sigma_to_t, spaced_timesteps
+from sdjax.diffusion.schedules import (SIGMA_SPACINGS, FlowSchedule, NoiseSchedule, flow_add_noise,
+                                       sigma_to_t, spaced_timesteps)
 
-ModelFn = Callable[[jax.Array, jax.Array], jax.Array]   # (x_in, t) -> eps / v / x0
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]   # (x_in, t) -> eps / v / x0 / flow velocity
 Denoiser = Callable[..., jax.Array]   # (x_in, alpha, sigma_vp, t) -> x0
 State = dict
 
@@ -59,7 +66,8 @@ def _plan(timesteps, sigmas, init_noise_sigma, prediction_type, **coeffs) -> Pla
 def make_denoiser(model_fn: ModelFn, prediction_type: str) -> Denoiser:
     """k-diffusion's D(x, sigma) for a discrete VP model, written on the model's input
     x_in = alpha x0 + sigma_vp eps so that alpha = 0 (zero terminal SNR) stays finite:
-    D(x_in, alpha, sigma_vp, t) -> x0."""
+    D(x_in, alpha, sigma_vp, t) -> x0. A flow model's x_in is (1 - sigma) x0 + sigma eps, so flow
+    samplers pass alpha = 1 - sigma, sigma_vp = sigma; its output is v = eps - x0."""
     def denoise(x_in, alpha, sigma_vp, t):
         out = model_fn(x_in, t).astype(x_in.dtype)
         if prediction_type == "epsilon":
@@ -68,7 +76,10 @@ def make_denoiser(model_fn: ModelFn, prediction_type: str) -> Denoiser:
             return alpha * x_in - sigma_vp * out
         if prediction_type == "sample":
             return out
-        raise ValueError(f"prediction_type {prediction_type!r} is not epsilon, v_prediction or sample")
+        if prediction_type == "flow":
+            return x_in - sigma_vp * out
+        raise ValueError(f"prediction_type {prediction_type!r} is not epsilon, v_prediction, sample "
+                         "or flow")
     return denoise
 
 
@@ -185,8 +196,15 @@ class Sampler:
     """Base: a hashable bundle of static options plus plan / init / step / add_noise."""
 
     default_spacing: ClassVar[str] = "linspace"
-    space: ClassVar[str] = "ve"           # "ve": x = x0 + sigma eps; "vp": x = alpha x0 + sigma_vp eps
+    space: ClassVar[str] = "ve"     # "ve": x0 + sigma eps; "vp": alpha x0 + sigma_vp eps; "flow"
     stochastic: ClassVar[bool] = False
+    flow: ClassVar[bool] = False    # takes a FlowSchedule and a velocity model, not a NoiseSchedule
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # Every plan checks its schedule's kind once here, rather than failing deep inside.
+        if "plan" in cls.__dict__:
+            cls.plan = _checks_schedule(cls.__dict__["plan"])
 
     def plan(self, schedule: NoiseSchedule, num_steps: int) -> Plan:
         raise NotImplementedError
@@ -203,6 +221,8 @@ class Sampler:
     def add_noise(self, plan: Plan, x0: jax.Array, noise: jax.Array, start) -> jax.Array:
         """x0 noised to the level where step `start` begins, in this sampler's space (img2img)."""
         sigma = plan.sigmas[start]
+        if self.space == "flow":
+            return flow_add_noise(x0, noise, sigma)
         if self.space == "ve":
             return x0 + noise * sigma
         alpha = lax.rsqrt(sigma**2 + 1)
@@ -222,6 +242,21 @@ class Sampler:
             return plan.coeffs["alpha"][i], plan.coeffs["sigma_vp"][i]
         alpha = lax.rsqrt(plan.sigmas[i] ** 2 + 1)
         return alpha, plan.sigmas[i] * alpha
+
+
+def _checks_schedule(plan_fn):
+    @functools.wraps(plan_fn)
+    def plan(self, schedule, num_steps):
+        if isinstance(schedule, FlowSchedule) != self.flow:
+            names = [n for n, (cls, fixed) in _REGISTRY.items() if cls is type(self) and
+                     all(getattr(self, k) == v for k, v in fixed.items())] or [type(self).__name__]
+            fitting = [n for n, (cls, _) in sorted(_REGISTRY.items()) if cls.flow != self.flow]
+            raise ValueError(
+                f"sampler {names[0]!r} takes a {'FlowSchedule' if self.flow else 'NoiseSchedule'} "
+                f"(a {'flow-matching' if self.flow else 'noise-prediction'} model), not a "
+                f"{type(schedule).__name__}; samplers for it: {', '.join(fitting)}")
+        return plan_fn(self, schedule, num_steps)
+    return plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,8 +284,14 @@ def _check_nonnegative(sampler: Sampler, *names: str) -> None:
             raise ValueError(f"option {name}={value!r} must be a number >= 0")
 
 
-def start_index(num_steps: int, strength: float) -> int:
-    """First step of img2img at `strength` in [0, 1], as diffusers' img2img pipelines compute it."""
+def start_index(num_steps: int, strength: float, flow: bool = False) -> int:
+    """First step of img2img at `strength` in [0, 1], as diffusers' img2img pipelines compute it.
+
+    flow: the SD3 / Flux img2img and inpaint pipelines' rounding, int(N - N * strength), which is
+    one step later than the SD pipelines' N - int(N * strength) when N * strength is fractional.
+    """
+    if flow:
+        return int(max(num_steps - min(num_steps * strength, num_steps), 0))
     init = min(int(num_steps * strength), num_steps)
     return max(num_steps - init, 0)
 
@@ -610,41 +651,51 @@ def _alpha_sigma_lambda(sigma):
     return alpha, sig, lam
 
 
-def _dpmpp_weights(s, i, order, sde):
+def _flow_alpha_sigma_lambda(sigma):
+    """The same for a flow sigma (x = (1 - sigma) x0 + sigma eps); lambda is -inf at sigma=1."""
+    alpha = 1.0 - sigma
+    with np.errstate(divide="ignore"):
+        lam = np.log(alpha) - np.log(sigma)
+    return alpha, sigma, lam
+
+
+def _dpmpp_weights(s, i, order, sde, levels=_alpha_sigma_lambda):
     """DPM-Solver++(2M/3M) (Lu et al. 2022) and its SDE variant: x_{i+1} = a x + sum_j w_j m_j + c z,
-    m_j the x0 prediction j steps back; the derivative estimates D1, D2 expanded into the m_j."""
+    m_j the x0 prediction j steps back; the derivative estimates D1, D2 expanded into the m_j.
+    levels(sigma) -> (alpha, sigma_t, lambda) says what the sigmas mean (VE or flow)."""
     if s[i + 1] == 0:           # the last step lands on sigma=0: x = x0 (order 1 by construction)
         return 0.0, np.array([1.0, 0.0, 0.0]), 0.0
-    alpha_t, sigma_t, lam_t = _alpha_sigma_lambda(s[i + 1])
-    _, sigma_s0, lam_s0 = _alpha_sigma_lambda(s[i])
+    alpha_t, sigma_t, lam_t = levels(s[i + 1])
+    _, sigma_s0, lam_s0 = levels(s[i])
     h = lam_t - lam_s0
     w = np.zeros(3)
     if sde:
         a = sigma_t / sigma_s0 * np.exp(-h)
         k0 = alpha_t * (-np.expm1(-2.0 * h))
         k1 = alpha_t * ((-np.expm1(-2.0 * h)) / (-2.0 * h) + 1.0) if order == 3 else 0.5 * k0
-        k2 = alpha_t * (((-np.expm1(-2.0 * h)) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
         noise = sigma_t * np.sqrt(-np.expm1(-2.0 * h))
     else:
         a = sigma_t / sigma_s0
         k0 = -alpha_t * np.expm1(-h)
         k1 = -0.5 * alpha_t * np.expm1(-h) if order == 2 else alpha_t * (np.expm1(-h) / h + 1.0)
-        k2 = -alpha_t * ((np.expm1(-h) + h) / h**2 - 0.5)
         noise = 0.0
     w[0] += k0
     if order >= 2:
-        h0 = lam_s0 - _alpha_sigma_lambda(s[i - 1])[2]
+        h0 = lam_s0 - levels(s[i - 1])[2]
         r0 = h0 / h
     if order == 2:               # D1 = (m0 - m1) / r0
         w[0] += k1 / r0
         w[1] -= k1 / r0
     if order == 3:
-        h1 = _alpha_sigma_lambda(s[i - 1])[2] - _alpha_sigma_lambda(s[i - 2])[2]
+        h1 = levels(s[i - 1])[2] - levels(s[i - 2])[2]
         r1 = h1 / h
         d10 = np.array([1.0, -1.0, 0.0]) / r0
         d11 = np.array([0.0, 1.0, -1.0]) / r1
         d1 = d10 + r0 / (r0 + r1) * (d10 - d11)
         d2 = (d10 - d11) / (r0 + r1)
+        # k2 only at order 3: at sigma = 1 (a flow plan's first level) h is inf and k2 NaN
+        k2 = (alpha_t * (((-np.expm1(-2.0 * h)) - 2.0 * h) / (2.0 * h) ** 2 - 0.5) if sde
+              else -alpha_t * ((np.expm1(-h) + h) / h**2 - 0.5))
         w += k1 * d1 + k2 * d2
     return a, w, noise
 
@@ -678,7 +729,10 @@ class DPMSolverPP(_SigmaSpacing):
             raise ValueError("dpmpp order 3 is registered only as the SDE variant (dpmpp_3m_sde)")
         round_ts = schedule.beta_schedule != "squaredcos_cap_v2" or schedule.trained_betas is not None
         ts, s = _dpm_levels(schedule, num_steps, self.sigma_spacing, round_ts)
-        n = num_steps
+        return self._multistep_plan(ts, s, schedule.prediction_type)
+
+    def _multistep_plan(self, ts, s, prediction_type, levels=_alpha_sigma_lambda, **extra):
+        n = len(s) - 1
         cap = np.full(n, self.order)
         few = self.lower_order_final and n < 15
         cap[-1] = 1                     # final sigma 0: always first order, as diffusers
@@ -689,9 +743,9 @@ class DPMSolverPP(_SigmaSpacing):
         noise = np.zeros((n, self.order))
         for i in range(n):
             for o in range(1, min(i + 1, self.order) + 1):
-                a[i, o - 1], w[i, o - 1], noise[i, o - 1] = _dpmpp_weights(s, i, o, self.sde)
-        return _plan(ts, s, 1.0, schedule.prediction_type, a=a, w=w, noise=self.s_noise * noise,
-                     cap=cap)
+                a[i, o - 1], w[i, o - 1], noise[i, o - 1] = _dpmpp_weights(s, i, o, self.sde, levels)
+        return _plan(ts, s, 1.0, prediction_type, a=a, w=w, noise=self.s_noise * noise, cap=cap,
+                     **extra)
 
     def _extra_state(self, x):
         return {"hist": jnp.zeros((3,) + x.shape, x.dtype)}
@@ -706,8 +760,9 @@ class DPMSolverPP(_SigmaSpacing):
         return {**state, "x": x_next, "hist": hist, "count": count + 1}
 
 
-def _unipc_weights(s, i, order, corrector):
-    """UniPC-bh2 (Zhao et al. 2023) on x0 predictions, as weights on [x, m_0, m_1, m_2, (m_t)].
+def _unipc_weights(s, i, order, corrector, levels=_alpha_sigma_lambda):
+    """UniPC-bh2 (Zhao et al. 2023) on x0 predictions, as weights on [x, m_0, m_1, m_2, (m_t)];
+    levels as in _dpmpp_weights.
 
     Predictor from level i to i+1 (m_k at level i - k). Corrector of level i (m_t its fresh output)
     from level i-1 (m_k at level i - 1 - k), applied before the next predictor.
@@ -717,13 +772,13 @@ def _unipc_weights(s, i, order, corrector):
     if s[tgt] == 0:              # landing on sigma=0 at order 1: x = x0
         out[1] = 1.0
         return out
-    alpha_t, sigma_t, lam_t = _alpha_sigma_lambda(s[tgt])
-    _, sigma_s0, lam_s0 = _alpha_sigma_lambda(s[src])
+    alpha_t, sigma_t, lam_t = levels(s[tgt])
+    _, sigma_s0, lam_s0 = levels(s[src])
     h = lam_t - lam_s0
     hh = -h
     h_phi_1 = np.expm1(hh)
     b_h = np.expm1(hh)
-    rks = [(_alpha_sigma_lambda(s[src - k])[2] - lam_s0) / h for k in range(1, order)] + [1.0]
+    rks = [(levels(s[src - k])[2] - lam_s0) / h for k in range(1, order)] + [1.0]
     rks = np.array(rks)
     R, b = [], []
     h_phi_k, fact = h_phi_1 / hh - 1, 1
@@ -759,16 +814,19 @@ class UniPC(_SigmaSpacing):
 
     def plan(self, schedule, num_steps):
         ts, s = _dpm_levels(schedule, num_steps, self.sigma_spacing, True)
-        n = num_steps
+        return self._multistep_plan(ts, s, schedule.prediction_type)
+
+    def _multistep_plan(self, ts, s, prediction_type, levels=_alpha_sigma_lambda, **extra):
+        n = len(s) - 1
         cap = np.minimum(self.order, n - np.arange(n))     # lower_order_final
         pred = np.zeros((n, self.order, 5))
         corr = np.zeros((n, self.order, 5))
         for i in range(n):
             for o in range(1, min(i + 1, self.order) + 1):
-                pred[i, o - 1] = _unipc_weights(s, i, o, corrector=False)
+                pred[i, o - 1] = _unipc_weights(s, i, o, False, levels)
                 if i >= o:
-                    corr[i, o - 1] = _unipc_weights(s, i, o, corrector=True)
-        return _plan(ts, s, 1.0, schedule.prediction_type, pred=pred, corr=corr, cap=cap)
+                    corr[i, o - 1] = _unipc_weights(s, i, o, True, levels)
+        return _plan(ts, s, 1.0, prediction_type, pred=pred, corr=corr, cap=cap, **extra)
 
     def _extra_state(self, x):
         return {"hist": jnp.zeros((3,) + x.shape, x.dtype), "last_x": x,
@@ -786,3 +844,149 @@ class UniPC(_SigmaSpacing):
         x_next = wp[0] * x + _combine(wp[1:4], hist)
         return {**state, "x": x_next, "hist": hist, "last_x": x, "last_order": order,
                 "count": count + 1}
+
+
+# --- flow matching (flow space: x = (1 - sigma) x0 + sigma eps, the model returns v = eps - x0) ----
+
+def _flow_coeffs(sigmas) -> dict:
+    """The denoiser's (alpha, sigma_vp) at every level of a flow plan: (1 - sigma, sigma)."""
+    return {"alpha": 1 - sigmas, "sigma_vp": sigmas}
+
+
+def _schedule_levels(schedule: FlowSchedule, num_steps: int):
+    """(timesteps, sigmas) of the schedule itself: FlowMatchEulerDiscreteScheduler's tables."""
+    sigmas = schedule.sigmas(num_steps)
+    return schedule.timesteps(sigmas).astype(np.float64), sigmas
+
+
+def _integer_levels(schedule: FlowSchedule, sigmas: np.ndarray):
+    """The multistep schedulers' flow tables: int64 timesteps cut from the float64 sigmas, float32
+    sigmas, a final sigma 0 (DPMSolverMultistep / UniPCMultistep set_timesteps, use_flow_sigmas)."""
+    ts = (sigmas * schedule.num_train_timesteps).astype(np.int64).astype(np.float64)
+    return np.append(ts, 0.0), np.append(sigmas, 0.0).astype(np.float32).astype(np.float64)
+
+
+def _dpm_flow_levels(schedule: FlowSchedule, num_steps: int):
+    """DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=shift).set_timesteps(N[, mu]):
+    linspace(1 - 1/T, 0, N + 1) without its last point, statically shifted by flow_shift (exp(mu)
+    under dynamic shifting, which it takes as its flow_shift)."""
+    where = "flow_dpmpp_2m's own sigmas (DPMSolverMultistepScheduler use_flow_sigmas)"
+    if schedule.shift_terminal:
+        raise ValueError(f"{where} have no shift_terminal; pass schedule_sigmas=True")
+    if schedule.use_dynamic_shifting and schedule.time_shift_type != "exponential":
+        raise ValueError(f"{where} shift only exponentially, not time_shift_type="
+                         f"{schedule.time_shift_type!r}; pass schedule_sigmas=True")
+    shift = np.exp(schedule.mu) if schedule.use_dynamic_shifting else schedule.shift
+    T = schedule.num_train_timesteps
+    sigmas = 1.0 - np.linspace(1, 1 / T, num_steps + 1)
+    sigmas = np.flip(shift * sigmas / (1 + (shift - 1) * sigmas))[:-1].copy()
+    return _integer_levels(schedule, sigmas)
+
+
+def _unipc_flow_levels(schedule: FlowSchedule, num_steps: int):
+    """UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=shift, ...).set_timesteps(N[, mu]):
+    linspace(1, 1/T, N + 1) without its last point, shifted as the schedule shifts, the first
+    sigma kept 1e-6 below 1 (lambda is -inf at 1)."""
+    T = schedule.num_train_timesteps
+    sigmas = schedule.shift_sigmas(np.linspace(1, 1 / T, num_steps + 1)[:-1])
+    if np.fabs(sigmas[0] - 1) < 1e-6:
+        sigmas[0] -= 1e-6
+    return _integer_levels(schedule, sigmas)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FlowODE(Sampler):
+    """Steps through the FlowSchedule's own sigmas (FlowMatchEulerDiscreteScheduler's tables)."""
+
+    space: ClassVar[str] = "flow"
+    flow: ClassVar[bool] = True
+
+    def plan(self, schedule, num_steps):
+        ts, sigmas = _schedule_levels(schedule, num_steps)
+        return _plan(ts, sigmas, 1.0, schedule.prediction_type, **_flow_coeffs(sigmas))
+
+    def _velocity(self, plan, denoise, x, i):
+        """dx/dsigma = (x - D) / sigma, which is the model's v."""
+        return (x - self._vp_x0(plan, denoise, x, i)) / plan.sigmas[i]
+
+
+@register_sampler("flow_euler")
+@dataclasses.dataclass(frozen=True)
+class FlowEuler(_FlowODE):
+    """Euler on the rectified-flow ODE: x += (sigma_next - sigma) v (FlowMatchEulerDiscreteScheduler)."""
+
+    def step(self, plan, denoise, state, i, keys):
+        x = state["x"]
+        v = self._velocity(plan, denoise, x, i)
+        return {**state, "x": x + (plan.sigmas[i + 1] - plan.sigmas[i]) * v,
+                "count": state["count"] + 1}
+
+
+@register_sampler("flow_euler_a")
+@dataclasses.dataclass(frozen=True)
+class FlowEulerStochastic(_FlowODE):
+    """Re-noised flow sampling: x = (1 - sigma_next) D(x) + sigma_next z, z fresh noise each step
+    (FlowMatchEulerDiscreteScheduler with stochastic_sampling=True)."""
+
+    stochastic: ClassVar[bool] = True
+
+    def step(self, plan, denoise, state, i, keys):
+        x0 = self._vp_x0(plan, denoise, state["x"], i)
+        noise = step_noise(keys, i, x0.shape, x0.dtype)
+        return {**state, "x": flow_add_noise(x0, noise, plan.sigmas[i + 1]),
+                "count": state["count"] + 1}
+
+
+@register_sampler("flow_heun")
+@dataclasses.dataclass(frozen=True)
+class FlowHeun(_FlowODE):
+    """Heun's 2nd-order method on the rectified-flow ODE; the last step, to sigma=0, is Euler
+    (FlowMatchHeunDiscreteScheduler)."""
+
+    def step(self, plan, denoise, state, i, keys):
+        x, sigma_next = state["x"], plan.sigmas[i + 1]
+        dt = sigma_next - plan.sigmas[i]
+        v = self._velocity(plan, denoise, x, i)
+        x_euler = x + v * dt
+
+        def corrected(_):
+            return x + (v + self._velocity(plan, denoise, x_euler, i + 1)) / 2 * dt
+
+        x_next = lax.cond(sigma_next > 0, corrected, lambda _: x_euler, None)
+        return {**state, "x": x_next, "count": state["count"] + 1}
+
+
+@register_sampler("flow_dpmpp_2m", order=2, sde=False, s_noise=1.0, karras=False, exponential=False)
+@register_sampler("flow_dpmpp_2m_sde", order=2, sde=True, karras=False, exponential=False)
+@dataclasses.dataclass(frozen=True)
+class FlowDPMSolverPP(DPMSolverPP):
+    """DPM-Solver++ on a flow model: DPMSolverMultistepScheduler(use_flow_sigmas=True,
+    prediction_type="flow_prediction", flow_shift=the schedule's shift) with set_timesteps(N), and
+    mu under dynamic shifting, as the SD3 and Flux pipelines call it: its own sigma grid and integer
+    timesteps. schedule_sigmas: the FlowSchedule's sigmas and timesteps instead (flow_euler's)."""
+
+    schedule_sigmas: bool = False
+    space: ClassVar[str] = "flow"
+    flow: ClassVar[bool] = True
+
+    def plan(self, schedule, num_steps):
+        levels = _schedule_levels if self.schedule_sigmas else _dpm_flow_levels
+        ts, sigmas = levels(schedule, num_steps)
+        return self._multistep_plan(ts, sigmas, schedule.prediction_type, _flow_alpha_sigma_lambda,
+                                    **_flow_coeffs(sigmas))
+
+
+@register_sampler("flow_unipc", karras=False, exponential=False)
+@dataclasses.dataclass(frozen=True)
+class FlowUniPC(UniPC):
+    """UniPC on a flow model: UniPCMultistepScheduler(use_flow_sigmas=True,
+    prediction_type="flow_prediction", flow_shift, use_dynamic_shifting, time_shift_type,
+    shift_terminal from the schedule) with set_timesteps(N[, mu]), as the pipelines call it."""
+
+    space: ClassVar[str] = "flow"
+    flow: ClassVar[bool] = True
+
+    def plan(self, schedule, num_steps):
+        ts, sigmas = _unipc_flow_levels(schedule, num_steps)
+        return self._multistep_plan(ts, sigmas, schedule.prediction_type, _flow_alpha_sigma_lambda,
+                                    **_flow_coeffs(sigmas))
