@@ -8,29 +8,38 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+from typing import Optional
 
 from sdjax.weights.presets import preset
 
 
 def save_diffusers_folder(parts: dict, folder: str | os.PathLike, *, scheduler: dict,
-                          pipeline_class: str = "StableDiffusionPipeline") -> pathlib.Path:
-    """Save reference models {"unet", "vae", "text_encoder"[, "text_encoder_2"]} (torch) as a
-    diffusers folder with model_index.json, tokenizers (sdjax's shipped vocabulary, padded as the
-    encoder's family pads) and the scheduler config."""
+                          pipeline_class: str = "StableDiffusionPipeline",
+                          scheduler_class: str = "PNDMScheduler",
+                          tokenizers: Optional[dict] = None) -> pathlib.Path:
+    """Save reference models {"unet" or "transformer", "vae", "text_encoder"[, _2, _3]} (torch) as
+    a diffusers folder with model_index.json, tokenizers and the scheduler config. A text
+    encoder's tokenizer is `tokenizers[name]` (anything with save_pretrained, e.g. a T5 tokenizer)
+    when given, else sdjax's shipped CLIP vocabulary, padded as the encoder's family pads."""
     from sdjax.text.tokenizer import CLIPTokenizer
 
     folder = pathlib.Path(folder)
     index = {"_class_name": pipeline_class}
+    tokenizers = tokenizers or {}
     for name, model in parts.items():
         model.save_pretrained(folder / name)
-        index[name] = ["diffusers" if name in ("unet", "vae") else "transformers", type(model).__name__]
+        library = "diffusers" if name in ("unet", "vae", "transformer") else "transformers"
+        index[name] = [library, type(model).__name__]
         if name.startswith("text_encoder"):
-            tokenizer = name.replace("text_encoder", "tokenizer")
-            pad = "!" if model.config.hidden_act == "gelu" else "<|endoftext|>"
-            CLIPTokenizer.default(pad_token=pad).save_pretrained(folder / tokenizer)
-            index[tokenizer] = ["transformers", "CLIPTokenizer"]
+            tokenizer_name = name.replace("text_encoder", "tokenizer")
+            tokenizer = tokenizers.get(tokenizer_name)
+            if tokenizer is None:
+                pad = "!" if model.config.hidden_act == "gelu" else "<|endoftext|>"
+                tokenizer = CLIPTokenizer.default(pad_token=pad)
+            tokenizer.save_pretrained(folder / tokenizer_name)
+            index[tokenizer_name] = ["transformers", type(tokenizer).__name__]
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    config = {"_class_name": "PNDMScheduler", **scheduler}
+    config = {"_class_name": scheduler_class, **scheduler}
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2))
     index["scheduler"] = ["diffusers", config["_class_name"]]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))

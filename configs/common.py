@@ -16,6 +16,9 @@ def generation_config(*, height: int, width: int, model: str = "", cfg_scale: fl
     c = ml_collections.ConfigDict()
     c.model = model              # checkpoint: diffusers folder, single .safetensors, or sdjax folder
     c.vae = ""                   # optional standalone VAE replacing the checkpoint's
+    # SD3 / Flux single files: a diffusers folder of the same family supplying what the file lacks
+    # (text encoders, tokenizers, VAE, scheduler)
+    c.components = ""
     c.dtype = "float32"          # float32 | bfloat16 | float16 (compute and params)
     c.prediction_type = ""       # override the checkpoint's (single files can't tell v-prediction)
     c.prompt = ""
@@ -33,6 +36,15 @@ def generation_config(*, height: int, width: int, model: str = "", cfg_scale: fl
     c.guidance_rescale = 0.0
     c.guidance_interval = (0.0, 1.0)
     c.clip_skip = SamplingSpec.clip_skip
+    # SD3 / Flux. embedded_guidance: Flux-dev's distilled guidance scale (the model input; true CFG
+    # runs only when cfg_scale != 1). max_sequence_length: T5 tokens (0: the family's default).
+    # slg_*: skip-layer guidance (SD3.5): the joint blocks skipped, scale, and the step window.
+    c.embedded_guidance = 3.5
+    c.max_sequence_length = SamplingSpec.max_sequence_length
+    c.slg_layers = SamplingSpec.slg_layers
+    c.slg_scale = 2.8
+    c.slg_start = SamplingSpec.slg_start
+    c.slg_stop = SamplingSpec.slg_stop
     c.height = height
     c.width = width
     c.init_image = ""            # img2img (and inpainting) source image

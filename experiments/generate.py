@@ -8,6 +8,12 @@ checkpoint:
     python -m experiments.generate --config=configs/sd15.py --model=/path/to/checkpoint \
         --prompt="a photo of a cat" --config.sampler=dpmpp_2m --config.steps=25
 
+SD 3.5 and Flux.1 (configs/sd35.py, flux_dev.py, flux_schnell.py; a single file takes the parts it
+lacks from --components, a diffusers folder of the same family):
+
+    python -m experiments.generate --config=configs/flux_dev.py --model=/path/to/flux1-dev.safetensors \
+        --components=/path/to/FLUX.1-dev --prompt="a cat holding a sign" --embedded_guidance=3.5
+
 With LoRAs (a <lora:NAME:WEIGHT> tag in the prompt, or --lora for every image):
 
     python -m experiments.generate --config=configs/sd15.py --model=/path/to/checkpoint \
@@ -39,6 +45,10 @@ flags.DEFINE_integer("width", None, "image width in pixels (a multiple of 8)")
 flags.DEFINE_string("model", None, "checkpoint: diffusers folder, .safetensors file or sdjax folder "
                     "(default: the embedded shapes-world model)")
 flags.DEFINE_string("vae", None, "standalone VAE replacing the checkpoint's (folder or file)")
+flags.DEFINE_string("components", None, "SD3 / Flux single files: a diffusers folder of the same "
+                    "family supplying what the file lacks (text encoders, tokenizers, VAE)")
+flags.DEFINE_float("embedded_guidance", None, "Flux.1-dev's distilled guidance scale (a model "
+                   "input; --cfg_scale above 1 adds true classifier-free guidance)")
 flags.DEFINE_string("init_image", None, "image to start from (img2img; with --mask, inpainting)")
 flags.DEFINE_float("strength", None, "img2img strength in (0, 1]: how much of the image is redrawn")
 flags.DEFINE_string("mask", None, "inpainting mask, white = repaint")
@@ -47,7 +57,8 @@ generate.define_lora_flags()
 generate.define_control_flags()
 FLAGS = flags.FLAGS
 SHORTCUTS = ("prompt", "negative_prompt", "seed", "num_images", "cfg_scale", "height", "width",
-             "model", "vae", "init_image", "strength", "mask", "out_dir")
+             "model", "vae", "components", "embedded_guidance", "init_image", "strength", "mask",
+             "out_dir")
 
 
 def main(argv):

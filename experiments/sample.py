@@ -29,6 +29,8 @@ flags.DEFINE_string("out_dir", None, "where the PNGs and manifest.jsonl go")
 flags.DEFINE_integer("images_per_prompt", None, "images per prompt (config.num_images)")
 flags.DEFINE_integer("seed", None, "base seed; prompt p defaults to seed + p * images_per_prompt")
 flags.DEFINE_string("model", None, "checkpoint: diffusers folder, .safetensors file or sdjax folder")
+flags.DEFINE_string("components", None, "SD3 / Flux single files: a diffusers folder of the same "
+                    "family supplying what the file lacks (text encoders, tokenizers, VAE)")
 flags.DEFINE_integer("batch_size", None, "images per program call over all devices (0: one per device)")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs")
 flags.DEFINE_integer("num_processes", None, "number of processes (hosts) in the run")
@@ -37,7 +39,7 @@ generate.define_lora_flags()
 generate.define_control_flags()
 FLAGS = flags.FLAGS
 SHORTCUTS = {"out_dir": "out_dir", "images_per_prompt": "num_images", "seed": "seed",
-             "model": "model", "batch_size": "batch_size"}
+             "model": "model", "components": "components", "batch_size": "batch_size"}
 
 
 def main(argv):

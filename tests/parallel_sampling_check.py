@@ -13,11 +13,14 @@ from sdjax.sampling import Generator, Request, SamplingSpec
 
 def main():
     sampler = sys.argv[1]
+    preset = sys.argv[2] if len(sys.argv) > 2 else "tiny"
     assert jax.device_count() == 8, jax.devices()
-    model = random_pretrained("tiny", seed=1)
-    spec = SamplingSpec(sampler=sampler, steps=4, height=32, width=32)
+    model = random_pretrained(preset, seed=1)
+    spec = SamplingSpec(sampler=sampler, steps=4, height=32, width=32,
+                        max_sequence_length=16 if preset != "tiny" else 0)
     request = Request(prompt="a red circle on the left", negative_prompt="blue", seed=11,
-                      num_images=8, cfg_scale=[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
+                      num_images=8, cfg_scale=[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0],
+                      embedded_guidance=3.0)
     one_device = Generator(model, mesh=parallel.make_mesh(devices=jax.devices()[:1]))
     reference = one_device(request, spec)["images"]
     results = {
@@ -28,7 +31,8 @@ def main():
     singles = []
     for i in range(8):
         single = Request(prompt=request.prompt, negative_prompt=request.negative_prompt,
-                         seed=request.seed + i, num_images=1, cfg_scale=request.cfg_scale[i])
+                         seed=request.seed + i, num_images=1, cfg_scale=request.cfg_scale[i],
+                         embedded_guidance=3.0)
         singles.append(one_device(single, spec)["images"][0])
     results["eight_batches_of_one"] = np.stack(singles)
     print(json.dumps({

@@ -39,6 +39,7 @@ def classifier_free_guidance(
     rescale: jax.Array | float = 0.0,
     interval: Optional[tuple[float, float]] = None,
     num_train_timesteps: int = 1000,
+    after: Optional[Callable[..., jax.Array]] = None,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """Wrap `model_fn` into `fn(x, t, **model_kwargs) -> guided prediction` (keyword arguments
     go through to `model_fn`).
@@ -50,6 +51,8 @@ def classifier_free_guidance(
       rescale: guidance rescale φ in [0, 1], (B,) or scalar.
       interval: apply guidance only while the denoising progress 1 − t/T lies in [start, end]
         (Kynkäänniemi et al. 2024); outside it the conditional prediction is used.
+      after: `after(guided, pred_cond, x, t, **model_kwargs) -> guided` adds a further guidance
+        term that needs the conditional prediction (skip-layer guidance, `skip_layer_term`).
     """
     if uncond is None:
         return lambda x, t, **model_kwargs: model_fn(x, t, cond, **model_kwargs)
@@ -66,9 +69,19 @@ def classifier_free_guidance(
             progress = 1.0 - t.astype(jnp.float32) / num_train_timesteps
             inside = (progress >= interval[0]) & (progress <= interval[1])
             out = jnp.where(_per_image(inside, pred_cond), out, pred_cond)
+        if after is not None:
+            out = after(out, pred_cond, x, t, **model_kwargs)
         return out
 
     return guided
+
+
+def skip_layer_term(guided: jax.Array, pred_cond: jax.Array, pred_skipped: jax.Array,
+                    scale: jax.Array) -> jax.Array:
+    """Skip-layer guidance (SD3.5; diffusers' StableDiffusion3Pipeline): push the guided prediction
+    away from the conditional prediction of the same model with some blocks skipped,
+    guided + scale·(cond − cond_skipped), scale per image."""
+    return guided + _per_image(scale, guided) * (pred_cond - pred_skipped)
 
 
 def _per_image(value, like: jax.Array) -> jax.Array:

@@ -345,7 +345,9 @@ class BatchSampler:
         return Request(prompt=prompt.prompt, negative_prompt=prompt.negative_prompt or None,
                        seed=0, num_images=1, cfg_scale=prompt.cfg_scale,
                        guidance_rescale=float(self.config.guidance_rescale), adapters=prompt.loras,
-                       controls=prompt.controls if controls else ())
+                       controls=prompt.controls if controls else (),
+                       embedded_guidance=float(self.config.get("embedded_guidance", 3.5)),
+                       slg_scale=float(self.config.get("slg_scale", 2.8)))
 
     @functools.lru_cache(maxsize=4096)
     def _row(self, prompt_index: int) -> dict:
@@ -403,9 +405,11 @@ class BatchSampler:
         settings = generate.generation_parameters(
             types.SimpleNamespace(cfg_scale=prompt.cfg_scale, seed=job.seed, subseed=-1,
                                   subseed_strength=0.0,
-                                  guidance_rescale=self.config.guidance_rescale),
+                                  guidance_rescale=self.config.guidance_rescale,
+                                  embedded_guidance=self.config.get("embedded_guidance", 3.5),
+                                  slg_scale=self.config.get("slg_scale", 2.8)),
             spec, job.seed, self.model_name, self.adapters[job.prompt_index],
-            self.generator.adapter_mode, prompt.controls)
+            self.generator.adapter_mode, prompt.controls, self.generator.arch)
         return images_lib.format_parameters(prompt.prompt, prompt.negative_prompt, settings)
 
     def _manifest_record(self, job: Job) -> dict:

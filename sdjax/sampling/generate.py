@@ -44,7 +44,11 @@ def spec_from_config(config) -> SamplingSpec:
         guidance=float(config.cfg_scale) != 1.0,
         guidance_interval=None if interval == (0.0, 1.0) else interval,
         clip_skip=int(config.clip_skip), progress=bool(config.progress),
-        guess_mode=bool(config.get("control_guess_mode", False)))
+        guess_mode=bool(config.get("control_guess_mode", False)),
+        max_sequence_length=int(config.get("max_sequence_length", 0)),
+        slg_layers=tuple(int(k) for k in config.get("slg_layers", ())),
+        slg_start=float(config.get("slg_start", SamplingSpec.slg_start)),
+        slg_stop=float(config.get("slg_stop", SamplingSpec.slg_stop)))
 
 
 def request_from_config(config, spec: SamplingSpec, num_images: int, seed: int) -> Request:
@@ -61,7 +65,9 @@ def request_from_config(config, spec: SamplingSpec, num_images: int, seed: int) 
                    subseed_strength=float(config.subseed_strength),
                    init_image=init_image, mask=mask, inpaint_overlay=bool(config.inpaint_overlay),
                    mask_blur=float(config.mask_blur), adapters=config_loras(config),
-                   controls=config_controls(config))
+                   controls=config_controls(config),
+                   embedded_guidance=float(config.get("embedded_guidance", 3.5)),
+                   slg_scale=float(config.get("slg_scale", 2.8)))
 
 
 def config_loras(config) -> tuple:
@@ -296,7 +302,8 @@ def load_model(config):
         model = random_pretrained(config.model[len(RANDOM_PREFIX):])
     else:
         model = load_pretrained(config.model or DEFAULT_MODEL, vae=config.vae or None,
-                                prediction_type=config.prediction_type or None)
+                                prediction_type=config.prediction_type or None,
+                                components=config.get("components") or None)
     if config.embeddings_dir:
         from sdjax.adapters.embeddings import with_embeddings
 
@@ -305,7 +312,8 @@ def load_model(config):
 
 
 def generation_parameters(config, spec: SamplingSpec, seed: int, model_name: str,
-                          adapters=(), lora_mode: str = "runtime", controls=()) -> dict:
+                          adapters=(), lora_mode: str = "runtime", controls=(),
+                          arch=None) -> dict:
     """The PNG `parameters` settings of one image (`adapters`: the `Weighted` LoRAs it was drawn
     with, as `Generator.adapters_for` gives them; `controls`: its ControlNets, as
     `controls_from` gives them)."""
@@ -313,6 +321,13 @@ def generation_parameters(config, spec: SamplingSpec, seed: int, model_name: str
                 "Seed": seed, "Size": f"{spec.width}x{spec.height}", "Model": model_name}
     if config.guidance_rescale:
         settings["Guidance rescale"] = config.guidance_rescale
+    if arch is not None and arch.family == "flux" and arch.transformer.guidance_embeds:
+        settings["Distilled CFG Scale"] = getattr(config, "embedded_guidance", 3.5)
+    if spec.slg_layers:
+        settings["SLG"] = (f"layers {','.join(map(str, spec.slg_layers))} scale "
+                           f"{getattr(config, 'slg_scale', 2.8)} from {spec.slg_start} to {spec.slg_stop}")
+    if spec.max_sequence_length:
+        settings["T5 tokens"] = spec.max_sequence_length
     if spec.sampler_options:
         settings["Sampler options"] = " ".join(f"{k}={v}" for k, v in spec.sampler_options)
     if spec.clip_skip:
@@ -363,7 +378,8 @@ def generate_to_dir(config, model=None) -> list[str]:
             text = images_lib.format_parameters(
                 config.prompt, config.negative_prompt,
                 generation_parameters(config, spec, int(seed), model_name, adapters,
-                                      generator.adapter_mode, first_request.controls))
+                                      generator.adapter_mode, first_request.controls,
+                                      generator.arch))
             images_lib.save_png(image, path, text)
             paths.append(path)
             images.append(image)

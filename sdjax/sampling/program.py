@@ -11,12 +11,15 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from sdjax.diffusion import samplers as samplers_lib
-from sdjax.diffusion.guidance import classifier_free_guidance
+from sdjax.diffusion.guidance import classifier_free_guidance, skip_layer_term
 from sdjax.models.controlnet import ControlNet
+from sdjax.models.flux import FluxTransformer
 from sdjax.models.layers import model_variables
+from sdjax.models.mmdit import MMDiT
 from sdjax.models.unet import UNet
 from sdjax.models.vae import AutoencoderKL, scale_latents, unscale_latents
 from sdjax.sampling.spec import SamplingSpec
@@ -138,9 +141,12 @@ def _generate_microbatch(arch: Architecture, spec: SamplingSpec, params: dict, b
     Returns images (B, H, W, 3) in [-1, 1] and finite (B,) (False where latents went NaN/inf).
     """
     sampler = samplers_lib.get_sampler(spec.sampler, **dict(spec.sampler_options))
-    plan = sampler.plan(arch.schedule, spec.steps)
-    start = spec.start_step
     h, w = spec.height // arch.latent_factor, spec.width // arch.latent_factor
+    schedule = arch.schedule
+    if arch.flow:  # Flux's shift depends on the image's token count (2x2 latent patches)
+        schedule = schedule.for_image_tokens((h // 2) * (w // 2))
+    plan = sampler.plan(schedule, spec.steps)
+    start = spec.start_step
     latent_channels = arch.vae.latent_channels
     seeds = batch["seeds"]
     b = seeds.shape[0]
@@ -152,10 +158,12 @@ def _generate_microbatch(arch: Architecture, spec: SamplingSpec, params: dict, b
         noise = initial_noise(seeds, (h, w, latent_channels), batch.get("subseeds"),
                               batch.get("subseed_strength"))
 
-    cond = encode_text(arch, params, batch["ids"], batch["weights"], spec.clip_skip)
+    cond = encode_text(arch, params, batch["ids"], batch["weights"], spec.clip_skip,
+                       batch.get("t5_ids"), batch.get("t5_weights"))
     uncond = None
     if spec.guidance:
-        uncond = encode_text(arch, params, batch["neg_ids"], batch["neg_weights"], spec.clip_skip)
+        uncond = encode_text(arch, params, batch["neg_ids"], batch["neg_weights"], spec.clip_skip,
+                             batch.get("neg_t5_ids"), batch.get("neg_t5_weights"))
         if "neg_zero" in batch:  # SDXL: an absent negative prompt is all zeros, not the empty text
             uncond = jax.tree.map(
                 lambda u: u * (1.0 - batch["neg_zero"].reshape((-1,) + (1,) * (u.ndim - 1))), uncond)
@@ -163,6 +171,10 @@ def _generate_microbatch(arch: Architecture, spec: SamplingSpec, params: dict, b
         cond["time_ids"] = batch["time_ids"]
         if uncond is not None:
             uncond["time_ids"] = batch["time_ids"]
+    if "embedded_guidance" in batch:  # Flux-dev: per image, in both CFG halves
+        cond["guidance"] = batch["embedded_guidance"]
+        if uncond is not None:
+            uncond["guidance"] = batch["embedded_guidance"]
     if spec.controlnets:  # per-image control inputs travel with the conditioning (both CFG halves)
         control = {"images": tuple(batch[f"control_image_{k}"] for k in range(len(spec.controlnets))),
                    "scale": batch["control_scale"], "keep": batch["control_keep"]}
@@ -173,7 +185,6 @@ def _generate_microbatch(arch: Architecture, spec: SamplingSpec, params: dict, b
     # VAEs marked force_upcast (SDXL's) overflow in float16: they decode in float32.
     vae_dtype = jnp.float32 if arch.vae.force_upcast and arch.dtype == jnp.float16 else arch.dtype
     vae = AutoencoderKL(arch.vae, dtype=vae_dtype)
-    unet = UNet(arch.unet, dtype=arch.dtype)
     x0 = mask = masked_latents = None
     if spec.mode != "txt2img":
         posterior = vae.apply({"params": params["vae"]}, batch["init_image"].astype(vae_dtype),
@@ -181,7 +192,7 @@ def _generate_microbatch(arch: Architecture, spec: SamplingSpec, params: dict, b
         x0 = scale_latents(posterior.mode().astype(jnp.float32), arch.vae)
     if spec.mode == "inpaint":
         mask = _downsample_mask(batch["mask"], arch.latent_factor)
-        if arch.unet.in_channels != latent_channels:
+        if not arch.flow and arch.unet.in_channels != latent_channels:
             masked = batch["init_image"] * (1.0 - batch["mask"])
             masked_posterior = vae.apply({"params": params["vae"]}, masked.astype(vae_dtype),
                                          method=AutoencoderKL.encode)
@@ -197,13 +208,18 @@ def _generate_microbatch(arch: Architecture, spec: SamplingSpec, params: dict, b
         if masked_latents is not None:  # inpainting U-Net: [latents, mask, masked-image latents]
             extra = jnp.concatenate([mask, masked_latents], axis=-1)
             x = jnp.concatenate([x, jnp.concatenate([extra, extra])[:x.shape[0]]], axis=-1)
-        return unet.apply(model_variables(params, "unet"), x.astype(arch.dtype), t,
-                          conditioning["context"].astype(arch.dtype), added,
-                          control=control).astype(jnp.float32)
+        return UNet(arch.unet, dtype=arch.dtype).apply(
+            model_variables(params, "unet"), x.astype(arch.dtype), t,
+            conditioning["context"].astype(arch.dtype), added, control=control).astype(jnp.float32)
 
+    denoiser_fn = transformer_fn(arch, params) if arch.flow else unet_fn
+    after_guidance = None
+    if spec.slg_layers and spec.guidance:
+        after_guidance = _skip_layer_guidance(arch, spec, params, cond, batch["slg_scale"])
     model_fn = classifier_free_guidance(
-        unet_fn, cond, uncond, batch["cfg_scale"], rescale=batch["guidance_rescale"],
-        interval=spec.guidance_interval, num_train_timesteps=arch.schedule.num_train_timesteps)
+        denoiser_fn, cond, uncond, batch["cfg_scale"], rescale=batch["guidance_rescale"],
+        interval=spec.guidance_interval, num_train_timesteps=arch.schedule.num_train_timesteps,
+        after=after_guidance)
 
     after_step = None
     if spec.mode == "inpaint" and masked_latents is None:
@@ -221,7 +237,7 @@ def _generate_microbatch(arch: Architecture, spec: SamplingSpec, params: dict, b
     latents = samplers_lib.sample(
         sampler, model_fn, noise, plan, jax.vmap(lambda k: jax.random.fold_in(k, _SAMPLER_STREAM))(keys),
         x0=start_x0, start=start, after_step=after_step, on_step=on_step,
-        model_takes_step=bool(spec.controlnets))
+        model_takes_step=bool(spec.controlnets) or after_guidance is not None)
     finite = jnp.all(jnp.isfinite(latents), axis=(1, 2, 3))
     images = vae.apply({"params": params["vae"]}, unscale_latents(latents, arch.vae).astype(vae_dtype),
                        method=AutoencoderKL.decode).astype(jnp.float32)
@@ -229,6 +245,46 @@ def _generate_microbatch(arch: Architecture, spec: SamplingSpec, params: dict, b
     if spec.mode == "inpaint":  # the init image outside the (blurred) mask: see Request.mask_blur
         images = batch["overlay"] * images + (1.0 - batch["overlay"]) * batch["init_image"]
     return {"images": images, "finite": finite}
+
+
+def transformer_fn(arch: Architecture, params: dict):
+    """The flow families' denoiser as `fn(x, t, conditioning, skip_layers=()) -> velocity` on NHWC
+    latents, t = sigma * num_train_timesteps (per image or one value). SD3's MMDiT takes t as it
+    is, Flux t / 1000 (it multiplies by 1000 inside) and the embedded guidance (conditioning
+    "guidance", Flux-dev). Training calls it too."""
+    def fn(x, t, conditioning, skip_layers=(), step=None):
+        del step  # scheduled inputs are the guidance's business here
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+        context = conditioning["context"].astype(arch.dtype)
+        pooled = conditioning["pooled"].astype(arch.dtype)
+        if arch.family == "sd3":
+            out = MMDiT(arch.transformer, dtype=arch.dtype).apply(
+                model_variables(params, "transformer"), x.astype(arch.dtype), t, context, pooled,
+                skip_layers=tuple(skip_layers))
+        else:
+            out = FluxTransformer(arch.transformer, dtype=arch.dtype).apply(
+                model_variables(params, "transformer"), x.astype(arch.dtype),
+                t / arch.schedule.num_train_timesteps, context, pooled,
+                conditioning.get("guidance"))
+        return out.astype(jnp.float32)
+    return fn
+
+
+def _skip_layer_guidance(arch, spec, params, cond, scale):
+    """diffusers' SD3 skip-layer guidance as an `after` hook of classifier-free guidance: inside the
+    step window, add scale * (cond - cond with spec.slg_layers skipped); outside, nothing (and the
+    extra transformer call is not made: the window is the same for every image)."""
+    window = np.array([spec.steps * spec.slg_start < i < spec.steps * spec.slg_stop
+                       for i in range(spec.steps)])
+    model = transformer_fn(arch, params)
+
+    def after(guided, pred_cond, x, t, step):
+        def with_skip():
+            skipped = model(x, t, cond, skip_layers=spec.slg_layers)
+            return skip_layer_term(guided, pred_cond, skipped, scale)
+        return lax.cond(jnp.asarray(window)[step], with_skip, lambda: guided)
+
+    return after
 
 
 def control_residuals(arch: Architecture, spec: SamplingSpec, params: dict, x, t, conditioning,

@@ -11,6 +11,7 @@ from sdjax.sampling import controls, loras
 from sdjax.sampling.spec import SamplingSpec
 from sdjax.text import prompts
 from sdjax.text.conditioning import sdxl_time_ids
+from sdjax.text.t5_tokenizer import T5Tokenizer, tokenize_weighted_t5
 
 
 @dataclasses.dataclass
@@ -38,6 +39,11 @@ class Request:
     # ControlNets (`sampling.controls.Control`): each with its control image(s), scale per image and
     # start/end; several add up. Their images and scales are data, the ControlNets themselves not.
     controls: Sequence = ()
+    # Flux.1-dev: the guidance scale its transformer embeds (guidance distillation; diffusers'
+    # `guidance_scale` of FluxPipeline). Ignored by models without a guidance embedding.
+    embedded_guidance: float | Sequence[float] = 3.5
+    # SD3: skip-layer guidance's scale per image, used when the spec names slg_layers.
+    slg_scale: float | Sequence[float] = 2.8
 
 
 MAX_SEED = 2 ** 32 - 1  # seeds are uint32, as PRNG keys take them
@@ -70,12 +76,13 @@ def prepare_batch(arch, tokenizers, request: Request, spec: SamplingSpec) -> dic
         raise ValueError(f"num_images must be an integer >= 1, got {n!r}")
     prompts_list, negatives, _ = prompt_texts(request)
     negative_given = request.negative_prompt is not None
-    # One id tensor per text encoder: their tokenizers differ in padding (SDXL's second pads with
+    texts = prompts_list + negatives
+    clip_tokenizers = [t for t in tokenizers if not isinstance(t, T5Tokenizer)]
+    # One id tensor per CLIP encoder: their tokenizers differ in padding (SDXL's second pads with
     # "!"), the emphasis weights do not.
-    per_encoder = [prompts.tokenize_batch(t, prompts_list + negatives) for t in tokenizers]
+    per_encoder = [prompts.tokenize_batch(t, texts) for t in clip_tokenizers]
     chunks = max(ids.shape[1] for ids, _ in per_encoder)
-    per_encoder = [prompts.tokenize_batch(t, prompts_list + negatives, min_chunks=chunks)
-                   for t in tokenizers]
+    per_encoder = [prompts.tokenize_batch(t, texts, min_chunks=chunks) for t in clip_tokenizers]
     ids = np.stack([i for i, _ in per_encoder], axis=1)
     weights = per_encoder[0][1]
     batch = {
@@ -89,6 +96,8 @@ def prepare_batch(arch, tokenizers, request: Request, spec: SamplingSpec) -> dic
     if request.subseed is not None and request.subseed_strength > 0:
         batch["subseeds"] = image_seeds(request.subseed, n, "subseed")
         batch["subseed_strength"] = np.full((n,), request.subseed_strength, np.float32)
+    if arch.flow:
+        batch.update(_flow_inputs(arch, tokenizers, request, spec, texts))
     if arch.family == "sdxl":
         batch["time_ids"] = sdxl_time_ids(spec.height, spec.width, n)
         if not negative_given:
@@ -120,6 +129,29 @@ def prepare_batch(arch, tokenizers, request: Request, spec: SamplingSpec) -> dic
         batch["overlay"] = (np.stack([blur_mask(m, request.mask_blur) for m in mask])[..., None]
                             if request.inpaint_overlay else np.ones_like(batch["mask"]))
     return batch
+
+
+def _flow_inputs(arch, tokenizers, request: Request, spec: SamplingSpec, texts: list[str]) -> dict:
+    """T5 ids and emphasis weights (B, max_sequence_length) of prompts and negative prompts, Flux's
+    embedded guidance and SD3's skip-layer guidance scales. An SD3 model without T5 gets zero ids:
+    its T5 states are zeros whatever they are."""
+    n = request.num_images
+    length = spec.sequence_length(arch)
+    t5 = next((t for t in tokenizers if isinstance(t, T5Tokenizer)), None)
+    if t5 is None:
+        ids, weights = np.zeros((len(texts), length), np.int32), np.ones((len(texts), length), np.float32)
+    else:
+        rows = [tokenize_weighted_t5(t5, text, length) for text in texts]
+        ids = np.stack([r[0] for r in rows]).astype(np.int32)
+        weights = np.stack([r[1] for r in rows]).astype(np.float32)
+    out = {"t5_ids": ids[:n], "t5_weights": weights[:n], "neg_t5_ids": ids[n:],
+           "neg_t5_weights": weights[n:]}
+    if arch.family == "flux" and arch.transformer.guidance_embeds:
+        out["embedded_guidance"] = _finite_per_image(request.embedded_guidance, n,
+                                                     "embedded_guidance")
+    if spec.slg_layers:
+        out["slg_scale"] = _finite_per_image(request.slg_scale, n, "slg_scale")
+    return out
 
 
 def prompt_texts(request: Request) -> tuple[list[str], list[str], tuple[prompts.NamedLora, ...]]:

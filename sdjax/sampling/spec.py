@@ -33,6 +33,15 @@ class SamplingSpec:
     # request's controls. Their images, scales and start/end are data.
     controlnets: tuple = ()
     guess_mode: bool = False       # ControlNets see the conditional half only (diffusers' guess_mode)
+    # SD3 / Flux: T5 tokens per prompt (0: the family's default, 256 for SD3 and 512 for Flux, as
+    # their diffusers pipelines; Flux.1-schnell was trained with 256).
+    max_sequence_length: int = 0
+    # Skip-layer guidance (SD3 / SD3.5 MMDiT; diffusers' skip_guidance_layers): while the step index
+    # i lies strictly between steps*slg_start and steps*slg_stop, the guided prediction gains
+    # slg_scale * (cond - cond with these joint blocks skipped); the scale per image is data.
+    slg_layers: tuple[int, ...] = ()
+    slg_start: float = 0.01
+    slg_stop: float = 0.2
 
     def validate(self, arch) -> None:
         """Raises ValueError naming the field that `arch` (an Architecture) cannot run."""
@@ -40,7 +49,13 @@ class SamplingSpec:
 
         from sdjax.diffusion import samplers as samplers_lib
 
-        samplers_lib.get_sampler(self.sampler, **dict(self.sampler_options))
+        sampler = samplers_lib.get_sampler(self.sampler, **dict(self.sampler_options))
+        if sampler.flow != arch.flow:
+            kind = "flow-matching" if arch.flow else "noise-prediction"
+            fitting = [n for n in samplers_lib.list_samplers()
+                       if samplers_lib.get_sampler(n).flow == arch.flow]
+            raise ValueError(f"sampler {self.sampler!r} does not fit this {arch.family} model "
+                             f"({kind}); its samplers are: {', '.join(fitting)}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.microbatch < 1:
@@ -52,13 +67,34 @@ class SamplingSpec:
                                  f"(fractions of the sampling progress), got {self.guidance_interval}")
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
-        multiple = int(np.lcm(8, arch.latent_factor))
+        multiple = int(np.lcm(8, arch.latent_factor * arch.latent_multiple))
         for name in ("height", "width"):
             value = getattr(self, name)
             if value <= 0 or value % multiple:
                 raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value}")
         if self.mode != "txt2img" and not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+        if self.max_sequence_length < 0:
+            raise ValueError(f"max_sequence_length must be >= 0 (0: the model's default), got "
+                             f"{self.max_sequence_length}")
+        if self.slg_layers:
+            if arch.family != "sd3":
+                raise ValueError(f"slg_layers (skip-layer guidance) needs an SD3 model, this one is "
+                                 f"{arch.family}")
+            bad = [k for k in self.slg_layers if not 0 <= k < arch.transformer.num_layers]
+            if bad:
+                raise ValueError(f"slg_layers {bad} are not joint blocks of this transformer "
+                                 f"(0..{arch.transformer.num_layers - 1})")
+            if not 0.0 <= self.slg_start < self.slg_stop <= 1.0:
+                raise ValueError(f"slg_start/slg_stop must satisfy 0 <= start < stop <= 1, got "
+                                 f"{self.slg_start}/{self.slg_stop}")
+        if arch.flow:
+            if self.controlnets:
+                raise ValueError(f"ControlNets for {arch.family} models are not supported")
+            if self.clip_skip:
+                raise ValueError(f"clip_skip is for the U-Net families; {arch.family} uses its "
+                                 f"pipeline's CLIP layers")
+            return
         if self.mode == "inpaint" and arch.unet.in_channels not in (arch.vae.latent_channels,
                                                                       2 * arch.vae.latent_channels + 1):
             raise ValueError(f"inpainting needs a U-Net with {arch.vae.latent_channels} or "
@@ -70,13 +106,19 @@ class SamplingSpec:
             raise ValueError(f"this U-Net takes {arch.unet.in_channels} input channels (an "
                              f"inpainting model): use mode='inpaint' with an init image and a mask")
 
+    def sequence_length(self, arch) -> int:
+        """T5 tokens per prompt for a flow-family model."""
+        return self.max_sequence_length or {"sd3": 256, "flux": 512}[arch.family]
+
     @property
     def start_step(self) -> int:
         if self.mode == "txt2img":
             return 0
         from sdjax.diffusion import samplers as samplers_lib
 
-        return samplers_lib.start_index(self.steps, self.strength)
+        # The SD3 / Flux pipelines round the start differently; a flow sampler means a flow model.
+        flow = samplers_lib.get_sampler(self.sampler, **dict(self.sampler_options)).flow
+        return samplers_lib.start_index(self.steps, self.strength, flow=flow)
 
 
 

@@ -1,35 +1,55 @@
 """`Architecture`: the static description of a loaded model (its configs, noise schedule and
-compute dtype), which is what a compiled sampling or training program depends on."""
+compute dtype), which is what a compiled sampling or training program depends on.
+
+Two kinds of model share it: the U-Net families (sd1, sd2, sdxl: `unet` set, a `NoiseSchedule`)
+and the flow-matching transformer families (sd3: MMDiT, flux: Flux; `transformer` set, `unet`
+None, a `FlowSchedule`, and a T5 encoder among the text encoders)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import jax.numpy as jnp
 
-from sdjax.diffusion.schedules import NoiseSchedule
-from sdjax.models.clip import CLIPTextConfig
+from sdjax.diffusion.schedules import FlowSchedule, NoiseSchedule, schedule_from_diffusers
 from sdjax.models.unet import UNetConfig
 from sdjax.models.vae import VAEConfig
+
+FLOW_FAMILIES = ("sd3", "flux")
+# How each flow family's diffusers pipeline picks its base sigmas (FlowSchedule.base_sigmas).
+FLOW_BASE_SIGMAS = {"sd3": "scheduler", "flux": "linspace"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
     """Hashable, so it can be a static argument of a jitted function."""
     family: str
-    unet: UNetConfig
+    unet: Optional[UNetConfig]
     vae: VAEConfig
-    text_encoders: tuple[CLIPTextConfig, ...]
-    schedule: NoiseSchedule
+    text_encoders: tuple  # CLIPTextConfig, and for the flow families a T5Config
+    schedule: NoiseSchedule | FlowSchedule
     dtype: Any = jnp.float32
+    transformer: Any = None  # MMDiTConfig (sd3) or FluxConfig (flux)
 
     @classmethod
     def of(cls, model, dtype: Any = None) -> "Architecture":
         """From a `Pretrained` (or anything with its family, configs and scheduler config)."""
         return cls(family=model.family, unet=model.unet_config, vae=model.vae_config,
                    text_encoders=tuple(model.text_configs),
-                   schedule=NoiseSchedule.from_diffusers(model.scheduler_config),
-                   dtype=jnp.dtype(dtype or jnp.float32))
+                   schedule=schedule_from_diffusers(
+                       model.scheduler_config, FLOW_BASE_SIGMAS.get(model.family, "scheduler")),
+                   dtype=jnp.dtype(dtype or jnp.float32),
+                   transformer=getattr(model, "transformer_config", None))
+
+    @property
+    def flow(self) -> bool:
+        """A flow-matching transformer (SD3, Flux) rather than a noise-predicting U-Net."""
+        return self.family in FLOW_FAMILIES
+
+    @property
+    def latent_multiple(self) -> int:
+        """Latent sizes must be multiples of this: the transformers cut latents into 2x2 patches."""
+        return 2 if self.flow else 1
 
     @property
     def latent_factor(self) -> int:

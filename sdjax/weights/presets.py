@@ -22,6 +22,51 @@ _OPENAI_CLIP_L_TEXT = {"vocab_size": 49408, "hidden_size": 768, "intermediate_si
                        "layer_norm_eps": 1e-5, "projection_dim": 768,
                        "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
 
+_FLOW_VAE = {**_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
+             "scaling_factor": 1.5305, "shift_factor": 0.0609}
+# 32 groups as every released VAE (the single-file reader assumes them).
+_TINY_FLOW_VAE = {**_FLOW_VAE, "block_out_channels": [32, 32], "layers_per_block": 1,
+                  "down_block_types": ["DownEncoderBlock2D"] * 2,
+                  "up_block_types": ["UpDecoderBlock2D"] * 2, "norm_num_groups": 32,
+                  "sample_size": 32}
+_TINY_T5 = {"model_type": "t5", "architectures": ["T5EncoderModel"], "vocab_size": 160,
+            "d_model": 32, "d_kv": 8, "d_ff": 48, "num_layers": 2, "num_heads": 4,
+            "relative_attention_num_buckets": 8, "relative_attention_max_distance": 32,
+            "feed_forward_proj": "gated-gelu", "layer_norm_epsilon": 1e-6}
+# T5 v1.1 XXL, the third text encoder of SD3 and the second of Flux.
+T5_XXL = {"model_type": "t5", "architectures": ["T5EncoderModel"], "vocab_size": 32128,
+          "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+          "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+          "feed_forward_proj": "gated-gelu", "layer_norm_epsilon": 1e-6}
+_FLOW_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                   "shift": 3.0}
+_FLUX_DEV_SCHEDULER = {**_FLOW_SCHEDULER, "use_dynamic_shifting": True, "base_shift": 0.5,
+                       "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+# The released transformers' configs (diffusers config.json), for benchmarks at full size.
+TRANSFORMERS = {
+    "sd3_medium": {"_class_name": "SD3Transformer2DModel", "sample_size": 128, "patch_size": 2,
+                   "in_channels": 16, "num_layers": 24, "attention_head_dim": 64,
+                   "num_attention_heads": 24, "joint_attention_dim": 4096,
+                   "caption_projection_dim": 1536, "pooled_projection_dim": 2048,
+                   "out_channels": 16, "pos_embed_max_size": 192},
+    "sd35_medium": {"_class_name": "SD3Transformer2DModel", "sample_size": 128, "patch_size": 2,
+                    "in_channels": 16, "num_layers": 24, "attention_head_dim": 64,
+                    "num_attention_heads": 24, "joint_attention_dim": 4096,
+                    "caption_projection_dim": 1536, "pooled_projection_dim": 2048,
+                    "out_channels": 16, "pos_embed_max_size": 384, "qk_norm": "rms_norm",
+                    "dual_attention_layers": list(range(13))},
+    "sd35_large": {"_class_name": "SD3Transformer2DModel", "sample_size": 128, "patch_size": 2,
+                   "in_channels": 16, "num_layers": 38, "attention_head_dim": 64,
+                   "num_attention_heads": 38, "joint_attention_dim": 4096,
+                   "caption_projection_dim": 2432, "pooled_projection_dim": 2048,
+                   "out_channels": 16, "pos_embed_max_size": 192, "qk_norm": "rms_norm"},
+    "flux_dev": {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 64,
+                 "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+                 "num_attention_heads": 24, "joint_attention_dim": 4096,
+                 "pooled_projection_dim": 768, "guidance_embeds": True,
+                 "axes_dims_rope": [16, 56, 56]},
+}
+
 PRESETS = {
     # A few hundred thousand U-Net params: smoke tests and CI versions of the benchmarks.
     "tiny": {
@@ -105,6 +150,52 @@ PRESETS = {
 }
 
 
+# Tiny random-weight SD3 and Flux models: the whole flow pipeline on a CPU in seconds
+# (configs/sd35.py:tiny, flux_dev.py:tiny). 16 latent channels as the real ones.
+PRESETS["tiny_sd3"] = {
+    "transformer": {"_class_name": "SD3Transformer2DModel", "sample_size": 16, "patch_size": 2,
+                    "in_channels": 16, "num_layers": 2, "attention_head_dim": 8,
+                    "num_attention_heads": 2, "joint_attention_dim": 32,
+                    "caption_projection_dim": 16, "pooled_projection_dim": 32,
+                    "out_channels": 16, "pos_embed_max_size": 32, "qk_norm": "rms_norm"},
+    "vae": _TINY_FLOW_VAE,
+    "text_encoder": {**_OPENAI_CLIP_L_TEXT, "hidden_size": 16, "intermediate_size": 32,
+                     "num_hidden_layers": 2, "num_attention_heads": 2, "projection_dim": 16},
+    "text_encoder_2": {**_OPENAI_CLIP_L_TEXT, "hidden_size": 16, "intermediate_size": 32,
+                       "num_hidden_layers": 2, "num_attention_heads": 2, "projection_dim": 16,
+                       "hidden_act": "gelu"},
+    "text_encoder_3": _TINY_T5,
+    "scheduler": _FLOW_SCHEDULER,
+}
+PRESETS["tiny_flux"] = {
+    "transformer": {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 64,
+                    "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 16,
+                    "num_attention_heads": 2, "joint_attention_dim": 32,
+                    "pooled_projection_dim": 16, "guidance_embeds": True,
+                    "axes_dims_rope": [4, 6, 6]},
+    "vae": {**_TINY_FLOW_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159},
+    "text_encoder": {**_OPENAI_CLIP_L_TEXT, "hidden_size": 16, "intermediate_size": 32,
+                     "num_hidden_layers": 2, "num_attention_heads": 2, "projection_dim": 16},
+    "text_encoder_2": _TINY_T5,
+    "scheduler": _FLUX_DEV_SCHEDULER,
+}
+
+
+def placeholder_t5_tokenizer(vocab_size: int):
+    """A T5 tokenizer for random-weight models (no T5 vocabulary ships with sdjax): T5's special
+    tokens, then single characters, each word piece of a prompt splitting into characters."""
+    import string
+
+    from sdjax.text.t5_tokenizer import T5Tokenizer
+
+    pieces = ["<pad>", "</s>", "<unk>", "\u2581"] + list(string.ascii_letters + string.digits
+                                                    + string.punctuation)
+    pieces += ["\u2581" + c for c in string.ascii_letters + string.digits]
+    pieces = pieces[:vocab_size]
+    return T5Tokenizer([(p, 0.0 if i < 3 else -1.0 - 0.01 * i) for i, p in enumerate(pieces)],
+                       name="placeholder T5 vocabulary")
+
+
 def preset(name: str) -> dict:
     """A deep copy of one preset's reference config dicts, by part name."""
     if name not in PRESETS:
@@ -151,6 +242,8 @@ def abstract_pretrained(name: str):
     from sdjax.weights.pretrained import TEXT_ENCODER_NAMES, Pretrained, family_of
 
     configs = preset(name)
+    if "transformer" in configs:
+        return _abstract_flow(name, configs)
     unet_config = UNetConfig.from_diffusers(configs["unet"])
     vae_config = VAEConfig.from_diffusers(configs["vae"])
     text_configs = tuple(
@@ -164,6 +257,50 @@ def abstract_pretrained(name: str):
     return Pretrained(family=family_of(text_configs), unet_config=unet_config, vae_config=vae_config,
                       text_configs=text_configs, tokenizers=tokenizers, params=shapes,
                       scheduler_config=configs["scheduler"], source=f"abstract:{name}")
+
+
+def _abstract_flow(name: str, configs: dict):
+    from sdjax.models.clip import CLIPTextConfig
+    from sdjax.models.flux import FluxConfig
+    from sdjax.models.mmdit import MMDiTConfig
+    from sdjax.models.t5 import T5Config
+    from sdjax.models.vae import VAEConfig
+    from sdjax.text.tokenizer import CLIPTokenizer
+    from sdjax.weights import clip as clip_weights
+    from sdjax.weights import flux as flux_weights
+    from sdjax.weights import mmdit as mmdit_weights
+    from sdjax.weights import t5 as t5_weights
+    from sdjax.weights import vae as vae_weights
+    from sdjax.weights.pretrained import TEXT_ENCODER_NAMES, TRANSFORMER_FAMILIES, Pretrained
+
+    family = TRANSFORMER_FAMILIES[configs["transformer"]["_class_name"]]
+    transformer_dict = {k: v for k, v in configs["transformer"].items() if k != "_class_name"}
+    if family == "sd3":
+        transformer = MMDiTConfig.from_diffusers(transformer_dict)
+        shapes = {"transformer": mmdit_weights.mmdit_shapes(transformer)}
+    else:
+        transformer = FluxConfig.from_diffusers(transformer_dict)
+        shapes = {"transformer": flux_weights.flux_shapes(transformer)}
+    vae_config = VAEConfig.from_diffusers(configs["vae"])
+    shapes["vae"] = vae_weights.vae_shapes(vae_config)
+    text_configs, tokenizers = [], []
+    for n in TEXT_ENCODER_NAMES:
+        if n not in configs:
+            continue
+        if configs[n].get("model_type") == "t5":
+            config = T5Config.from_transformers(configs[n])
+            shapes[n] = t5_weights.t5_shapes(config)
+            tokenizers.append(placeholder_t5_tokenizer(config.vocab_size))
+        else:
+            config = CLIPTextConfig.from_transformers(configs[n], with_projection=family == "sd3")
+            shapes[n] = clip_weights.clip_text_shapes(config)
+            tokenizers.append(CLIPTokenizer.default(
+                pad_token="!" if config.hidden_act == "gelu" else "<|endoftext|>"))
+        text_configs.append(config)
+    return Pretrained(family=family, unet_config=None, vae_config=vae_config,
+                      text_configs=tuple(text_configs), tokenizers=tuple(tokenizers), params=shapes,
+                      scheduler_config=configs["scheduler"], source=f"abstract:{name}",
+                      transformer_config=transformer)
 
 
 # U-Net kernels that end a residual branch: zero in a training init (see random_pretrained).

@@ -1,7 +1,9 @@
 """`load_pretrained`: one door for every checkpoint people have.
 
-- a diffusers folder (model_index.json + unet/, vae/, text_encoder/[, text_encoder_2/], tokenizer/...),
-- a single-file checkpoint in the original layouts (`.safetensors`),
+- a diffusers folder (model_index.json + unet/ or transformer/, vae/, text_encoder/[, _2/, _3/],
+  tokenizer/...): SD 1.x/2.x/XL, SD3/3.5 and Flux.1,
+- a single-file checkpoint in the original layouts (`.safetensors`; SD3.5 and Flux files through
+  `weights.flow_single_file`, with `components=` for the parts a file does not bundle),
 - a native sdjax folder (sdjax.json + orbax params), written by `save_pretrained`,
 and optionally a standalone VAE (folder or file) that replaces the checkpoint's own.
 """
@@ -16,18 +18,29 @@ from typing import Any, Optional
 import numpy as np
 
 from sdjax.models.clip import CLIPTextConfig
+from sdjax.models.flux import FluxConfig
+from sdjax.models.mmdit import MMDiTConfig
+from sdjax.models.t5 import T5Config
 from sdjax.models.unet import UNetConfig
 from sdjax.models.vae import VAEConfig
+from sdjax.text.conditioning import TEXT_ENCODER_NAMES
+from sdjax.text.t5_tokenizer import T5Tokenizer
 from sdjax.text.tokenizer import CLIPTokenizer
 from sdjax.weights import clip as clip_weights
+from sdjax.weights import flux as flux_weights
+from sdjax.weights import mmdit as mmdit_weights
+from sdjax.weights import t5 as t5_weights
 from sdjax.weights import unet as unet_weights
 from sdjax.weights import vae as vae_weights
 from sdjax.weights.common import WeightsError, save_params_tree, write_native_folder
 
 NATIVE_MANIFEST = "sdjax.json"
 NATIVE_FORMAT_VERSION = 1
-TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
-TOKENIZER_NAMES = ("tokenizer", "tokenizer_2")
+TOKENIZER_NAMES = ("tokenizer", "tokenizer_2", "tokenizer_3")
+# The scheduler of the flow families when a checkpoint carries none (single files).
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+# The flow families' transformers by diffusers class name.
+TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -37,16 +50,19 @@ class Pretrained:
 
     `params` is {"unet": ..., "vae": ..., "text_encoder": ...[, "text_encoder_2": ...]} so the whole
     model can be passed to jitted code as one argument. `text_configs[i]` and `tokenizers[i]` belong to
-    `params[TEXT_ENCODER_NAMES[i]]`.
+    `params[TEXT_ENCODER_NAMES[i]]`. The flow families (sd3, flux) have "transformer" instead of
+    "unet" (`unet_config` None, `transformer_config` set) and a T5 encoder last among the text
+    encoders (SD3: CLIP-L, CLIP-G[, T5]; Flux: CLIP-L, T5).
     """
-    family: str  # "sd1" | "sd2" | "sdxl"
-    unet_config: UNetConfig
+    family: str  # "sd1" | "sd2" | "sdxl" | "sd3" | "flux"
+    unet_config: Optional[UNetConfig]
     vae_config: VAEConfig
-    text_configs: tuple[CLIPTextConfig, ...]
-    tokenizers: tuple[CLIPTokenizer, ...]
+    text_configs: tuple  # CLIPTextConfig / T5Config
+    tokenizers: tuple  # CLIPTokenizer / T5Tokenizer
     params: dict
     scheduler_config: dict
     source: str = ""
+    transformer_config: Any = None  # MMDiTConfig | FluxConfig
 
     @property
     def text_encoder_names(self) -> tuple[str, ...]:
@@ -55,7 +71,8 @@ class Pretrained:
 
 def load_pretrained(path: str | os.PathLike, vae: Optional[str | os.PathLike] = None,
                     dtype: Any = None, *, prediction_type: Optional[str] = None,
-                    extract_ema: bool = False) -> Pretrained:
+                    extract_ema: bool = False,
+                    components: Optional[str | os.PathLike] = None) -> Pretrained:
     """Load a checkpoint from a diffusers folder, a single `.safetensors` file or a native folder.
 
     Args:
@@ -66,6 +83,9 @@ def load_pretrained(path: str | os.PathLike, vae: Optional[str | os.PathLike] = 
       prediction_type: override the scheduler's prediction type ("epsilon", "v_prediction", "sample");
         single files can't say which they were trained for.
       extract_ema: for single files that carry an EMA copy of the U-Net, use it.
+      components: for SD3 / Flux single files, a diffusers folder of the same family whose text
+        encoders, tokenizers, VAE and scheduler fill in what the file does not bundle (Flux files
+        hold the transformer alone).
     """
     dtype = storage_dtype(dtype)
     path = pathlib.Path(path).expanduser()
@@ -86,13 +106,27 @@ def load_pretrained(path: str | os.PathLike, vae: Optional[str | os.PathLike] = 
                 f"{path}: not a checkpoint folder: found neither model_index.json (diffusers) "
                 f"nor {NATIVE_MANIFEST} (sdjax)")
     else:
-        model = _load_single_file(path, dtype, prediction_type=prediction_type,
-                                  extract_ema=extract_ema)
+        from sdjax.weights import flow_single_file
+
+        if flow_single_file.is_flow_file(path):
+            model = flow_single_file.load_flow_single_file(path, dtype, components=components)
+        else:
+            model = _load_single_file(path, dtype, prediction_type=prediction_type,
+                                      extract_ema=extract_ema)
     if prediction_type is not None:
         model.scheduler_config = {**model.scheduler_config, "prediction_type": prediction_type}
     if vae is not None:
-        model.vae_config, model.params["vae"] = load_vae(
+        vae_config, model.params["vae"] = load_vae(
             vae, dtype, scaling_factor=model.vae_config.scaling_factor)
+        if vae_config.latent_channels != model.vae_config.latent_channels:
+            raise WeightsError(f"{vae}: a VAE with {vae_config.latent_channels} latent channels "
+                               f"cannot replace this model's ({model.vae_config.latent_channels})")
+        if path.is_file() or pathlib.Path(vae).is_file():
+            # A single file cannot say its latent scaling: keep the model's.
+            vae_config = dataclasses.replace(vae_config,
+                                             scaling_factor=model.vae_config.scaling_factor,
+                                             shift_factor=model.vae_config.shift_factor)
+        model.vae_config = vae_config
     return model
 
 
@@ -146,6 +180,8 @@ def family_of(text_configs: tuple[CLIPTextConfig, ...]) -> str:
 
 def _load_diffusers_folder(path: pathlib.Path, dtype) -> Pretrained:
     index = _read_json(path / "model_index.json")
+    if "transformer" in index:
+        return load_flow_folder(path, dtype)
     for part in ("unet", "vae", "text_encoder"):
         if part not in index:
             raise WeightsError(f"{path / 'model_index.json'}: no {part!r} component listed")
@@ -169,6 +205,73 @@ def _load_diffusers_folder(path: pathlib.Path, dtype) -> Pretrained:
                       vae_config=vae_config, text_configs=tuple(text_configs),
                       tokenizers=tuple(tokenizers), params=params,
                       scheduler_config=scheduler_config, source=str(path))
+
+
+def load_flow_folder(path: pathlib.Path, dtype) -> Pretrained:
+    """An SD3 / SD3.5 / Flux.1 diffusers folder: transformer/, vae/, text_encoder{,_2,_3}/,
+    tokenizer{,_2,_3}/, scheduler/ (SD3 folders saved without T5 list text_encoder_3 as null)."""
+    index = _read_json(path / "model_index.json")
+    names = [n for n in TEXT_ENCODER_NAMES if index.get(n) not in (None, [None, None])]
+    parts = flow_folder_parts(path, ("transformer", "vae", "scheduler", *names), dtype)
+    family, transformer_config, transformer = parts["transformer"]
+    params = {"transformer": transformer, "vae": parts["vae"][1]}
+    for name in names:
+        params[name] = parts[name][1]
+    return Pretrained(family=family, unet_config=None, vae_config=parts["vae"][0],
+                      text_configs=tuple(parts[n][0] for n in names),
+                      tokenizers=tuple(parts[n][2] for n in names), params=params,
+                      scheduler_config=parts["scheduler"], source=str(path),
+                      transformer_config=transformer_config)
+
+
+def flow_family(path: pathlib.Path) -> str:
+    """sd3 / flux, from a flow folder's transformer/config.json (no weights read)."""
+    config_file = path / "transformer" / "config.json"
+    kind = _read_json(config_file).get("_class_name")
+    if kind not in TRANSFORMER_FAMILIES:
+        raise WeightsError(f"{config_file}: transformer class {kind!r} is not one sdjax runs "
+                           f"({', '.join(TRANSFORMER_FAMILIES)})")
+    return TRANSFORMER_FAMILIES[kind]
+
+
+def flow_folder_parts(path: pathlib.Path, names, dtype) -> dict:
+    """Components of a flow diffusers folder by name: "transformer" -> (family, config, params),
+    "vae" -> (config, params), a text encoder -> (config, params, tokenizer), "tokenizer_N" -> a
+    tokenizer alone, "scheduler" -> its config (FlowMatchEuler's defaults when absent)."""
+    out = {}
+    for name in names:
+        folder = path / name
+        if name == "scheduler":
+            config_file = folder / "scheduler_config.json"
+            out[name] = _read_json(config_file) if config_file.is_file() else {}
+            out[name].setdefault("_class_name", FLOW_SCHEDULER)
+            continue
+        if not folder.is_dir():
+            raise WeightsError(f"{path}: no {name}/ folder")
+        if name == "transformer":
+            family = flow_family(path)
+            loader = mmdit_weights.load_mmdit if family == "sd3" else flux_weights.load_flux
+            out[name] = (family, *loader(folder, dtype=dtype))
+        elif name == "vae":
+            out[name] = vae_weights.load_vae_folder(folder, dtype=dtype)
+        elif name.startswith("tokenizer"):
+            t5 = (folder / "spiece.model").is_file() or _read_json_if(
+                folder / "tokenizer_config.json").get("tokenizer_class", "").startswith("T5")
+            out[name] = (T5Tokenizer if t5 else CLIPTokenizer).from_pretrained(folder)
+        else:
+            tokenizer_folder = path / name.replace("text_encoder", "tokenizer")
+            if _read_json(folder / "config.json").get("model_type") == "t5":
+                config, params = t5_weights.load_t5(folder, dtype=dtype)
+                tokenizer = T5Tokenizer.from_pretrained(tokenizer_folder)
+            else:
+                config, params = clip_weights.load_clip_text_folder(folder, dtype=dtype)
+                tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder)
+            out[name] = (config, params, tokenizer)
+    return out
+
+
+def _read_json_if(path: pathlib.Path) -> dict:
+    return _read_json(path) if path.is_file() else {}
 
 
 def _load_single_file(path: pathlib.Path, dtype, *, prediction_type, extract_ema) -> Pretrained:
@@ -204,10 +307,15 @@ def save_pretrained(model: Pretrained, path: str | os.PathLike, *, overwrite: bo
     sdjax model is refused unless `overwrite` (see `common.write_native_folder`)."""
     manifest = {
         "format": "sdjax", "version": NATIVE_FORMAT_VERSION, "family": model.family,
-        "unet": model.unet_config.to_dict(), "vae": model.vae_config.to_dict(),
+        "vae": model.vae_config.to_dict(),
         "text_encoders": [c.to_dict() for c in model.text_configs],
+        "text_encoder_kinds": [_text_kind(c) for c in model.text_configs],
         "scheduler": model.scheduler_config,
     }
+    if model.unet_config is not None:
+        manifest["unet"] = model.unet_config.to_dict()
+    if model.transformer_config is not None:
+        manifest["transformer"] = model.transformer_config.to_dict()
 
     def write_entries(staging: pathlib.Path) -> None:
         save_params_tree(staging / "params", model.params)
@@ -226,34 +334,50 @@ def _load_native(path: pathlib.Path, dtype) -> Pretrained:
         raise WeightsError(f"{path / NATIVE_MANIFEST}: not an sdjax v{NATIVE_FORMAT_VERSION} "
                            f"manifest (format={manifest.get('format')!r}, "
                            f"version={manifest.get('version')!r})")
-    unet_config = UNetConfig.from_dict(manifest["unet"])
+    family = manifest["family"]
+    unet_config = UNetConfig.from_dict(manifest["unet"]) if "unet" in manifest else None
+    transformer_config = None
+    if "transformer" in manifest:
+        transformer_config = (MMDiTConfig if family == "sd3" else FluxConfig).from_dict(
+            manifest["transformer"])
     vae_config = VAEConfig.from_dict(manifest["vae"])
-    text_configs = tuple(CLIPTextConfig.from_dict(c) for c in manifest["text_encoders"])
+    kinds = manifest.get("text_encoder_kinds", ["clip"] * len(manifest["text_encoders"]))
+    text_configs = tuple((T5Config if kind == "t5" else CLIPTextConfig).from_dict(c)
+                         for kind, c in zip(kinds, manifest["text_encoders"]))
     try:
         # orbax takes absolute paths only.
         params = ocp.StandardCheckpointer().restore(path.absolute() / "params")
     except Exception as err:  # noqa: BLE001 - orbax raises many types for a damaged folder
         raise WeightsError(f"{path / 'params'}: cannot restore params ({err})") from None
-    params = _check_native_params(path / "params", params, unet_config, vae_config, text_configs,
-                                  dtype)
-    tokenizers = tuple(CLIPTokenizer.from_pretrained(path / name)
-                       for name in TOKENIZER_NAMES[:len(text_configs)])
-    return Pretrained(family=manifest["family"], unet_config=unet_config, vae_config=vae_config,
+    expected = {"vae": vae_weights.vae_shapes(vae_config)}
+    if unet_config is not None:
+        expected["unet"] = unet_weights.unet_shapes(unet_config)
+    if transformer_config is not None:
+        expected["transformer"] = (mmdit_weights.mmdit_shapes if family == "sd3"
+                                   else flux_weights.flux_shapes)(transformer_config)
+    for name, config in zip(TEXT_ENCODER_NAMES, text_configs):
+        expected[name] = (t5_weights.t5_shapes(config) if isinstance(config, T5Config)
+                          else clip_weights.clip_text_shapes(config))
+    params = _check_native_params(path / "params", params, expected, dtype)
+    tokenizers = tuple((T5Tokenizer if isinstance(config, T5Config) else CLIPTokenizer)
+                       .from_pretrained(path / name)
+                       for name, config in zip(TOKENIZER_NAMES, text_configs))
+    return Pretrained(family=family, unet_config=unet_config, vae_config=vae_config,
                       text_configs=text_configs, tokenizers=tokenizers, params=params,
-                      scheduler_config=manifest.get("scheduler", {}), source=str(path))
+                      scheduler_config=manifest.get("scheduler", {}), source=str(path),
+                      transformer_config=transformer_config)
 
 
-def _check_native_params(where: pathlib.Path, params: dict, unet_config: UNetConfig,
-                         vae_config: VAEConfig, text_configs, dtype) -> dict:
+def _text_kind(config) -> str:
+    return "t5" if isinstance(config, T5Config) else "clip"
+
+
+def _check_native_params(where: pathlib.Path, params: dict, expected: dict, dtype) -> dict:
     """The restored params must be exactly the trees the manifest's configs describe."""
     from flax import traverse_util
 
     from sdjax.weights.common import DictSource, convert_state_dict
 
-    expected = {"unet": unet_weights.unet_shapes(unet_config),
-                "vae": vae_weights.vae_shapes(vae_config)}
-    for name, config in zip(TEXT_ENCODER_NAMES, text_configs):
-        expected[name] = clip_weights.clip_text_shapes(config)
     unknown = sorted(set(params) - set(expected))
     if unknown:
         raise WeightsError(f"{where}: params for unknown parts {unknown}")

@@ -664,19 +664,23 @@ def _renamed_shapes(part: Part, shape_of: Mapping[str, tuple[int, ...]]) -> dict
     return out
 
 
-def read_vae_file(path: str | os.PathLike, *, scaling_factor: float = SD_VAE_SCALING_FACTOR
-                  ) -> tuple[dict, TensorSource]:
+def read_vae_file(path: str | os.PathLike, *, scaling_factor: float = SD_VAE_SCALING_FACTOR,
+                  prefix: Optional[str] = None) -> tuple[dict, TensorSource]:
     """A standalone VAE `.safetensors` -> (diffusers AutoencoderKL config, lazy diffusers-named source).
 
     Accepts the original layout (`encoder.down.0...`), the same under `first_stage_model.` (or
     `vae.`), and diffusers names. SD and SDXL VAEs share one architecture, so the weights cannot
     say which latent scale they were trained for: pass `scaling_factor` (0.13025 for SDXL's).
+    `prefix` given: the VAE bundled in a larger file under that prefix; other keys are not looked at.
     """
     path = os.fspath(path)
     header = read_header(path)
     shape_of = {k: v[1] for k, v in header.items()}
     keys = list(shape_of)
-    prefix = next((p for p in (VAE_PREFIX, "vae.") if any(k.startswith(p) for k in keys)), "")
+    if prefix is not None:
+        keys = [k for k in keys if k.startswith(prefix)]
+    else:
+        prefix = next((p for p in (VAE_PREFIX, "vae.") if any(k.startswith(p) for k in keys)), "")
     body = [k[len(prefix):] for k in keys if k.startswith(prefix)]
     if any(k.startswith("encoder.down_blocks.") for k in body):
         rules, translate, derive = DIFFUSERS_VAE_RULES, {"attn": _DIFFUSERS_VAE_ATTN_NAMES}, _no_derive
