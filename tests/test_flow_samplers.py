@@ -453,3 +453,14 @@ def test_training_levels_index_the_construction_table_as_the_scripts_do():
         ts, sigmas = flow_training_levels(FlowSchedule.from_diffusers(config), jnp.asarray(u))
         np.testing.assert_array_equal(np.asarray(ts), ref.timesteps[indices].numpy())
         np.testing.assert_array_equal(np.asarray(sigmas), ref.sigmas[indices].numpy())
+
+
+@pytest.mark.parametrize("name", ["flow_euler", "flow_heun", "flow_dpmpp_2m", "flow_unipc"])
+def test_shift_option_samples_as_a_model_with_that_static_shift(name):
+    dynamic = FlowSchedule(shift=3.0, use_dynamic_shifting=True).for_image_tokens(1024)
+    plan = get_sampler(name, shift=1.5).plan(dynamic, 6)
+    same = get_sampler(name).plan(FlowSchedule(shift=1.5), 6)
+    np.testing.assert_array_equal(plan.sigmas, same.sigmas)
+    assert not np.array_equal(plan.sigmas, get_sampler(name).plan(dynamic, 6).sigmas)
+    with pytest.raises(ValueError, match="shift=-1"):
+        get_sampler(name, shift=-1)

@@ -895,14 +895,34 @@ def _unipc_flow_levels(schedule: FlowSchedule, num_steps: int):
 
 
 @dataclasses.dataclass(frozen=True)
-class _FlowODE(Sampler):
+class _FlowShift:
+    """The flow samplers' `shift` option: sample with this static timestep shift instead of the
+    model's own (static or resolution-dependent) one, an ablation knob; 0 keeps the model's."""
+
+    shift: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.shift, bool) or not isinstance(self.shift, (int, float)) \
+                or not self.shift >= 0:
+            raise ValueError(f"option shift={self.shift!r} must be a number > 0 (0: the model's)")
+        if hasattr(super(), "__post_init__"):
+            super().__post_init__()
+
+    def _shifted(self, schedule: FlowSchedule) -> FlowSchedule:
+        if not self.shift:
+            return schedule
+        return dataclasses.replace(schedule, shift=float(self.shift), use_dynamic_shifting=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FlowODE(_FlowShift, Sampler):
     """Steps through the FlowSchedule's own sigmas (FlowMatchEulerDiscreteScheduler's tables)."""
 
     space: ClassVar[str] = "flow"
     flow: ClassVar[bool] = True
 
     def plan(self, schedule, num_steps):
-        ts, sigmas = _schedule_levels(schedule, num_steps)
+        ts, sigmas = _schedule_levels(self._shifted(schedule), num_steps)
         return _plan(ts, sigmas, 1.0, schedule.prediction_type, **_flow_coeffs(sigmas))
 
     def _velocity(self, plan, denoise, x, i):
@@ -959,7 +979,7 @@ class FlowHeun(_FlowODE):
 @register_sampler("flow_dpmpp_2m", order=2, sde=False, s_noise=1.0, karras=False, exponential=False)
 @register_sampler("flow_dpmpp_2m_sde", order=2, sde=True, karras=False, exponential=False)
 @dataclasses.dataclass(frozen=True)
-class FlowDPMSolverPP(DPMSolverPP):
+class FlowDPMSolverPP(_FlowShift, DPMSolverPP):
     """DPM-Solver++ on a flow model: DPMSolverMultistepScheduler(use_flow_sigmas=True,
     prediction_type="flow_prediction", flow_shift=the schedule's shift) with set_timesteps(N), and
     mu under dynamic shifting, as the SD3 and Flux pipelines call it: its own sigma grid and integer
@@ -971,14 +991,14 @@ class FlowDPMSolverPP(DPMSolverPP):
 
     def plan(self, schedule, num_steps):
         levels = _schedule_levels if self.schedule_sigmas else _dpm_flow_levels
-        ts, sigmas = levels(schedule, num_steps)
+        ts, sigmas = levels(self._shifted(schedule), num_steps)
         return self._multistep_plan(ts, sigmas, schedule.prediction_type, _flow_alpha_sigma_lambda,
                                     **_flow_coeffs(sigmas))
 
 
 @register_sampler("flow_unipc", karras=False, exponential=False)
 @dataclasses.dataclass(frozen=True)
-class FlowUniPC(UniPC):
+class FlowUniPC(_FlowShift, UniPC):
     """UniPC on a flow model: UniPCMultistepScheduler(use_flow_sigmas=True,
     prediction_type="flow_prediction", flow_shift, use_dynamic_shifting, time_shift_type,
     shift_terminal from the schedule) with set_timesteps(N[, mu]), as the pipelines call it."""
@@ -987,6 +1007,6 @@ class FlowUniPC(UniPC):
     flow: ClassVar[bool] = True
 
     def plan(self, schedule, num_steps):
-        ts, sigmas = _unipc_flow_levels(schedule, num_steps)
+        ts, sigmas = _unipc_flow_levels(self._shifted(schedule), num_steps)
         return self._multistep_plan(ts, sigmas, schedule.prediction_type, _flow_alpha_sigma_lambda,
                                     **_flow_coeffs(sigmas))
