@@ -305,3 +305,104 @@ def build_controlnet_file(controlnet: Mapping, layers_per_block: int, *, prefix:
         for name in SCHEDULE_BUFFERS + ("lvlb_weights",):
             out[name] = betas.astype(np.float32)
     return out
+
+
+# --- flow transformers --------------------------------------------------------------------------
+
+def mmdit_to_original(sd: dict, num_layers: int) -> dict:
+    """A diffusers SD3Transformer2DModel state dict in Stability's layout: the inverse of diffusers'
+    `convert_sd3_transformer_checkpoint_to_diffusers` (checked against it in test_mmdit.py). Works
+    on torch tensors, meta ones included."""
+    import torch
+
+    def swap(t):  # diffusers' scale | shift -> the original's shift | scale
+        scale, shift = t.chunk(2, dim=0)
+        return torch.cat([shift, scale])
+
+    out = {"pos_embed": sd["pos_embed.pos_embed"]}
+    top = {"pos_embed.proj": "x_embedder.proj", "context_embedder": "context_embedder",
+           "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+           "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+           "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+           "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+           "proj_out": "final_layer.linear"}
+    for p in ("weight", "bias"):
+        for new, old in top.items():
+            out[f"{old}.{p}"] = sd[f"{new}.{p}"]
+        out[f"final_layer.adaLN_modulation.1.{p}"] = swap(sd[f"norm_out.linear.{p}"])
+    for i in range(num_layers):
+        d, o = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+        last = i == num_layers - 1
+        streams = {"x_block.attn.": ("attn.to_", ""), "context_block.attn.": ("attn.add_", "_proj")}
+        if f"{d}attn2.to_q.weight" in sd:
+            streams["x_block.attn2."] = ("attn2.to_", "")
+        for o_attn, (head, tail) in streams.items():
+            for p in ("weight", "bias"):
+                out[f"{o}{o_attn}qkv.{p}"] = torch.cat([sd[f"{d}{head}{n}{tail}.{p}"] for n in "qkv"])
+        renames = {"attn.to_out.0": "x_block.attn.proj", "attn2.to_out.0": "x_block.attn2.proj",
+                   "attn.to_add_out": "context_block.attn.proj",
+                   "norm1.linear": "x_block.adaLN_modulation.1",
+                   "norm1_context.linear": "context_block.adaLN_modulation.1",
+                   "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
+                   "ff_context.net.0.proj": "context_block.mlp.fc1",
+                   "ff_context.net.2": "context_block.mlp.fc2",
+                   "attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+                   "attn.norm_added_q": "context_block.attn.ln_q",
+                   "attn.norm_added_k": "context_block.attn.ln_k",
+                   "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k"}
+        for new, old in renames.items():
+            for p in ("weight", "bias"):
+                if f"{d}{new}.{p}" in sd:
+                    value = sd[f"{d}{new}.{p}"]
+                    out[f"{o}{old}.{p}"] = swap(value) if last and new == "norm1_context.linear" \
+                        else value
+    return out
+
+
+FLUX_ORIGINAL_TOP = {"x_embedder": "img_in", "context_embedder": "txt_in",
+                "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+                "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+                "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+                "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+                "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+                "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+                "proj_out": "final_layer.linear"}
+FLUX_ORIGINAL_DOUBLE = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+                   "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+                   "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+                   "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
+                   "attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+                   "attn.norm_added_q": "txt_attn.norm.query_norm",
+                   "attn.norm_added_k": "txt_attn.norm.key_norm"}
+FLUX_ORIGINAL_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2",
+                   "attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
+
+
+def flux_to_original(sd: dict) -> dict:
+    """A diffusers Flux state dict in BFL's layout: q/k/v (and the single blocks' MLP input) fused
+    row-wise, the final adaLN's halves as (shift, scale), RMSNorm weights named `scale`."""
+    sd, out = dict(sd), {}
+    blocks = lambda name: sorted({int(k.split(".")[1]) for k in sd if k.startswith(name + ".")})
+    for p in ("weight", "bias"):
+        for i in blocks("transformer_blocks"):
+            pre = f"transformer_blocks.{i}.attn."
+            out[f"double_blocks.{i}.img_attn.qkv.{p}"] = np.concatenate(
+                [sd.pop(f"{pre}to_{n}.{p}") for n in "qkv"])
+            out[f"double_blocks.{i}.txt_attn.qkv.{p}"] = np.concatenate(
+                [sd.pop(f"{pre}add_{n}_proj.{p}") for n in "qkv"])
+        for i in blocks("single_transformer_blocks"):
+            pre = f"single_transformer_blocks.{i}."
+            out[f"single_blocks.{i}.linear1.{p}"] = np.concatenate(
+                [sd.pop(f"{pre}attn.to_{n}.{p}") for n in "qkv"] + [sd.pop(f"{pre}proj_mlp.{p}")])
+        scale, shift = np.split(sd.pop(f"norm_out.linear.{p}"), 2)
+        out[f"final_layer.adaLN_modulation.1.{p}"] = np.concatenate([shift, scale])
+    for key, value in sd.items():
+        module, leaf = key.rsplit(".", 1)
+        if module in FLUX_ORIGINAL_TOP:
+            out[f"{FLUX_ORIGINAL_TOP[module]}.{leaf}"] = value
+            continue
+        stack, i, rest = module.split(".", 2)
+        table, name = ((FLUX_ORIGINAL_DOUBLE, "double_blocks") if stack == "transformer_blocks"
+                       else (FLUX_ORIGINAL_SINGLE, "single_blocks"))
+        out[f"{name}.{i}.{table[rest]}.{'scale' if 'norm_' in rest else leaf}"] = value
+    return out

@@ -25,6 +25,7 @@ from sdjax.weights.common import DictSource, RenamedSource, SafetensorsFile, Wei
 from sdjax.weights.flux import (ORIGINAL_PREFIX, flux_config_from_original, flux_params,
                                 flux_params_from_original, is_original_flux, load_flux)
 from tests.helpers import flat_params, rewritten_folder, to_nhwc
+from tests.single_file_writer import flux_to_original
 
 TOL = 1e-5
 COMMON = dict(patch_size=1, in_channels=16, joint_attention_dim=24, pooled_projection_dim=12,
@@ -257,55 +258,6 @@ def test_bad_folders_give_one_line_errors(case, tmp_path):
 # ---- BFL's original layout -------------------------------------------------------------------------
 # Written on its own (diffusers name -> original name), so the reader is checked against something
 # it shares no code with; the writer itself is checked against diffusers' converter below.
-ORIGINAL_TOP = {"x_embedder": "img_in", "context_embedder": "txt_in",
-                "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-                "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-                "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-                "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-                "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-                "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-                "proj_out": "final_layer.linear"}
-ORIGINAL_DOUBLE = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
-                   "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
-                   "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
-                   "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
-                   "attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
-                   "attn.norm_added_q": "txt_attn.norm.query_norm",
-                   "attn.norm_added_k": "txt_attn.norm.key_norm"}
-ORIGINAL_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2",
-                   "attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
-
-
-def to_original(sd: dict) -> dict:
-    """A diffusers Flux state dict in BFL's layout: q/k/v (and the single blocks' MLP input) fused
-    row-wise, the final adaLN's halves as (shift, scale), RMSNorm weights named `scale`."""
-    sd, out = dict(sd), {}
-    blocks = lambda name: sorted({int(k.split(".")[1]) for k in sd if k.startswith(name + ".")})
-    for p in ("weight", "bias"):
-        for i in blocks("transformer_blocks"):
-            pre = f"transformer_blocks.{i}.attn."
-            out[f"double_blocks.{i}.img_attn.qkv.{p}"] = np.concatenate(
-                [sd.pop(f"{pre}to_{n}.{p}") for n in "qkv"])
-            out[f"double_blocks.{i}.txt_attn.qkv.{p}"] = np.concatenate(
-                [sd.pop(f"{pre}add_{n}_proj.{p}") for n in "qkv"])
-        for i in blocks("single_transformer_blocks"):
-            pre = f"single_transformer_blocks.{i}."
-            out[f"single_blocks.{i}.linear1.{p}"] = np.concatenate(
-                [sd.pop(f"{pre}attn.to_{n}.{p}") for n in "qkv"] + [sd.pop(f"{pre}proj_mlp.{p}")])
-        scale, shift = np.split(sd.pop(f"norm_out.linear.{p}"), 2)
-        out[f"final_layer.adaLN_modulation.1.{p}"] = np.concatenate([shift, scale])
-    for key, value in sd.items():
-        module, leaf = key.rsplit(".", 1)
-        if module in ORIGINAL_TOP:
-            out[f"{ORIGINAL_TOP[module]}.{leaf}"] = value
-            continue
-        stack, i, rest = module.split(".", 2)
-        table, name = ((ORIGINAL_DOUBLE, "double_blocks") if stack == "transformer_blocks"
-                       else (ORIGINAL_SINGLE, "single_blocks"))
-        out[f"{name}.{i}.{table[rest]}.{'scale' if 'norm_' in rest else leaf}"] = value
-    return out
-
-
 def diffusers_converter(inner_dim: int):
     """diffusers' `convert_flux_transformer_checkpoint_to_diffusers`, whose single-block split
     hard-codes Flux.1's width 3072, with that width set to the tiny model's."""
@@ -317,7 +269,7 @@ def diffusers_converter(inner_dim: int):
 
 
 def test_original_writer_agrees_with_diffusers_converter(case):
-    original = {k: torch.from_numpy(v) for k, v in to_original(case.state_dict).items()}
+    original = {k: torch.from_numpy(v) for k, v in flux_to_original(case.state_dict).items()}
     converted = diffusers_converter(case.config.inner_dim)(original)
     assert sorted(converted) == sorted(case.state_dict)
     for key, value in converted.items():
@@ -341,7 +293,7 @@ STORED = {"float32": torch.float32, "bfloat16": torch.bfloat16,
     ("float32", "", None), ("float32", ORIGINAL_PREFIX, None),
     ("bfloat16", ORIGINAL_PREFIX, None), ("float8_e4m3fn", "", jnp.bfloat16)])
 def test_original_file_loads_the_same_params(case, tmp_path, stored, prefix, load_dtype):
-    original = to_original(case.state_dict)
+    original = flux_to_original(case.state_dict)
     path = tmp_path / "flux1.safetensors"
     save_file({prefix + k: torch.from_numpy(v).to(STORED[stored]) for k, v in original.items()},
               str(path))
@@ -369,13 +321,13 @@ def test_original_file_loads_the_same_params(case, tmp_path, stored, prefix, loa
 
 @pytest.mark.parametrize("case", ["schnell"], indirect=True)
 def test_original_head_width_without_flux_split_needs_axes(case):
-    source = DictSource(to_original(case.state_dict), name="flux1.safetensors")
+    source = DictSource(flux_to_original(case.state_dict), name="flux1.safetensors")
     with pytest.raises(WeightsError, match="flux1.safetensors: .*head width 16 .*axes_dims_rope"):
         flux_config_from_original(source)
 
 
 def test_is_original_flux_only_for_flux_files(case):
-    original = to_original(case.state_dict)
+    original = flux_to_original(case.state_dict)
     assert is_original_flux(original)
     assert is_original_flux(ORIGINAL_PREFIX + k for k in original)
     assert not is_original_flux(case.state_dict)
@@ -385,7 +337,7 @@ def test_is_original_flux_only_for_flux_files(case):
 
 
 def test_bad_original_files_give_one_line_errors(case):
-    original = to_original(case.state_dict)
+    original = flux_to_original(case.state_dict)
     config = case.config
 
     def check(edit, *fragments, infer=False):

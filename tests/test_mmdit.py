@@ -23,7 +23,8 @@ from sdjax.weights.common import SafetensorsFile, WeightsError
 from sdjax.weights.mmdit import (ORIGINAL_PREFIX, is_original_mmdit, load_mmdit,
                                  mmdit_config_from_original, mmdit_params_from_original)
 from tests.helpers import flat_params, rewritten_folder, to_nchw, to_nhwc
-from tests.single_file_writer import to_numpy, write_header_only, write_single_file
+from tests.single_file_writer import (mmdit_to_original, to_numpy, write_header_only,
+                                      write_single_file)
 
 # Width 128 = 2 heads of 64 for SD3 (its files show no head width: 64 is assumed); SD3.5's
 # qk-norm weights show theirs, so its tiny models use 8. sample_size is 128 as in every release
@@ -65,54 +66,6 @@ def inputs(config: dict, size, seed: int = 0):
         np.float32)
     pooled = rng.standard_normal((2, config["pooled_projection_dim"])).astype(np.float32)
     return x, t, context, pooled
-
-
-def to_original(sd: dict, num_layers: int) -> dict:
-    """A diffusers SD3Transformer2DModel state dict in Stability's layout: the inverse of diffusers'
-    `convert_sd3_transformer_checkpoint_to_diffusers` (checked against it below). Works on torch
-    tensors, meta ones included."""
-    def swap(t):  # diffusers' scale | shift -> the original's shift | scale
-        scale, shift = t.chunk(2, dim=0)
-        return torch.cat([shift, scale])
-
-    out = {"pos_embed": sd["pos_embed.pos_embed"]}
-    top = {"pos_embed.proj": "x_embedder.proj", "context_embedder": "context_embedder",
-           "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
-           "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
-           "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
-           "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
-           "proj_out": "final_layer.linear"}
-    for p in ("weight", "bias"):
-        for new, old in top.items():
-            out[f"{old}.{p}"] = sd[f"{new}.{p}"]
-        out[f"final_layer.adaLN_modulation.1.{p}"] = swap(sd[f"norm_out.linear.{p}"])
-    for i in range(num_layers):
-        d, o = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
-        last = i == num_layers - 1
-        streams = {"x_block.attn.": ("attn.to_", ""), "context_block.attn.": ("attn.add_", "_proj")}
-        if f"{d}attn2.to_q.weight" in sd:
-            streams["x_block.attn2."] = ("attn2.to_", "")
-        for o_attn, (head, tail) in streams.items():
-            for p in ("weight", "bias"):
-                out[f"{o}{o_attn}qkv.{p}"] = torch.cat([sd[f"{d}{head}{n}{tail}.{p}"] for n in "qkv"])
-        renames = {"attn.to_out.0": "x_block.attn.proj", "attn2.to_out.0": "x_block.attn2.proj",
-                   "attn.to_add_out": "context_block.attn.proj",
-                   "norm1.linear": "x_block.adaLN_modulation.1",
-                   "norm1_context.linear": "context_block.adaLN_modulation.1",
-                   "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
-                   "ff_context.net.0.proj": "context_block.mlp.fc1",
-                   "ff_context.net.2": "context_block.mlp.fc2",
-                   "attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
-                   "attn.norm_added_q": "context_block.attn.ln_q",
-                   "attn.norm_added_k": "context_block.attn.ln_k",
-                   "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k"}
-        for new, old in renames.items():
-            for p in ("weight", "bias"):
-                if f"{d}{new}.{p}" in sd:
-                    value = sd[f"{d}{new}.{p}"]
-                    out[f"{o}{old}.{p}"] = swap(value) if last and new == "norm1_context.linear" \
-                        else value
-    return out
 
 
 class Built(NamedTuple):
@@ -240,7 +193,7 @@ def assert_same_params(got, want):
 
 def test_original_layout_writer_inverts_diffusers_converter(variant):
     sd = variant.ref.state_dict()
-    original = to_original(sd, variant.config["num_layers"])
+    original = mmdit_to_original(sd, variant.config["num_layers"])
     converted = convert_sd3_transformer_checkpoint_to_diffusers(dict(original))
     assert sorted(converted) == sorted(sd)
     for key, value in sd.items():
@@ -251,7 +204,7 @@ def write_original_files(variant: Built, tmp_path_factory):
     """(folder, state dict): the variant's weights in the original layout, written as single
     files under `model.diffusion_model.` beside stand-in text encoder and VAE keys (as SD3 bundles
     have them), `bundle.safetensors`, and bare, `bare.safetensors`."""
-    original = to_numpy(to_original(variant.ref.state_dict(), variant.config["num_layers"]))
+    original = to_numpy(mmdit_to_original(variant.ref.state_dict(), variant.config["num_layers"]))
     root = tmp_path_factory.mktemp(f"{variant.name}_single")
     bundle = {ORIGINAL_PREFIX + k: v for k, v in original.items()}
     bundle["first_stage_model.decoder.conv_in.weight"] = np.zeros((2, 2, 3, 3), np.float32)
@@ -314,7 +267,7 @@ RELEASES = {
 def test_released_layouts_infer_released_configs(release, tmp_path):
     with torch.device("meta"):  # shapes only: nothing allocated
         ref = SD3Transformer2DModel(**RELEASES[release])
-    original = to_original(ref.state_dict(), ref.config.num_layers)
+    original = mmdit_to_original(ref.state_dict(), ref.config.num_layers)
     path = tmp_path / "model.safetensors"
     write_header_only(path, {ORIGINAL_PREFIX + k: np.broadcast_to(np.zeros((), np.float16),
                                                                    tuple(v.shape))
