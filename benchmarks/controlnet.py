@@ -90,18 +90,6 @@ def convert_controlnet(reference, config) -> dict:
                               what="ControlNet")
 
 
-def relative_difference(ours, expected) -> float:
-    """max |ours - expected| / max |expected|."""
-    import numpy as np
-
-    ours, expected = np.asarray(ours, np.float64), np.asarray(expected, np.float64)
-    return float(np.max(np.abs(ours - expected)) / np.max(np.abs(expected)))
-
-
-def _load() -> str:
-    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 # --- step ---------------------------------------------------------------------------------------
 
 def step_mode() -> None:
@@ -121,7 +109,7 @@ def step_mode() -> None:
     sizes = [int(s) for s in FLAGS.sizes] or ([8] if tiny else [32])
     cores = timing.num_cores()
     torch.set_num_threads(cores)
-    load_start = _load()
+    load_start = timing.load_average()
     matmul_n = FLAGS.matmul or (256 if tiny else 4096)
     run_matmul, matmul_flops = timing.matmul_run(matmul_n)
 
@@ -170,7 +158,8 @@ def step_mode() -> None:
         compile_s = time.perf_counter() - start
         flops = timing.xla_flops(flops_step.lower(params, *inputs, on))
         out, (down, mid) = jax.tree.map(np.asarray, compiled(params, *inputs, on))
-        effect = relative_difference(out, np.asarray(compiled(params, *inputs, off)[0]))
+        effect = timing.relative_difference(out,
+                                            np.asarray(compiled(params, *inputs, off)[0]))
         notes.append(f"{size}x{size}: the ControlNet (scale 1 against 0) moves the U-Net's output by "
                      f"{effect:.3g} of its largest value; {flops / 1e9:.3g} GFLOP per step by "
                      f"XLA's count")
@@ -194,8 +183,8 @@ def step_mode() -> None:
 
             sample_t, down_t, mid_t = run_torch()
             to_nhwc = lambda a: a.numpy().transpose(0, 2, 3, 1)
-            diff_out = relative_difference(out, to_nhwc(sample_t))
-            diff_residuals = max(relative_difference(a, to_nhwc(b))
+            diff_out = timing.relative_difference(out, to_nhwc(sample_t))
+            diff_residuals = max(timing.relative_difference(a, to_nhwc(b))
                                  for a, b in zip((*down, mid), (*down_t, mid_t)))
             runs["diffusers (PyTorch)"] = run_torch
         times = timing.interleaved(runs, FLAGS.repeats)
@@ -219,7 +208,7 @@ def step_mode() -> None:
           f"embedding {control_config.conditioning_embedding_out_channels}), batch {BATCH}, "
           f"float32, {cores} cores (torch threads {torch.get_num_threads()}), jax "
           f"{jax.__version__} on {jax.devices()[0].platform}, median of {FLAGS.repeats}; load "
-          f"average {load_start} at the start, {_load()} at the end")
+          f"average {load_start} at the start, {timing.load_average()} at the end")
     print(f"matmul ceiling: a jitted {matmul_n}² float32 matmul, timed in turn with the others")
     print(timing.table(["latents", "implementation", "median s", "min s", "sdjax / this",
                         "GFLOP/s", "ceiling GFLOP/s", "of ceiling", "compile s",
@@ -242,7 +231,7 @@ def sweep_mode() -> None:
     from sdjax.sampling.controls import Control
     from sdjax.weights.controlnet import ControlNetWeights
 
-    load_start = _load()
+    load_start = timing.load_average()
     folder = write_diffusers_folder("tiny", os.path.join(FLAGS.workdir, "tiny"))
     model = sdjax.load_pretrained(folder)
     torch.manual_seed(0)
@@ -278,8 +267,8 @@ def sweep_mode() -> None:
     print(f"ControlNet sweep through the Generator, tiny model ({SWEEP_IMAGE}x{SWEEP_IMAGE} px, "
           f"{FLAGS.steps} steps dpmpp_2m, one image with guidance; ControlNet conditioning "
           f"embedding {TINY_CONDITIONING}), {timing.num_cores()} cores, jax {jax.__version__} on "
-          f"{jax.devices()[0].platform}; load average {load_start} at the start, {_load()} at "
-          f"the end")
+          f"{jax.devices()[0].platform}; load average {load_start} at the start, "
+          f"{timing.load_average()} at the end")
     print(timing.table(["scale", "start", "end", "seconds", "traces so far",
                         "max |Δ| vs scale 0", "call"], rows))
     print(f"program traces: {traces[0]} after the first call, {traces[-1]} after all "

@@ -132,6 +132,19 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def relative_difference(ours, expected) -> float:
+    """max |ours - expected| / max |expected|: how far two implementations' outputs are apart."""
+    import numpy as np
+
+    ours, expected = np.asarray(ours, np.float64), np.asarray(expected, np.float64)
+    return float(np.max(np.abs(ours - expected)) / np.max(np.abs(expected)))
+
+
+def load_average() -> str:
+    """The host's 1, 5 and 15 minute load averages: how busy a shared machine was around a timing."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def matmul_run(n: int = 4096) -> tuple[Callable[[], object], float]:
     """(one blocking run of a jitted n x n float32 matmul, its FLOPs): time it among the others
     so that the ceiling is read under the same load."""

@@ -205,3 +205,26 @@ def test_controlnet_step_agrees_with_diffusers_and_the_sweep_traces_once(tmp_pat
     assert sweep[0][6].startswith("first call") and all(_number(r[3]) > 0 for r in sweep)
     assert all(_number(r[5]) > 1e-3 for r in sweep[1:]), stdout
     assert "program traces: 1 after the first call, 1 after all 12" in stdout
+
+
+def test_flow_transformers_print_both_sides_ratio_and_agreement_for_sd3_and_flux(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.flow_transformers", "--tiny",
+                          "--repeats=1", "--matmul=128", "--flux_double=1", "--flux_single=1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-4000:]
+    stdout = out.stdout
+    assert "matmul ceiling" in stdout and "1 double + 1 single blocks" in stdout, stdout
+    for model in ("sd3", "flux"):
+        rows = {r[1]: r for r in _rows(stdout, model)}
+        assert set(rows) == {"sdjax", "diffusers (PyTorch)"}, stdout
+        ours, reference = rows["sdjax"], rows["diffusers (PyTorch)"]
+        assert _number(ours[5]) > 0 and _number(ours[6]) > 0  # XLA's GFLOP, achieved GFLOP/s
+        assert _number(ours[7]) > 0  # the matmul ceiling read in the same loop
+        # sdjax / PyTorch: the ratio of the two medians in the same run.
+        assert _number(reference[4]) == pytest.approx(_number(ours[2]) / _number(reference[2]),
+                                                      rel=0.02)
+        # Same weights (copied by the public converter), same inputs: the outputs agree.
+        assert _number(reference[10]) < 1e-4, stdout
+        assert re.search(rf"{model}: sdjax / diffusers = [0-9.e+-]+ .*outputs agree to "
+                         rf"[0-9.e+-]+ \(relative\)", stdout), stdout
