@@ -9,17 +9,20 @@ Files name a layer in these ways, all accepted for every model:
 - any of those with dots flattened to underscores (kohya / WebUI keys after `lora_unet_`,
   `lora_te_`, `lora_te1_`, `lora_te2_`).
 The table is built from the model's own params and U-Net config, and each diffusers name is checked
-against the checkpoint converter's renaming (weights.unet), so the two can never disagree.
+against the checkpoint converter's renaming (weights.unet, and weights.mmdit / weights.flux for the
+SD3 and Flux transformers), so the two can never disagree.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Mapping
+from typing import Mapping, Optional
 
 from flax import traverse_util
 
 from sdjax.models.unet import UNetConfig
+from sdjax.weights import flux as flux_weights
+from sdjax.weights import mmdit as mmdit_weights
 from sdjax.weights import unet as unet_weights
 
 # sdjax path pieces whose diffusers names are list items (text-encoder layers included).
@@ -27,6 +30,8 @@ _INDEXED = re.compile(r"^(down_blocks|up_blocks|attentions|resnets|transformer_b
 # diffusers resnet layer -> the original ResBlock's.
 _LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+# The flow families' transformer params path -> diffusers state-dict key, by family.
+_TRANSFORMER_KEYS = {"sd3": mmdit_weights.diffusers_key, "flux": flux_weights.diffusers_key}
 _LDM_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
               "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
               "conv_in": "input_blocks.0.0", "conv_out": "out.2"}
@@ -34,8 +39,9 @@ _LDM_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_
 
 @dataclasses.dataclass(frozen=True)
 class LayerNames:
-    """For each model of a checkpoint ("unet", "text_encoder"[, "text_encoder_2"]): every name a
-    file may use for a layer -> its sdjax path, and each path's diffusers / transformers name."""
+    """For each model of a checkpoint ("unet" or "transformer", "text_encoder"[,
+    "text_encoder_2"]): every name a file may use for a layer -> its sdjax path, and each path's
+    diffusers / transformers name."""
     aliases: Mapping[str, Mapping[str, str]]
     reference: Mapping[str, Mapping[str, str]]
     original: Mapping[str, str] = dataclasses.field(default_factory=dict)  # U-Net path -> LDM name
@@ -51,17 +57,25 @@ class LayerNames:
         return (name or self.reference[model][path]).replace(".", "_")
 
 
-def layer_names(params: Mapping, unet_config: UNetConfig) -> LayerNames:
-    """The name table of a model's adaptable layers (its dense and conv kernels)."""
+def layer_names(params: Mapping, unet_config: Optional[UNetConfig], family: str = "") -> LayerNames:
+    """The name table of a model's adaptable layers (its dense and conv kernels). The flow
+    families (`family` "sd3" or "flux") name their transformer's layers as diffusers'
+    `SD3Transformer2DModel` / `FluxTransformer2DModel` do; their T5 encoders have no names here."""
     aliases: dict[str, dict[str, str]] = {}
     reference: dict[str, dict[str, str]] = {}
     original: dict[str, str] = {}
+    models = ("unet", "text_encoder") + (("transformer",) if family in _TRANSFORMER_KEYS else ()) \
+        + (() if family == "flux" else ("text_encoder_2",))  # Flux's second encoder is T5
     for model, tree in params.items():
-        if model not in ("unet", "text_encoder", "text_encoder_2"):
+        if model not in models:
             continue
         paths = ["/".join(k[:-1]) for k, v in traverse_util.flatten_dict(tree).items()
                  if k[-1] == "kernel" and len(getattr(v, "shape", ())) in (2, 4)]
-        if model == "unet":
+        if model == "transformer":
+            names = {p: _TRANSFORMER_KEYS[family](p + "/kernel").removesuffix(".weight")
+                     for p in paths}
+            extra = {}
+        elif model == "unet":
             ldm = _ldm_names(unet_config)
             names = {p: _diffusers_unet_name(p) for p in paths}
             extra = {p: ldm.get(n) for p, n in names.items()}

@@ -306,8 +306,10 @@ class Prefetcher:
 
 class ImageCaptionDataset:
     """Batches {"pixels" | "latents": float32 (b, h, w, c), "captions": list[str], "index": int64
-    (b,) record indices, "input_ids" when a tokenizer is given, and with `conditioning` each
-    image's conditioning image as "control_image", float32 (b, h, w, 3) in [0, 1]},
+    (b,) record indices, "input_ids" when a tokenizer is given (or, from a tokenizer that returns
+    a dict of id arrays, each of them: "input_ids" and "t5_ids" for SD3 / Flux), and with
+    `conditioning` each image's conditioning image as "control_image", float32 (b, h, w, 3) in
+    [0, 1]},
     b = batch_size / process_count. `caption_transform(caption, rng)` rewrites each caption as it
     is loaded (an augmentation; rng is the example's own for this epoch).
 
@@ -325,7 +327,7 @@ class ImageCaptionDataset:
                  seed: int = 0, shuffle: bool = True, num_epochs: Optional[int] = None,
                  process_index: int = 0, process_count: int = 1, prefetch: int = 2,
                  num_workers: int = 4,
-                 tokenizer: Optional[Callable[[list[str]], np.ndarray]] = None,
+                 tokenizer: Optional[Callable[[list[str]], Union[np.ndarray, dict]]] = None,
                  conditioning: bool = False,
                  caption_transform: Optional[Callable[[str, np.random.Generator], str]] = None,
                  source: str = "dataset"):
@@ -504,7 +506,10 @@ class ImageCaptionDataset:
         batch = {name: np.stack([arrays[name] for _, arrays in loaded]) for name in loaded[0][1]}
         batch.update(captions=captions, index=indices)
         if self.tokenizer is not None:
-            batch["input_ids"] = np.asarray(self.tokenizer(captions))
+            tokens = self.tokenizer(captions)
+            # A tokenizer of several id arrays (the flow families' CLIP and T5 ids) names them.
+            batch.update({k: np.asarray(v) for k, v in tokens.items()} if isinstance(tokens, dict)
+                         else {"input_ids": np.asarray(tokens)})
         return batch
 
     def _generate(self, epoch: int, index: int):

@@ -34,6 +34,7 @@ from sdjax.weights.presets import random_pretrained
 from sdjax.weights.architecture import Architecture
 from sdjax.text.tokenizer import CLIPTokenizer
 from sdjax.training import controlnet as controlnet_lib
+from sdjax.training import flow as flow_lib
 from sdjax.training import lora
 from sdjax.training import step as step_lib
 from sdjax.training import textual_inversion
@@ -78,8 +79,8 @@ class TrainingDiverged(RuntimeError):
 
 @dataclasses.dataclass
 class Setup:
-    """What a run is built from: the models (as a Pretrained for ldm/vae), the task, the state,
-    for the clip objective with hard negatives, the function that writes them, for a LoRA run
+    """What a run is built from: the models (as a Pretrained for ldm/flow/vae), the task, the
+    state, for the clip objective with hard negatives, the function that writes them, for a LoRA run
     its network, name and what its exported files say of the run (kohya's `ss_*` keys), for a
     textual-inversion run its token (`model` then knows it), and for a ControlNet run the
     ControlNet's config (its params are the state's group "controlnet")."""
@@ -181,12 +182,23 @@ def build(config: ml_collections.ConfigDict) -> Setup:
                 model, textual_inversion.textual_inversion_config(
                     config.textual_inversion.to_dict(), exclude=TEXTUAL_INVERSION_RUN_FIELDS))
         arch = Architecture.of(model, dtype)
+        if config.objective in ("ldm", "flow") and arch.flow != (config.objective == "flow"):
+            kind = "a flow-matching transformer" if arch.flow else "a U-Net"
+            raise ValueError(f"objective {config.objective!r} does not train this {model.family} "
+                             f"model ({kind}): use objective "
+                             f"{'flow' if arch.flow else 'ldm'!r}")
         if config.objective == "vae":
             params = {"vae": model.params["vae"]}
             tokenizer = None
             task = step_lib.VAETask(arch, kl_weight=config.vae_loss.kl_weight,
                                     reconstruction_loss=config.vae_loss.reconstruction,
                                     remat=config.remat)
+        elif config.objective == "flow":
+            params = dict(model.params)
+            settings = flow_settings(config)
+            tokenizer = flow_lib.flow_tokenizer(model.tokenizers, flow_lib.sequence_length(
+                model.family, settings.get("max_sequence_length", 0)))
+            task = flow_lib.flow_task(arch, tokenizer, settings, remat=config.remat)
         else:
             params = dict(model.params)
             tokenizers = model.tokenizers
@@ -203,11 +215,11 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     groups = config.optimizer.groups.to_dict()
     network = None
     if config.lora.use:
-        if config.objective != "ldm":
-            raise ValueError(f"lora.use trains a LoRA with the ldm objective, not "
+        if config.objective not in ("ldm", "flow"):
+            raise ValueError(f"lora.use trains a LoRA with the ldm or flow objective, not "
                              f"{config.objective!r}")
         settings = lora.lora_config(config.lora.to_dict(), exclude=LORA_RUN_FIELDS)
-        network = lora.make_network(model.params, model.unet_config, settings)
+        network = lora.make_network(model.params, model.unet_config, settings, model.family)
         if jnp.dtype(dtype) != jnp.float32:
             # The frozen base is only ever read in the compute dtype: held so (kohya's weight
             # dtype), it takes half the memory and no cast per step.
@@ -256,8 +268,15 @@ def build(config: ml_collections.ConfigDict) -> Setup:
                   controlnet=controlnet)
     if network is not None:
         setup.lora_name = config.lora.output_name
-        setup.run_metadata = kohya_run_metadata(config)
+        if config.objective == "ldm":  # diffusers' LoRA files of the flow families carry none
+            setup.run_metadata = kohya_run_metadata(config)
     return setup
+
+
+def flow_settings(config: ml_collections.ConfigDict) -> dict:
+    """The flow objective's settings (`config.flow`, configs/train_flow_tiny.py); a config
+    without that section trains with `training.flow.FlowTask`'s defaults."""
+    return config.flow.to_dict() if "flow" in config else {}
 
 
 # Fields of `config.lora` that the loop reads itself; the others are `lora.LoRAConfig`'s.
@@ -405,7 +424,7 @@ def export(setup: Setup, state: TrainState, path: str, use_ema: bool = True) -> 
     params = _to_host(params)
     if jax.process_index() == 0:
         if setup.network is not None:
-            metadata = lora.kohya_metadata(
+            metadata = {} if setup.task.prediction_type == "flow" else lora.kohya_metadata(
                 setup.network, family=setup.model.family,
                 prediction_type=setup.task.prediction_type, groups=state.optimizer.groups,
                 extra={**setup.run_metadata, "ss_steps": int(optimizer_steps(state)),
@@ -468,8 +487,12 @@ class _Sampler:
                                num_images=len(self.config.prompts), seed=self.config.seed,
                                cfg_scale=self.config.cfg_scale)
         r = config.data.resolution
+        # A flow model's grids see captions of the T5 length it trains on.
+        length = (flow_lib.sequence_length(setup.model.family,
+                                           flow_settings(config).get("max_sequence_length", 0))
+                  if config.objective == "flow" else 0)
         self.spec = SamplingSpec(sampler=self.config.sampler, steps=self.config.steps, height=r,
-                                 width=r)
+                                 width=r, max_sequence_length=length)
         self.dir = os.path.join(workdir, "samples")
 
     def __call__(self, state: TrainState, step: int) -> str:
@@ -526,7 +549,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     train_fn = step_lib.make_train_step(setup.task, mesh, shardings)
     key_fn = jax.jit(jax.random.fold_in, out_shardings=parallel.replicated(mesh))
     sampler = None
-    if config.sample.every and setup.model is not None and config.objective == "ldm":
+    if config.sample.every and setup.model is not None and config.objective in ("ldm", "flow"):
         if setup.controlnet is not None:
             # The grids' requests would need control images; the export is what to sample.
             logging.warning("sample grids are not drawn in ControlNet runs")

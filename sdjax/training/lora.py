@@ -18,6 +18,14 @@ kohya's semantics (networks/lora.py, LoRAModule):
 - dropout (neuron): each element of x.down zeroed with probability p, the rest scaled by 1/(1-p);
   rank_dropout: a mask per (example, rank), scale * 1/(1-p); module_dropout: a whole module skipped
   for the step with probability p (one draw per module per step, for the whole batch).
+
+The flow families' transformers (SD3 / SD3.5 MMDiT, Flux) train LoRAs as diffusers'
+`train_dreambooth_lora_sd3.py` / `train_dreambooth_lora_flux.py` do: the group "lora_transformer"
+(`train_unet` adapts the denoiser, U-Net or transformer), targets as those scripts' peft
+`target_modules` (module names ending in them), the CLIP encoders' attention projections when
+the text encoders train, `init="gaussian"` (peft's: down N(0, 1/rank^2)), and the export is
+diffusers' LoRA file (`transformer.<module>.lora_A.weight` / `lora_B.weight` and peft's
+`lora_adapter_metadata`), which `StableDiffusion3Pipeline` / `FluxPipeline.load_lora_weights` read.
 """
 from __future__ import annotations
 
@@ -46,6 +54,16 @@ GROUP_PREFIX = "lora_"
 UNET_TRANSFORMER_TARGETS = (r"(^|\.)attentions\.\d+\.",)
 UNET_CONV_TARGETS = (r"(^|\.)resnets\.\d+\.", r"(^|\.)(downsamplers|upsamplers)\.\d+\.")
 TEXT_ENCODER_TARGETS = (r"^text_model\.encoder\.layers\.\d+\.(self_attn|mlp)\.",)
+# diffusers' default targets of the flow families, peft-matched (a module whose name ends in one):
+# train_dreambooth_lora_sd3.py (joint attention, image and context streams) and
+# train_dreambooth_lora_flux.py (also the feed-forwards of the double blocks; `attn.to_q/k/v` match
+# the single blocks' too), and both scripts' CLIP text-encoder targets.
+_ATTENTION = r"(^|\.)attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$"
+TRANSFORMER_TARGETS = {"sd3": (_ATTENTION,),
+                       "flux": (_ATTENTION, r"(^|\.)(ff|ff_context)\.net\.(0\.proj|2)$")}
+FLOW_TEXT_ENCODER_TARGETS = (r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$",)
+TRANSFORMER = "transformer"
+INITS = ("kohya", "gaussian")
 # kohya's `ss_base_model_version` of each family.
 BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 # "LoRA": the factors' initial values are numpy's stream [seed, this]; a step's dropout masks come
@@ -59,8 +77,10 @@ class LoRAConfig:
     """kohya's network settings: `--network_dim --network_alpha --network_dropout` (here `dropout`),
     `--network_args conv_dim= conv_alpha= rank_dropout= module_dropout=`, and which models are
     adapted (`--network_train_unet_only` is train_text_encoder=False, `--network_train_text_
-    encoder_only` train_unet=False). `target_modules`: regular expressions replacing the default
-    targets, searched in each layer's diffusers / transformers module name."""
+    encoder_only` train_unet=False; for SD3 / Flux `train_unet` means the transformer).
+    `target_modules`: regular expressions replacing the default targets, searched in each layer's
+    diffusers / transformers module name. `init`: the down factors' draw, "kohya" (kaiming-uniform)
+    or "gaussian" (peft's N(0, 1/rank^2), diffusers' training scripts)."""
     network_dim: int = 4
     network_alpha: float = 1.0
     conv_dim: int = 0
@@ -71,6 +91,7 @@ class LoRAConfig:
     dropout: float = 0.0
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
+    init: str = "kohya"
 
     def __post_init__(self):
         for field in ("network_dim", "conv_dim"):
@@ -94,6 +115,8 @@ class LoRAConfig:
             except re.error as err:
                 raise ValueError(f"lora.target_modules: {pattern!r} is not a regular expression "
                                  f"({err})") from None
+        if self.init not in INITS:
+            raise ValueError(f"lora.init {self.init!r} is not one of {INITS}")
         if not (self.train_unet or self.train_text_encoder):
             raise ValueError("lora.train_unet and lora.train_text_encoder are both off: nothing "
                              "to train")
@@ -164,13 +187,16 @@ class Network:
         return tuple(group_name(m) for m in self.models)
 
     def init(self, seed: int) -> dict[str, dict]:
-        """{group: {layer path: {"down", "up"}}} as kohya initialises them (float32, host)."""
+        """{group: {layer path: {"down", "up"}}} as kohya (or peft, `init="gaussian"`)
+        initialises them (float32, host)."""
         rng = np.random.default_rng([seed, _STREAM])
         flat: dict[str, dict] = {}
         for module in self.modules:
-            fan_in = int(np.prod(module.down_shape[:-1]))
-            bound = 1.0 / math.sqrt(fan_in)
-            down = rng.uniform(-bound, bound, module.down_shape).astype(np.float32)
+            if self.config.init == "gaussian":
+                down = rng.normal(0.0, 1.0 / module.rank, module.down_shape).astype(np.float32)
+            else:
+                bound = 1.0 / math.sqrt(int(np.prod(module.down_shape[:-1])))
+                down = rng.uniform(-bound, bound, module.down_shape).astype(np.float32)
             up = np.zeros(module.up_shape, np.float32)
             flat.setdefault(group_name(module.model), {})[module.keys] = {"down": down, "up": up}
         return {group: traverse_util.unflatten_dict(tree) for group, tree in flat.items()}
@@ -227,20 +253,26 @@ class Network:
         return {**base, ADAPTERS_KEY: self.variables(params)}
 
 
-def make_network(params: Mapping[str, Any], unet_config: UNetConfig, config: LoRAConfig
-                 ) -> Network:
-    """The layers of `params` (a `Pretrained.params`) that `config` adapts, in a fixed order."""
-    names = layer_names(params, unet_config)
-    models = ([network_lib.UNET] if config.train_unet else []) + (
-        [m for m in network_lib.TEXT_ENCODERS if m in params] if config.train_text_encoder else [])
+def make_network(params: Mapping[str, Any], unet_config: Optional[UNetConfig], config: LoRAConfig,
+                 family: str = "") -> Network:
+    """The layers of `params` (a `Pretrained.params` of `family`) that `config` adapts, in a fixed
+    order: the U-Net's or, for SD3 / Flux, the transformer's, then the CLIP text encoders'."""
+    names = layer_names(params, unet_config, family)
+    flow = family in TRANSFORMER_TARGETS
+    denoiser = TRANSFORMER if flow else network_lib.UNET
+    models = ([denoiser] if config.train_unet else []) + (
+        [m for m in network_lib.TEXT_ENCODERS if m in names.reference]
+        if config.train_text_encoder else [])
     modules = []
     for model in models:
         if config.target_modules:
             patterns = config.target_modules
+        elif model == TRANSFORMER:
+            patterns = TRANSFORMER_TARGETS[family]
         elif model == network_lib.UNET:
             patterns = UNET_TRANSFORMER_TARGETS + (UNET_CONV_TARGETS if config.conv_dim else ())
         else:
-            patterns = TEXT_ENCODER_TARGETS
+            patterns = FLOW_TEXT_ENCODER_TARGETS if flow else TEXT_ENCODER_TARGETS
         kernels = network_lib.kernel_shapes(params, model)
         for path, reference in sorted(names.reference[model].items()):
             if not any(re.search(p, reference) for p in patterns):
@@ -311,13 +343,18 @@ NATIVE_SUFFIX = ".sdjax.safetensors"
 
 def export_files(network: Network, params: Mapping[str, Any], model, directory: str, name: str,
                  metadata: Optional[dict] = None) -> dict[str, str]:
-    """Write the LoRA of `params` (host arrays) as `<directory>/<name>.safetensors` (kohya's
-    format, what the WebUI, ComfyUI and diffusers' `load_lora_weights` read) and
-    `<name>.sdjax.safetensors` (sdjax's native adapter file), for `model` (the `Pretrained` it was
-    trained on). Returns {"kohya": path, "sdjax": path}."""
+    """Write the LoRA of `params` (host arrays) trained on `model` (its `Pretrained`) into
+    `directory`: for the U-Net families `<name>.safetensors` (kohya's format, what the WebUI,
+    ComfyUI and diffusers' `load_lora_weights` read) and `<name>.sdjax.safetensors` (sdjax's native
+    adapter file), returning {"kohya": path, "sdjax": path}; for SD3 / Flux `<name>.safetensors`
+    in diffusers' format (`export_diffusers_file`), returning {"diffusers": path}."""
     from sdjax.adapters import formats
 
     os.makedirs(directory, exist_ok=True)
+    if model.family in TRANSFORMER_TARGETS:
+        path = os.path.join(directory, name + ".safetensors")
+        export_diffusers_file(network, params, model, path, metadata)
+        return {"diffusers": path}
     adapter = network.adapter(params, name, metadata)
     paths = {"kohya": os.path.join(directory, name + ".safetensors"),
              "sdjax": os.path.join(directory, name + NATIVE_SUFFIX)}
@@ -326,5 +363,51 @@ def export_files(network: Network, params: Mapping[str, Any], model, directory: 
     return paths
 
 
-__all__ = ["LoRAConfig", "LoRATask", "Module", "Network", "export_files", "group_name",
-           "kohya_metadata", "lora_config", "make_network"]
+def export_diffusers_file(network: Network, params: Mapping[str, Any], model, path: str,
+                          metadata: Optional[dict] = None) -> str:
+    """The LoRA of `params` (host arrays) as diffusers' pipelines save one (`save_lora_weights`):
+    `<model>.<diffusers / transformers module name>.lora_A.weight` (rank, in) and `.lora_B.weight`
+    (out, rank), PyTorch layouts, float32, and peft's config of each model under the metadata key
+    `lora_adapter_metadata` (`<model>.r`, `<model>.lora_alpha`, `<model>.target_modules`, and
+    `rank_pattern` / `alpha_pattern` for the modules that differ), so that diffusers' and sdjax's
+    readers both apply alpha / rank. `metadata`: more string entries (the run's)."""
+    import safetensors.numpy
+
+    from sdjax.adapters.formats import PEFT_METADATA_KEY
+    from sdjax.runs import write_atomically
+
+    names = layer_names(model.params, model.unet_config, model.family)
+    tensors, configs = {}, {}
+    for module in network.modules:
+        factors = network.factors(params, module)
+        down, up = np.asarray(factors["down"], np.float32), np.asarray(factors["up"], np.float32)
+        if down.ndim == 4:  # a conv: lora_A is a conv of the layer's kernel, lora_B a 1x1
+            lora_a, lora_b = down.transpose(3, 2, 0, 1), up.T[:, :, None, None]
+        else:
+            lora_a, lora_b = down.T, up.T
+        reference = names.reference[module.model][module.path]
+        key = f"{module.model}.{reference}"
+        tensors[key + ".lora_A.weight"] = np.ascontiguousarray(lora_a)
+        tensors[key + ".lora_B.weight"] = np.ascontiguousarray(lora_b)
+        # peft matches a target by the end of a module's name: without `text_model.`, the names
+        # fit transformers 4's CLIPTextModel and transformers 5's, which drops that level.
+        configs.setdefault(module.model, []).append(
+            (reference.removeprefix("text_model."), module.rank, module.alpha))
+    peft = {}
+    for model_name, modules in configs.items():
+        # peft's config: the most common rank and alpha, patterns for the others (diffusers' way).
+        rank = max(set(m[1] for m in modules), key=[m[1] for m in modules].count)
+        alpha = max(set(m[2] for m in modules), key=[m[2] for m in modules].count)
+        peft.update({f"{model_name}.r": rank, f"{model_name}.lora_alpha": alpha,
+                     f"{model_name}.target_modules": sorted(m[0] for m in modules),
+                     f"{model_name}.rank_pattern": {m[0]: m[1] for m in modules if m[1] != rank},
+                     f"{model_name}.alpha_pattern": {m[0]: m[2] for m in modules if m[2] != alpha}})
+    header = {**(metadata or {}), "format": "pt",
+              PEFT_METADATA_KEY: json.dumps(peft, indent=2, sort_keys=True)}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomically(path, safetensors.numpy.save(tensors, metadata=header))
+    return path
+
+
+__all__ = ["LoRAConfig", "LoRATask", "Module", "Network", "export_diffusers_file", "export_files",
+           "group_name", "kohya_metadata", "lora_config", "make_network"]

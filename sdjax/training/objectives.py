@@ -1,8 +1,8 @@
 """Training objectives: pure functions of arrays and PRNG keys, model-agnostic.
 
 Latent diffusion (DDPM noising, eps / v / x0 targets, min-SNR weighting, offset noise, caption
-dropout), the KL autoencoder's loss, and CLIP's contrastive loss. Images/latents are NHWC; every
-loss is computed in float32 whatever the prediction's dtype.
+dropout), rectified flow matching (SD3, Flux), the KL autoencoder's loss, and CLIP's contrastive
+loss. Images/latents are NHWC; every loss is computed in float32 whatever the prediction's dtype.
 """
 from __future__ import annotations
 
@@ -81,6 +81,22 @@ def diffusion_loss(prediction: jax.Array, x0: jax.Array, noise: jax.Array, times
     if snr_gamma is not None:
         per_example = per_example * min_snr_weights(snr(timesteps, alphas_cumprod), snr_gamma,
                                                     prediction_type)
+    return jnp.mean(per_example), per_example
+
+
+# Rectified flow matching (Liu et al. 2022; Esser et al. 2024, "Scaling Rectified Flow Transformers",
+# eq. 1-3): x_t = (1 - t) x0 + t noise moves at the velocity noise - x0, which the model predicts
+# (diffusers' train_dreambooth_sd3.py / train_dreambooth_flux.py, precondition_outputs off).
+def flow_matching_loss(prediction: jax.Array, x0: jax.Array, noise: jax.Array,
+                       weighting: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """weighting (B,) x the MSE between the predicted and the true velocity, averaged per example
+    over (H, W, C). Returns (mean over the batch, per-example losses (B,))."""
+    target = noise.astype(jnp.float32) - x0.astype(jnp.float32)
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction shape {prediction.shape} != target shape {target.shape}")
+    err = _per_example(weighting.astype(jnp.float32), target.ndim) * jnp.square(
+        prediction.astype(jnp.float32) - target)
+    per_example = jnp.mean(err, axis=tuple(range(1, err.ndim)))
     return jnp.mean(per_example), per_example
 
 

@@ -5,9 +5,12 @@ Objectives (chosen by the task object, each a pure `loss(params, batch, key) -> 
   scaling factor (or the batch brings precomputed, unscaled latents), captions are dropped to the
   empty prompt with some probability, the text encoder(s) run trained or frozen as their param
   groups say, noise (optionally offset) at uniform timesteps, eps / v / x0 target, min-SNR-gamma.
+- `training.flow.FlowTask`: rectified flow matching of the SD3 and Flux transformers (diffusers'
+  SD3 / Flux training scripts): velocity target, SD3's timestep densities and loss weightings.
 - `VAETask`: the KL autoencoder's reconstruction + beta * KL.
 - `CLIPTask`: CLIP's symmetric contrastive loss over the global batch.
-- `training.lora.LoRATask`: `LDMTask` on a frozen model with trained LoRA factors (kohya's LoRA).
+- `training.lora.LoRATask`: `LDMTask` or `FlowTask` on a frozen model with trained LoRA factors
+  (kohya's LoRA; diffusers' for the transformers).
 - `training.controlnet.ControlNetTask`: `LDMTask` on a frozen model whose U-Net takes a trained
   ControlNet's residuals (`control`).
 
@@ -37,7 +40,7 @@ from sdjax.weights.architecture import Architecture
 from sdjax.training import objectives
 from sdjax.training.state import TrainState, cast_for_compute, learning_rates
 
-OBJECTIVES = ("ldm", "vae", "clip")
+OBJECTIVES = ("ldm", "flow", "vae", "clip")
 
 
 def text_conditioning(arch: Architecture, params: dict, ids: jax.Array, clip_skip: int = 0) -> dict:
@@ -46,6 +49,20 @@ def text_conditioning(arch: Architecture, params: dict, ids: jax.Array, clip_ski
     ids = ids[:, :, None, :]
     return encode_text(arch, params, ids, jnp.ones((ids.shape[0],) + ids.shape[2:], jnp.float32),
                        clip_skip)
+
+
+def training_latents(arch: Architecture, params: dict, batch: dict, key: jax.Array) -> jax.Array:
+    """What a diffusion objective denoises, float32, no gradient: the frozen VAE's posterior
+    sample (drawn from `key`) of the batch's "pixels", or its precomputed unscaled "latents",
+    scaled as the VAE's config says (`models.vae.scale_latents`: shift, then scaling factor)."""
+    if "latents" in batch:
+        z = batch["latents"].astype(jnp.float32)
+    else:
+        posterior = AutoencoderKL(arch.vae, dtype=arch.dtype).apply(
+            {"params": params["vae"]}, batch["pixels"].astype(arch.dtype),
+            method=AutoencoderKL.encode)
+        z = posterior.sample(key).astype(jnp.float32)
+    return jax.lax.stop_gradient(scale_latents(z, arch.vae))
 
 
 class WrappingTask:
@@ -91,14 +108,7 @@ class LDMTask:
         (down residuals, mid residual) the U-Net adds (a ControlNet's), or None."""
         arch = self.arch
         latent_key, drop_key, noise_key, time_key = jax.random.split(key, 4)
-        if "latents" in batch:
-            z = batch["latents"].astype(jnp.float32)
-        else:
-            posterior = AutoencoderKL(arch.vae, dtype=arch.dtype).apply(
-                {"params": params["vae"]}, batch["pixels"].astype(arch.dtype),
-                method=AutoencoderKL.encode)
-            z = posterior.sample(latent_key).astype(jnp.float32)
-        latents = jax.lax.stop_gradient(scale_latents(z, arch.vae))
+        latents = training_latents(arch, params, batch, latent_key)
         b = latents.shape[0]
 
         ids = objectives.caption_dropout(drop_key, batch["input_ids"], self.empty_ids,

@@ -48,6 +48,28 @@ def rename_key(key: str) -> Optional[str]:
     return None if path is None else _INDEX.sub(r"_\1", path).replace(".", "/")
 
 
+# sdjax module paths -> diffusers': list indices, and the single-entry lists around linears.
+_DIFFUSERS_MODULES = ((re.compile(r"(^|\.)((?:single_)?transformer_blocks)_(\d+)\."), r"\1\2.\3."),
+                      (re.compile(r"\.to_out$"), ".to_out.0"),
+                      (re.compile(r"(^|\.)(ff|ff_context)\.proj$"), r"\1\2.net.0.proj"),
+                      (re.compile(r"(^|\.)(ff|ff_context)\.out$"), r"\1\2.net.2"))
+
+
+def diffusers_key(path: str) -> str:
+    """The diffusers state-dict key of an sdjax Flux params path, the inverse of `rename_key`
+    (checked against it): `transformer_blocks_0/ff/proj/kernel` ->
+    `transformer_blocks.0.ff.net.0.proj.weight`."""
+    *modules, leaf = path.split("/")
+    module = ".".join(modules)
+    for pattern, replacement in _DIFFUSERS_MODULES:
+        module = pattern.sub(replacement, module)
+    key = f"{module}.{'bias' if leaf == 'bias' else 'weight'}"
+    if rename_key(key) != path:
+        raise ValueError(f"no diffusers name for the Flux params path {path} ({key} reads back as "
+                         f"{rename_key(key)})")
+    return key
+
+
 def flux_shapes(config: FluxConfig) -> dict:
     """Shapes and dtypes of `FluxTransformer(config)`'s params (nothing allocated)."""
     return abstract_params(FluxTransformer(config), *example_inputs(config))
@@ -287,5 +309,5 @@ def flux_params_from_original(source: TensorSource, config: FluxConfig, dtype=No
                               what=WHAT, dtype=dtype)
 
 
-__all__ = ["flux_params", "load_flux", "flux_shapes", "rename_key",
+__all__ = ["flux_params", "load_flux", "flux_shapes", "rename_key", "diffusers_key",
            "is_original_flux", "flux_config_from_original", "flux_params_from_original"]

@@ -47,6 +47,29 @@ def rename_key(key: str) -> Optional[str]:
     return f"{module}.{leaf}".replace(".", "/")
 
 
+# sdjax module paths -> diffusers': the inverse of _MODULE_RENAMES.
+_DIFFUSERS_MODULES = ((re.compile(r"^joint_blocks_(\d+)\."), r"transformer_blocks.\1."),
+                      (re.compile(r"\.to_out$"), ".to_out.0"),
+                      (re.compile(r"(^|\.)(ff|ff_context)\.proj$"), r"\1\2.net.0.proj"),
+                      (re.compile(r"(^|\.)(ff|ff_context)\.out$"), r"\1\2.net.2"))
+
+
+def diffusers_key(path: str) -> str:
+    """The diffusers state-dict key of an sdjax MMDiT params path, the inverse of `rename_key`
+    (checked against it): `joint_blocks_0/attn/to_out/kernel` ->
+    `transformer_blocks.0.attn.to_out.0.weight`."""
+    *modules, leaf = path.split("/")
+    module = ".".join(modules)
+    for pattern, replacement in _DIFFUSERS_MODULES:
+        module = pattern.sub(replacement, module)
+    key = "pos_embed.pos_embed" if path == "pos_embed/pos_embed" else \
+        f"{module}.{'bias' if leaf == 'bias' else 'weight'}"
+    if rename_key(key) != path:
+        raise ValueError(f"no diffusers name for the MMDiT params path {path} ({key} reads back as "
+                         f"{rename_key(key)})")
+    return key
+
+
 def mmdit_shapes(config: MMDiTConfig) -> dict:
     """Shapes and dtypes of `MMDiT(config)`'s params (nothing allocated)."""
     return abstract_params(MMDiT(config), *example_inputs(config))
@@ -270,6 +293,6 @@ def mmdit_params_from_original(source: TensorSource, config: MMDiTConfig, dtype=
     return mmdit_params(diffusers_view, config, dtype=dtype)
 
 
-__all__ = ["rename_key", "mmdit_shapes", "mmdit_params", "load_mmdit", "is_original_mmdit",
+__all__ = ["rename_key", "diffusers_key", "mmdit_shapes", "mmdit_params", "load_mmdit", "is_original_mmdit",
            "mmdit_config_from_original", "mmdit_params_from_original", "ORIGINAL_PREFIX",
            "CLASS_NAME", "HEAD_DIM"]
