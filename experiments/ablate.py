@@ -6,7 +6,9 @@
 A LoRA's weight is an axis too: --lora=NAME --lora_dir=/path/to/loras
 --config.lora_weights="(0.0,0.5,1.0)" draws every cell at each weight, with one program; and so
 is a ControlNet's scale: --controlnet=PATH --control_image=IMAGE
---config.control_scales="(0.0,0.5,1.0)".
+--config.control_scales="(0.0,0.5,1.0)", and Flux.1-dev's distilled guidance:
+--config.embedded_guidances="(2.0,3.5,5.0)". SD3's skip-layer guidance is a guidance variant
+(--config.variants="('cfg','slg=7:8:9')"); SD3 / Flux single files take --components.
 
 See configs/ablate.py for every setting; the flags below are shortcuts that override the config.
 """
@@ -21,11 +23,13 @@ flags.DEFINE_string("model", None,
                     "checkpoint: diffusers folder, .safetensors, sdjax folder or random:PRESET")
 flags.DEFINE_string("clip_model", None,
                     "CLIP for the CLIP score: transformers CLIPModel or sdjax CLIP folder")
+flags.DEFINE_string("components", None, "SD3 / Flux single files: a diffusers folder of the same "
+                    "family supplying what the file lacks (text encoders, tokenizers, VAE)")
 flags.DEFINE_string("out_dir", None, "where images, grids, tables and plots go")
 generate.define_lora_flags()
 generate.define_control_flags()
 FLAGS = flags.FLAGS
-SHORTCUTS = ("model", "clip_model", "out_dir")
+SHORTCUTS = ("model", "clip_model", "components", "out_dir")
 
 
 def main(argv):

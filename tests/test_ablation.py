@@ -1,7 +1,9 @@
-"""The ablation runner on the random tiny model: tables, grids, plots, compilation count, resume.
+"""The ablation runner on the random tiny model: tables, grids, plots, compilation count, resume;
+and on the tiny SD3 and Flux models: skip-layer guidance variants, the distilled-guidance axis,
+samplers with options.
 
-One Generator serves every sweep of the module, so each (sampler, steps, interval) program is
-compiled once for the whole file.
+One Generator per model serves every sweep of the module, so each (sampler, steps, interval)
+program is compiled once for the whole file.
 """
 import csv
 import json
@@ -21,7 +23,7 @@ from sdjax.evaluation import ablation, metrics
 from sdjax.weights import clip as clip_weights
 from sdjax.models.clip import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from sdjax.weights.presets import random_pretrained
-from sdjax.sampling import Generator
+from sdjax.sampling import Generator, SamplingSpec
 from sdjax.text.tokenizer import CLIPTokenizer
 from sdjax.weights.clip import clip_text_shapes, clip_vision_shapes
 from sdjax.weights.controlnet import save_controlnet
@@ -44,6 +46,12 @@ def _config(out_dir, **overrides):
         config.height = config.width = SIZE
         config.out_dir = str(out_dir)
         config.compilation_cache = ""
+    return _override(config, overrides)
+
+
+def _override(config, overrides: dict):
+    """`config` with `overrides` ("field" or "group.field": value) set."""
+    with config.unlocked():
         for key, value in overrides.items():
             if "." in key:
                 group, field = key.split(".")
@@ -454,3 +462,229 @@ def test_guess_mode_is_static_and_axis_scales_multiply_the_listed_scale(control_
     assert all(spec.guess_mode for spec in sweep.programs())
     assert [(c.control_scale, sweep.controls_for(c)[0].scale) for c in sweep.cells()[:3]] == [
         (0.0, 0.0), (0.5, 0.25), (1.0, 0.5)]
+
+
+# --- flow models: SD3's skip-layer guidance, Flux.1-dev's distilled guidance, sampler options -----
+
+FLOW_TEXT_TOKENS = 16
+SLG_VARIANTS = ("cfg", "slg=1", "slg=1@0:1,slg_scale=5")   # the last two share a program
+FLUX_SAMPLERS = ("flow_euler:shift=1.0", "flow_euler:shift=3.0")
+DISTILLED = (1.0, 4.0)
+
+
+def _flow_config(family, out_dir, **overrides):
+    """configs/ablate.py:tiny_<family> at 2 steps, one prompt, 2 seeds, short T5 prompts."""
+    config = ablate_config.get_config(f"tiny_{family}")
+    with config.unlocked():
+        config.steps = (2,)
+        config.num_prompts, config.num_seeds = 1, 2
+        config.max_sequence_length = FLOW_TEXT_TOKENS
+        config.out_dir = str(out_dir)
+        config.compilation_cache = ""
+    return _override(config, overrides)
+
+
+# Lecun-normal weights: with the default N(0, 0.02) a tiny transformer is blind to its conditioning
+# (guidance moves no pixel by 1/255), which would hide what these sweeps compare.
+@pytest.fixture(scope="module")
+def sd3_generator():
+    return Generator(random_pretrained("tiny_sd3", for_training=True))
+
+
+@pytest.fixture(scope="module")
+def flux_generator():
+    return Generator(random_pretrained("tiny_flux", for_training=True))
+
+
+@pytest.fixture(scope="module")
+def sd3_sweep(tmp_path_factory, sd3_generator):
+    """flow_euler, 3 steps x CFG (1, 4) x (plain, SLG on block 1, SLG at scale 5), the window
+    (0, 1) from the tiny_sd3 config: steps 1 and 2 are inside it."""
+    config = _flow_config("sd3", tmp_path_factory.mktemp("sd3_sweep"), samplers=("flow_euler",),
+                          steps=(3,), variants=SLG_VARIANTS)
+    return config, ablation.run_sweep(config, generator=sd3_generator)
+
+
+@pytest.fixture(scope="module")
+def flux_sweep(tmp_path_factory, flux_generator):
+    """Two static shifts x the distilled guidance at DISTILLED, plain sampling (CFG 1)."""
+    config = _flow_config("flux", tmp_path_factory.mktemp("flux_sweep"), samplers=FLUX_SAMPLERS,
+                          embedded_guidances=DISTILLED,
+                          **{"grid.x": "sampler", "grid.y": "embedded_guidance"})
+    return config, ablation.run_sweep(config, generator=flux_generator)
+
+
+def _flow_images(out_dir, key):
+    """{(sampler, variant, cfg_scale, distilled guidance): uint8 images} of a sweep."""
+    return {tuple(r.get(f) for f in key): ablation._load_images(out_dir, r).astype(int)
+            for r in ablation.read_records(out_dir)}
+
+
+def _png_text(out_dir, record):
+    return images_lib.read_parameters(os.path.join(out_dir, record["files"][0]))
+
+
+def test_sd3_sweep_compiles_one_program_per_static_setting_and_resumes(sd3_sweep, sd3_generator):
+    config, result = sd3_sweep
+    # Plain CFG, and SLG on block 1 in the window (0, 1) whatever its scale: two programs.
+    assert result["programs"] == result["traces"] == 2
+    assert result["generated"] == len(SLG_VARIANTS) * 2
+    assert [(r["variant"], r["cfg_scale"]) for r in result["rows"]] == [
+        (v, g) for v in SLG_VARIANTS for g in (1.0, 4.0)]
+    again = ablation.run_sweep(config, generator=sd3_generator)
+    assert (again["generated"], again["traces"], again["skipped"]) == (0, 0, len(SLG_VARIANTS) * 2)
+    assert again["rows"] == result["rows"]
+
+
+def test_sd3_skip_layer_guidance_changes_the_images_only_with_cfg(sd3_sweep):
+    config, _ = sd3_sweep
+    images = _flow_images(config.out_dir, ("variant", "cfg_scale"))
+    plain, slg, stronger = SLG_VARIANTS
+    assert np.abs(images[(slg, 4.0)] - images[(plain, 4.0)]).max() > 2
+    assert np.abs(images[(stronger, 4.0)] - images[(slg, 4.0)]).max() > 2  # the scale is data
+    assert np.abs(images[(plain, 4.0)] - images[(plain, 1.0)]).max() > 2
+    # At scale 1 there is no guidance to add to: as diffusers and generate.py, no SLG either.
+    for variant in (slg, stronger):
+        assert np.abs(images[(variant, 1.0)] - images[(plain, 1.0)]).max() <= 1
+
+
+def test_sd3_pngs_record_skip_layer_guidance_where_it_ran(sd3_sweep):
+    config, _ = sd3_sweep
+    texts = {(r["variant"], r["cfg_scale"]): _png_text(config.out_dir, r)
+             for r in ablation.read_records(config.out_dir)}
+    plain, slg, stronger = SLG_VARIANTS
+    assert "SLG: layers 1 scale 2.8 from 0.0 to 1.0" in texts[(slg, 4.0)]
+    assert "SLG: layers 1 scale 5.0 from 0.0 to 1.0" in texts[(stronger, 4.0)]
+    for key in ((plain, 4.0), (slg, 1.0), (stronger, 1.0)):
+        assert "SLG" not in texts[key], key
+    assert "Sampler: flow_euler, CFG scale: 4.0, Seed: 0" in texts[(slg, 4.0)]
+    assert f"T5 tokens: {FLOW_TEXT_TOKENS}" in texts[(slg, 4.0)]
+    assert "Distilled CFG Scale" not in texts[(slg, 4.0)]
+
+
+def test_flux_distilled_guidance_axis_runs_in_the_samplers_programs(flux_sweep):
+    _, result = flux_sweep
+    # One program per sampler (its static shift) for every distilled guidance scale.
+    assert result["programs"] == result["traces"] == len(FLUX_SAMPLERS)
+    assert result["generated"] == len(FLUX_SAMPLERS) * len(DISTILLED)
+    assert result["columns"][:5] == ["sampler", "steps", "variant", "cfg_scale",
+                                     "embedded_guidance"]
+    assert [(r["sampler"], r["embedded_guidance"]) for r in result["rows"]] == [
+        (s, g) for s in FLUX_SAMPLERS for g in DISTILLED]
+
+
+def test_flux_distilled_guidance_and_shift_change_the_images_and_are_in_the_pngs(flux_sweep):
+    config, _ = flux_sweep
+    images = _flow_images(config.out_dir, ("sampler", "embedded_guidance"))
+    low, high = DISTILLED
+    for sampler in FLUX_SAMPLERS:
+        assert np.abs(images[(sampler, low)] - images[(sampler, high)]).max() > 2
+    assert np.abs(images[(FLUX_SAMPLERS[0], low)] - images[(FLUX_SAMPLERS[1], low)]).max() > 2
+    record = next(r for r in ablation.read_records(config.out_dir)
+                  if (r["sampler"], r["embedded_guidance"]) == (FLUX_SAMPLERS[1], high))
+    assert "-distilled4/" in record["files"][0]                   # the cell's own folder
+    text = _png_text(config.out_dir, record)
+    assert "Sampler: flow_euler, CFG scale: 1.0" in text
+    assert "Distilled CFG Scale: 4.0" in text and "Sampler options: shift=3.0" in text
+    assert "SLG" not in text
+
+
+def test_flux_grid_tells_samplers_apart_by_their_options(flux_sweep):
+    config, result = flux_sweep
+    (entry,) = result["grids"]                      # one (steps, variant, cfg_scale, prompt)
+    # Whole sampler strings do not fit a 64 px column; what tells them apart does.
+    assert entry["col_labels"] == ["shift=1.0", "shift=3.0"]
+    assert entry["row_labels"] == ["Distilled CFG 1", "Distilled CFG 4"]
+    canvas = np.asarray(Image.open(os.path.join(config.out_dir, entry["file"])))
+    images = _flow_images(config.out_dir, ("sampler", "embedded_guidance"))
+    tiles = [np.concatenate(list(images[(s, g)]), axis=1).astype(np.uint8)
+             for g in DISTILLED for s in FLUX_SAMPLERS]
+    np.testing.assert_array_equal(canvas, images_lib.grid(
+        tiles, rows=len(DISTILLED), row_labels=entry["row_labels"], col_labels=entry["col_labels"]))
+
+
+def test_axis_labels_shorten_samplers_to_their_options_only_where_needed():
+    assert ablation.axis_labels("sampler", FLUX_SAMPLERS, limit=10) == ["shift=1.0", "shift=3.0"]
+    assert ablation.axis_labels("sampler", FLUX_SAMPLERS) == list(FLUX_SAMPLERS)
+    assert ablation.axis_labels("sampler", ("flow_euler", "flow_euler:shift=3.0"), limit=10) == [
+        "flow_euler", "shift=3.0"]
+    # Different samplers keep their names, cut to fit.
+    assert ablation.axis_labels("sampler", ("flow_heun:shift=1.0", "flow_euler"), limit=10) == [
+        "flow_heun…", "flow_euler"]
+
+
+def test_skip_layer_variants_parse_into_static_settings_and_data():
+    variant = ablation.Variant.parse("slg=7:8:9@0.01:0.4,slg_scale=4")
+    assert (variant.slg_layers, variant.slg_window, variant.slg_scale) == ((7, 8, 9), (0.01, 0.4),
+                                                                          4.0)
+    assert ablation.Variant.parse("rescale=0.5,slg=2").slg_window is None
+    for bad in ("slg=a", "slg=1@0.5:0.2", "slg_scale=3", "slg=1:1", "slg=1@0.5", "slg=-1",
+                "slg=1,slg_scale=nan"):
+        with pytest.raises(ValueError, match="guidance variant"):
+            ablation.Variant.parse(bad)
+    config = _flow_config("sd3", "/nonexistent", samplers=("flow_euler",),
+                          variants=("cfg", "slg=1", "slg=0:1@0.1:0.5,slg_scale=4"),
+                          slg_start=0.2, slg_stop=0.6, slg_scale=3.0)
+    sweep = ablation.Sweep.from_config(config)
+    assert len(sweep.programs()) == 3
+    spec = {c.variant: sweep.spec(c) for c in sweep.cells()}
+    assert (spec["cfg"].slg_layers, spec["cfg"].slg_start, spec["cfg"].slg_stop) == (
+        (), SamplingSpec.slg_start, SamplingSpec.slg_stop)
+    assert (spec["slg=1"].slg_layers, spec["slg=1"].slg_start, spec["slg=1"].slg_stop) == (
+        (1,), 0.2, 0.6)
+    window = spec["slg=0:1@0.1:0.5,slg_scale=4"]
+    assert (window.slg_layers, window.slg_start, window.slg_stop) == ((0, 1), 0.1, 0.5)
+    assert all(s.max_sequence_length == FLOW_TEXT_TOKENS for s in spec.values())
+    scales = {(c.variant, c.cfg_scale): sweep.request(c, "a cat").slg_scale for c in sweep.cells()}
+    assert scales == {("cfg", 1.0): 0.0, ("cfg", 4.0): 3.0, ("slg=1", 1.0): 0.0,
+                      ("slg=1", 4.0): 3.0, ("slg=0:1@0.1:0.5,slg_scale=4", 1.0): 0.0,
+                      ("slg=0:1@0.1:0.5,slg_scale=4", 4.0): 4.0}
+    assert {sweep.request(c, "a cat").embedded_guidance for c in sweep.cells()} == {3.5}
+
+
+def test_flow_sweep_settings_errors_name_the_field(tmp_path):
+    def error(**overrides):
+        with pytest.raises(ValueError) as info:
+            ablation.Sweep.from_config(_flow_config("sd3", tmp_path, **overrides))
+        assert "\n" not in str(info.value)
+        return str(info.value)
+
+    assert "need a config.cfg_scales value other than 1" in error(cfg_scales=(1.0,))
+    twice = error(samplers=("flow_euler:shift=3.0", "flow_euler:shift=3"))
+    assert "config.samplers: 'flow_euler:shift=3' is 'flow_euler:shift=3.0' written another" in twice
+    assert "config.embedded_guidances must hold numbers" in error(embedded_guidances=("high",))
+    assert "config.embedded_guidances repeats" in error(embedded_guidances=(2.0, 2.0))
+
+
+def test_sweeps_a_model_cannot_run_are_refused_before_drawing(tmp_path, sd3_generator,
+                                                              flux_generator, generator):
+    def error(arch, family="sd3", **overrides):
+        sweep = ablation.Sweep.from_config(_flow_config(family, tmp_path, **overrides))
+        with pytest.raises(ValueError) as info:
+            sweep.check_model(arch)
+        assert "\n" not in str(info.value)
+        return str(info.value)
+
+    sd3 = sd3_generator.arch
+    assert "this sd3 model has no guidance embedding" in error(sd3, embedded_guidances=(1.0, 2.0))
+    assert "its samplers are: flow_dpmpp_2m" in error(sd3, samplers=("euler",))
+    assert "variant 'slg=5'" in error(sd3, variants=("slg=5",))
+    assert "(0..1)" in error(sd3, variants=("slg=5",))
+    assert "needs an SD3 model" in error(flux_generator.arch, "flux", cfg_scales=(1.0, 2.0),
+                                         variants=("slg=1",))
+    assert "its samplers are: ddim" in error(generator.arch)    # the tiny U-Net, flow samplers
+    # Through run_sweep: refused before the first program is drawn.
+    config = _flow_config("sd3", tmp_path / "refused", embedded_guidances=(1.0, 2.0))
+    with pytest.raises(ValueError, match="no guidance embedding"):
+        ablation.run_sweep(config, generator=sd3_generator)
+    assert ablation.read_records(config.out_dir) == []
+
+
+def test_tiny_flow_configs_plan_what_their_models_run(sd3_generator, flux_generator):
+    sd3 = ablation.Sweep.from_config(ablate_config.get_config("tiny_sd3"))
+    assert len(sd3.programs()) == 4             # 2 samplers x (plain, SLG on block 1)
+    sd3.check_model(sd3_generator.arch)
+    flux = ablation.Sweep.from_config(ablate_config.get_config("tiny_flux"))
+    assert len(flux.programs()) == 2            # the two shifts; the distilled guidance is data
+    assert flux.optional_axes == ("embedded_guidance",)
+    flux.check_model(flux_generator.arch)

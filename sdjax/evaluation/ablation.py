@@ -1,17 +1,21 @@
 """Sampler × steps × guidance sweeps: images, labelled X/Y grids, a metrics table and plots.
 
-A sweep is the product of samplers, step counts, guidance variants (plain CFG, rescale φ, a
-limited guidance interval, or combinations), guidance scales and the optional axes: when
-`config.lora_weights` is set, the weight of the LoRAs of `config.loras`; when
-`config.control_scales` is set, the conditioning scale of the ControlNets of `config.controlnet`;
-drawn for every prompt with the same seeds. A *cell* is one (sampler, steps, variant, scale[, LoRA
-weight][, ControlNet scale]) setting: one row of the table.
+A sweep is the product of samplers (with options: `flow_euler:shift=3.0`), step counts, guidance
+variants (plain CFG, rescale φ, a limited guidance interval, SD3's skip-layer guidance, or
+combinations), guidance scales and the optional axes: when `config.lora_weights` is set, the weight
+of the LoRAs of `config.loras`; when `config.control_scales` is set, the conditioning scale of the
+ControlNets of `config.controlnet`; when `config.embedded_guidances` is set, Flux.1-dev's distilled
+guidance scale; drawn for every prompt with the same seeds. A *cell* is one (sampler, steps,
+variant, scale[, LoRA weight][, ControlNet scale][, distilled guidance]) setting: one row of the
+table.
 
 Compilation: a program is compiled per static `SamplingSpec` — (sampler, steps, guidance
-interval) here — and every scale, rescale φ, LoRA weight and ControlNet scale of it runs through
+interval, skip-layer guidance's blocks and step window) here — and every scale, rescale φ,
+skip-layer guidance scale, LoRA weight, ControlNet scale and distilled guidance of it runs through
 that one program as data (LoRAs at run time, `Generator(adapter_mode="runtime")`; ControlNet
 scales as `Control.scale`), one call per (cell, prompt) with the seeds as the batch. `run_sweep`
-reports `Generator.traces`.
+reports `Generator.traces`. As in diffusers and `experiments/generate.py`, skip-layer guidance
+acts only with classifier-free guidance: a cell at scale 1 draws without it.
 
 Out dir (written by `run_sweep`):
   config.json        the resolved config
@@ -34,6 +38,7 @@ import math
 import os
 import re
 import time
+import types
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -45,38 +50,51 @@ from sdjax.data import shapes
 from sdjax.diffusion.samplers import parse_sampler
 from sdjax.evaluation import judge as judge_lib
 from sdjax.evaluation import metrics
+from sdjax.sampling.spec import SamplingSpec
 
-AXES = ("sampler", "steps", "variant", "cfg_scale", "lora_weight", "control_scale", "prompt",
-        "seed")
+AXES = ("sampler", "steps", "variant", "cfg_scale", "lora_weight", "control_scale",
+        "embedded_guidance", "prompt", "seed")
 CELL_FIELDS = ("sampler", "steps", "variant", "cfg_scale")
 # Optional axes: a cell's field (and a record's, and a table's column) only in sweeps with that
 # axis, which the config field (and `Sweep` field) named here lists the values of.
 LORA_WEIGHT = "lora_weight"
 CONTROL_SCALE = "control_scale"
-OPTIONAL_AXES = {LORA_WEIGHT: "lora_weights", CONTROL_SCALE: "control_scales"}
+EMBEDDED_GUIDANCE = "embedded_guidance"
+OPTIONAL_AXES = {LORA_WEIGHT: "lora_weights", CONTROL_SCALE: "control_scales",
+                 EMBEDDED_GUIDANCE: "embedded_guidances"}
 JUDGE_COLUMNS = tuple(f"acc_{a}" for a in judge_lib.ATTRIBUTES) + ("all_correct",)
 RECORDS = "records.jsonl"
 SWEEP_MANIFEST = "sweep.json"
 # What an image depends on besides its cell, prompt and seed: a restart must agree on these.
-_FINGERPRINT_FIELDS = ("model", "vae", "prediction_type", "dtype", "height", "width",
-                       "negative_prompt", "clip_skip", "microbatch", "loras", "lora_mode",
-                       "embeddings_dir")
+_FINGERPRINT_FIELDS = ("model", "vae", "components", "prediction_type", "dtype", "height",
+                       "width", "negative_prompt", "clip_skip", "microbatch", "loras", "lora_mode",
+                       "embeddings_dir", "max_sequence_length", "embedded_guidance", "slg_scale",
+                       "slg_start", "slg_stop")
 
 
 # --- the sweep -------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """A guidance variant: `cfg` (plain), `rescale=φ`, `interval=start:end` (guidance only while
-    the progress 1 − t/T lies in [start, end]), or several joined by commas."""
+    """A guidance variant, comma-joined settings of:
+    `cfg` plain classifier-free guidance;
+    `rescale=φ` guidance rescale;
+    `interval=START:END` guidance only while the progress 1 − t/T lies in [start, end];
+    `slg=L1:L2:...[@START:STOP]` SD3 skip-layer guidance on those joint blocks, in the steps i
+      with steps·START < i < steps·STOP (default: config.slg_start, config.slg_stop);
+    `slg_scale=S` its scale (default config.slg_scale).
+    `slg_window` and `slg_scale` None: the config's."""
     name: str
     rescale: float = 0.0
     interval: Optional[tuple[float, float]] = None
+    slg_layers: tuple[int, ...] = ()
+    slg_window: Optional[tuple[float, float]] = None
+    slg_scale: Optional[float] = None
 
     @classmethod
     def parse(cls, text: str) -> "Variant":
         text = text.strip()
-        rescale, interval = 0.0, None
+        rescale, interval, layers, window, slg_scale = 0.0, None, (), None, None
         for part in filter(None, (p.strip() for p in text.split(","))):
             key, _, value = part.partition("=")
             try:
@@ -85,40 +103,62 @@ class Variant:
                 if key == "rescale":
                     rescale = float(value)
                 elif key == "interval":
-                    start, end = (float(v) for v in value.split(":"))
-                    interval = (start, end)
+                    interval = _fraction_pair(value)
+                elif key == "slg":
+                    blocks, at, span = value.partition("@")
+                    layers = tuple(int(k) for k in blocks.split(":"))
+                    window = _fraction_pair(span) if at else None
+                elif key == "slg_scale":
+                    slg_scale = float(value)
                 else:
                     raise ValueError(f"unknown setting {key!r}")
             except ValueError as err:
                 raise ValueError(f"guidance variant {text!r}: {err}; use 'cfg', 'rescale=PHI', "
-                                 f"'interval=START:END' or a comma-joined combination") from None
+                                 f"'interval=START:END', 'slg=LAYER:LAYER...[@START:STOP]', "
+                                 f"'slg_scale=S' or a comma-joined combination") from None
         if not 0.0 <= rescale <= 1.0:
             raise ValueError(f"guidance variant {text!r}: rescale must be in [0, 1]")
-        if interval is not None and not 0.0 <= interval[0] < interval[1] <= 1.0:
-            raise ValueError(f"guidance variant {text!r}: interval must satisfy "
-                             f"0 <= start < end <= 1")
+        for what, pair in (("interval", interval), ("slg window", window)):
+            if pair is not None and not 0.0 <= pair[0] < pair[1] <= 1.0:
+                raise ValueError(f"guidance variant {text!r}: {what} must satisfy "
+                                 f"0 <= start < end <= 1")
+        if min(layers, default=0) < 0 or len(set(layers)) != len(layers):
+            raise ValueError(f"guidance variant {text!r}: slg layers must be distinct block "
+                             f"indices >= 0")
+        if slg_scale is not None and (not layers or not math.isfinite(slg_scale)):
+            raise ValueError(f"guidance variant {text!r}: slg_scale must be finite and go with "
+                             f"slg=LAYERS")
         return cls(name=text or "cfg", rescale=rescale,
-                   interval=None if interval == (0.0, 1.0) else interval)
+                   interval=None if interval == (0.0, 1.0) else interval, slg_layers=layers,
+                   slg_window=window, slg_scale=slg_scale)
+
+
+def _fraction_pair(text: str) -> tuple[float, float]:
+    """"START:END" -> (start, end)."""
+    start, end = (float(v) for v in text.split(":"))
+    return start, end
 
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """One setting of the sweep: a row of the metrics table, a tile of a grid. `lora_weight` and
-    `control_scale` are None in sweeps without that axis."""
+    """One setting of the sweep: a row of the metrics table, a tile of a grid. The optional axes'
+    fields (`OPTIONAL_AXES`, in that order) are None in sweeps without that axis."""
     sampler: str
     steps: int
     variant: str
     cfg_scale: float
     lora_weight: Optional[float] = None
     control_scale: Optional[float] = None
+    embedded_guidance: Optional[float] = None
 
     @property
     def key(self) -> str:
         """A file-name-safe id, unique within a sweep."""
-        lora = "" if self.lora_weight is None else f"_lora{self.lora_weight:g}"
-        control = "" if self.control_scale is None else f"_control{self.control_scale:g}"
+        optional = "".join(f"_{tag}{value:g}" for tag, value in (
+            ("lora", self.lora_weight), ("control", self.control_scale),
+            ("distilled", self.embedded_guidance)) if value is not None)
         return _slug(f"{self.sampler}_{self.steps}steps_{self.variant}_cfg{self.cfg_scale:g}"
-                     f"{lora}{control}")
+                     f"{optional}")
 
     @classmethod
     def of_record(cls, record: dict) -> "Cell":
@@ -153,6 +193,12 @@ class Sweep:
     controls: tuple = ()                   # sampling.Control each, at their listed scales
     control_scales: tuple = (None,)        # the ControlNet scale axis; (None,) without one
     guess_mode: bool = False               # the ControlNets act on the conditional half only
+    embedded_guidance: float = 3.5         # Flux.1-dev's distilled guidance, without its axis
+    embedded_guidances: tuple = (None,)    # its axis; (None,) without one
+    max_sequence_length: int = SamplingSpec.max_sequence_length   # T5 tokens (SD3 / Flux)
+    # Skip-layer guidance of the variants that name no scale or window of their own.
+    slg_scale: float = 2.8
+    slg_window: tuple[float, float] = (SamplingSpec.slg_start, SamplingSpec.slg_stop)
 
     @classmethod
     def from_config(cls, config) -> "Sweep":
@@ -177,8 +223,17 @@ class Sweep:
         steps = distinct((int(s) for s in config.steps), "steps")
         if min(steps) < 1:
             raise ValueError(f"config.steps must be >= 1, got {steps}")
+        parsed = [parse_sampler(s) for s in samplers]
+        for i, sampler in enumerate(samplers):  # e.g. "flow_euler:shift=3" and "...:shift=3.0"
+            if parsed[i] in parsed[:i]:
+                raise ValueError(f"config.samplers: {sampler!r} is "
+                                 f"{samplers[parsed.index(parsed[i])]!r} written another way")
         variants = tuple(Variant.parse(v) for v in distinct(config.variants, "variants"))
         scales = numbers(config.cfg_scales, "cfg_scales")
+        skip_layer = [v.name for v in variants if v.slg_layers]
+        if skip_layer and all(g == 1.0 for g in scales):
+            raise ValueError(f"guidance variants {skip_layer} need a config.cfg_scales value other "
+                             f"than 1: skip-layer guidance acts with classifier-free guidance only")
         if int(config.num_seeds) < 1:
             raise ValueError(f"config.num_seeds must be >= 1, got {config.num_seeds}")
         from sdjax.sampling.generate import check_control_settings, config_controls, config_loras
@@ -198,6 +253,11 @@ class Sweep:
                 raise ValueError("config.control_scales sweeps the scales of config.controlnet, "
                                  "which is empty (give --controlnet=PATH --control_image=IMAGE)")
             control_scales = numbers(config.control_scales, "control_scales")
+        embedded_guidances: tuple = (None,)
+        if config.embedded_guidances:
+            embedded_guidances = numbers(config.embedded_guidances, "embedded_guidances")
+        (embedded_guidance,) = numbers((config.embedded_guidance,), "embedded_guidance")
+        (slg_scale,) = numbers((config.slg_scale,), "slg_scale")
         return cls(samplers=samplers, steps=steps, variants=variants, cfg_scales=scales,
                    prompts=distinct(select_prompts(config), "prompts"),
                    seeds=tuple(int(config.seed) + i for i in range(int(config.num_seeds))),
@@ -205,7 +265,10 @@ class Sweep:
                    negative_prompt=config.negative_prompt, clip_skip=int(config.clip_skip),
                    microbatch=int(config.microbatch), loras=loras, lora_weights=lora_weights,
                    controls=controls, control_scales=control_scales,
-                   guess_mode=bool(config.control_guess_mode))
+                   guess_mode=bool(config.control_guess_mode),
+                   embedded_guidance=embedded_guidance, embedded_guidances=embedded_guidances,
+                   max_sequence_length=int(config.max_sequence_length), slg_scale=slg_scale,
+                   slg_window=(float(config.slg_start), float(config.slg_stop)))
 
     def variant(self, name: str) -> Variant:
         return next(v for v in self.variants if v.name == name)
@@ -217,9 +280,9 @@ class Sweep:
                      if getattr(self, field) != (None,))
 
     def cells(self) -> list[Cell]:
-        return [Cell(s, n, v.name, g, w, c) for s, n, v, g, w, c in
+        return [Cell(s, n, v.name, g, *optional) for s, n, v, g, *optional in
                 itertools.product(self.samplers, self.steps, self.variants, self.cfg_scales,
-                                  self.lora_weights, self.control_scales)]
+                                  *(getattr(self, field) for field in OPTIONAL_AXES.values()))]
 
     def adapters(self, cell: Cell) -> tuple:
         """`Request.adapters` of a cell: `loras`, their weights times the cell's LoRA weight."""
@@ -241,18 +304,53 @@ class Sweep:
         """The fields that tell cells apart: the table's first columns."""
         return CELL_FIELDS + self.optional_axes
 
-    def spec(self, cell: Cell):
-        """The compiled program's static settings: the scale and rescale φ are data."""
-        from sdjax.sampling.spec import SamplingSpec
-
+    def spec(self, cell: Cell) -> SamplingSpec:
+        """The compiled program's static settings: the scales, rescale φ and distilled guidance
+        are data; skip-layer guidance's blocks and window are not, its scale is."""
         name, options = parse_sampler(cell.sampler)
+        variant = self.variant(cell.variant)
+        # Variants without skip-layer guidance keep the spec's default window: one program.
+        slg_start, slg_stop = ((variant.slg_window or self.slg_window) if variant.slg_layers
+                               else (SamplingSpec.slg_start, SamplingSpec.slg_stop))
         return SamplingSpec(sampler=name, steps=cell.steps, height=self.height, width=self.width,
                             sampler_options=options,
                             # One program per sweep setting: scale 1 cells run it with scale 1.
                             guidance=any(g != 1.0 for g in self.cfg_scales),
-                            guidance_interval=self.variant(cell.variant).interval,
+                            guidance_interval=variant.interval,
                             clip_skip=self.clip_skip, microbatch=self.microbatch,
-                            guess_mode=self.guess_mode)
+                            guess_mode=self.guess_mode,
+                            max_sequence_length=self.max_sequence_length,
+                            slg_layers=variant.slg_layers, slg_start=slg_start, slg_stop=slg_stop)
+
+    def request(self, cell: Cell, prompt: str):
+        """The `Request` of a (cell, prompt): the sweep's seeds as the batch."""
+        from sdjax.sampling.requests import Request
+
+        variant = self.variant(cell.variant)
+        slg_scale = self.slg_scale if variant.slg_scale is None else variant.slg_scale
+        return Request(prompt=prompt, negative_prompt=self.negative_prompt or None,
+                       seed=self.seeds[0], num_images=len(self.seeds), cfg_scale=cell.cfg_scale,
+                       guidance_rescale=variant.rescale, adapters=self.adapters(cell),
+                       controls=self.controls_for(cell),
+                       embedded_guidance=(self.embedded_guidance if cell.embedded_guidance is None
+                                          else cell.embedded_guidance),
+                       # Skip-layer guidance acts with classifier-free guidance only (diffusers'
+                       # rule, and generate.py's, where scale 1 runs no guidance at all).
+                       slg_scale=slg_scale if cell.cfg_scale != 1.0 else 0.0)
+
+    def check_model(self, arch) -> None:
+        """Refuse, before anything is drawn, a sweep that `arch` (an Architecture) cannot run:
+        every program's settings, and the distilled-guidance axis on a model without one."""
+        if self.embedded_guidances != (None,) and not (
+                arch.family == "flux" and arch.transformer.guidance_embeds):
+            raise ValueError(f"config.embedded_guidances sweeps Flux.1-dev's distilled guidance; "
+                             f"this {arch.family} model has no guidance embedding")
+        for spec, cells in self.programs().items():
+            try:
+                spec.validate(arch)
+            except ValueError as err:
+                raise ValueError(f"sampler {cells[0].sampler!r}, variant {cells[0].variant!r}: "
+                                 f"{err}") from None
 
     def programs(self) -> dict:
         """SamplingSpec -> the cells it runs, in sweep order."""
@@ -362,10 +460,8 @@ def run_sweep(config, model=None, clip: Optional[metrics.ClipScorer] = None,
     "generated", "skipped"}: `traces` counts the compilations this run caused, `programs` the
     static settings that had work to do.
     """
-    from sdjax.sampling import loras as loras_lib
-    from sdjax.sampling.generate import control_parameters, load_model, make_generator
+    from sdjax.sampling.generate import load_model, make_generator
     from sdjax.sampling.exported import enable_compilation_cache
-    from sdjax.sampling.requests import Request
 
     sweep = Sweep.from_config(config)
     check_grid_axes(sweep, config.grid.x, config.grid.y)
@@ -396,15 +492,12 @@ def run_sweep(config, model=None, clip: Optional[metrics.ClipScorer] = None,
     if todo:
         if generator is None:
             generator = make_generator(config, model or load_model(config))
+        sweep.check_model(generator.arch)
         traces_before = generator.traces
         model_name = os.path.basename(os.path.normpath(generator.model.source)) or "model"
         for spec, jobs in todo.items():
             for index, (cell, prompt) in enumerate(jobs):
-                variant = sweep.variant(cell.variant)
-                request = Request(prompt=prompt, negative_prompt=sweep.negative_prompt or None,
-                                  seed=sweep.seeds[0], num_images=len(sweep.seeds),
-                                  cfg_scale=cell.cfg_scale, guidance_rescale=variant.rescale,
-                                  adapters=sweep.adapters(cell), controls=sweep.controls_for(cell))
+                request = sweep.request(cell, prompt)
                 if index == 0 and config.warmup:
                     # Compile outside the timed call, so seconds per image are the sampler's.
                     started = time.perf_counter()
@@ -417,13 +510,10 @@ def run_sweep(config, model=None, clip: Optional[metrics.ClipScorer] = None,
                 # Non-finite images (flagged in `finite`) are stored black, not as cast garbage.
                 images = images_lib.to_uint8(np.nan_to_num(out["images"], nan=-1.0))
                 record = {f: getattr(cell, f) for f in sweep.cell_fields()}
-                settings = {**loras_lib.parameters(generator.adapters_for(request),
-                                                   generator.adapter_mode),
-                            **control_parameters(request.controls, sweep.guess_mode)}
                 record.update({"prompt": prompt, "seeds": list(sweep.seeds), "seconds": seconds,
                                "finite": [bool(f) for f in out["finite"]],
-                               "files": _save_images(out_dir, cell, prompt, images, sweep, variant,
-                                                     model_name, settings)})
+                               "files": _save_images(out_dir, cell, prompt, images, sweep, spec,
+                                                     request, generator, model_name)})
                 record.update(evaluate_group(images, prompt, clip))
                 runs.append_jsonl(records_path, record)
                 records[_record_key(cell, prompt)] = record
@@ -459,23 +549,25 @@ def run_sweep(config, model=None, clip: Optional[metrics.ClipScorer] = None,
 
 
 def _save_images(out_dir: str, cell: Cell, prompt: str, images: np.ndarray, sweep: Sweep,
-                 variant: Variant, model_name: str, adapter_settings: dict) -> list[str]:
-    """The PNGs of a (cell, prompt), with their `parameters` (`adapter_settings`: the LoRAs' and
-    ControlNets')."""
+                 spec, request, generator, model_name: str) -> list[str]:
+    """The PNGs of a (cell, prompt), with the `parameters` that `experiments/generate.py` writes
+    for the same settings (its `generation_parameters`)."""
+    from sdjax.sampling.generate import generation_parameters
+
     folder = os.path.join("images", cell.key)
     os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
-    settings = {"Steps": cell.steps, "Sampler": cell.sampler, "CFG scale": cell.cfg_scale,
-                "Size": f"{sweep.width}x{sweep.height}", "Model": model_name}
-    if variant.rescale:
-        settings["Guidance rescale"] = variant.rescale
-    if variant.interval:
-        settings["Guidance interval"] = f"{variant.interval[0]:g}-{variant.interval[1]:g}"
-    settings.update(adapter_settings)
+    adapters = generator.adapters_for(request)
     names = []
     for image, seed in zip(images, sweep.seeds):
+        # What generation_parameters reads of a generation config.
+        settings = types.SimpleNamespace(
+            cfg_scale=cell.cfg_scale, guidance_rescale=request.guidance_rescale, seed=seed,
+            subseed=-1, subseed_strength=0.0, embedded_guidance=request.embedded_guidance,
+            slg_scale=request.slg_scale)
         name = os.path.join(folder, f"{prompt_id(prompt)}-{seed}.png")
-        text = images_lib.format_parameters(prompt, sweep.negative_prompt,
-                                            {**settings, "Seed": seed})
+        text = images_lib.format_parameters(prompt, sweep.negative_prompt, generation_parameters(
+            settings, spec, seed, model_name, adapters, generator.adapter_mode, request.controls,
+            generator.arch))
         images_lib.save_png(image, os.path.join(out_dir, name), text)
         names.append(name)
     return names
@@ -622,10 +714,22 @@ def axis_label(axis: str, value: Any, limit: int = 48) -> str:
         return f"LoRA {value:g}"
     if axis == CONTROL_SCALE:
         return f"ControlNet {value:g}"
+    if axis == EMBEDDED_GUIDANCE:
+        return f"Distilled CFG {value:g}"
     if axis == "seed":
         return f"seed {value}"
     text = str(value)
     return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def axis_labels(axis: str, values: Sequence, limit: int = 48) -> list[str]:
+    """`axis_label` of each value. Samplers of one name that differ in options
+    (`flow_euler:shift=1.0`, `flow_euler:shift=3.0`) are labelled by their options when the
+    whole strings do not fit, so that narrow columns still tell them apart."""
+    if axis == "sampler" and any(len(v) > limit for v in values) and len(
+            {parse_sampler(v)[0] for v in values}) == 1:
+        values = [v.partition(":")[2] or v for v in values]
+    return [axis_label(axis, v, limit) for v in values]
 
 
 def check_grid_axes(sweep: Sweep, x: str, y: str) -> None:
@@ -671,8 +775,8 @@ def write_grids(out_dir: str, sweep: Sweep, records: Sequence[dict], x: str, y: 
                         tiles.append(images[sweep.seeds.index(where["seed"])])
                     else:  # every seed, side by side
                         tiles.append(images_lib.grid(list(images), rows=1, pad=0))
-            col_labels = [axis_label(x, v, limit=max(4, tiles[0].shape[1] // 6)) for v in values[x]]
-            row_labels = [axis_label(y, v) for v in values[y]]
+            col_labels = axis_labels(x, values[x], limit=max(4, tiles[0].shape[1] // 6))
+            row_labels = axis_labels(y, values[y])
             canvas = images_lib.grid(tiles, rows=len(values[y]), row_labels=row_labels,
                                      col_labels=col_labels)
             name_parts = [f"{a}-{prompt_id(v) if a == 'prompt' else _slug(str(v), 32)}"
@@ -718,14 +822,15 @@ def write_plots(folder: str, sweep: Sweep, rows: Sequence[dict],
             FigureCanvasAgg(figure)
             axes = figure.subplots(1, len(panels), squeeze=False)[0]
             for ax, panel_value in zip(axes, panels):
-                for sampler, variant, weight, control in itertools.product(
-                        sweep.samplers, sweep.variants, sweep.lora_weights, sweep.control_scales):
+                for sampler, variant, *optional in itertools.product(
+                        sweep.samplers, sweep.variants,
+                        *(getattr(sweep, field) for field in OPTIONAL_AXES.values())):
+                    setting = dict(zip(OPTIONAL_AXES, optional))
                     line = sorted((r[x], r[metric]) for r in rows if r["sampler"] == sampler
                                   and r["variant"] == variant.name and r[panel] == panel_value
-                                  and r.get(LORA_WEIGHT) == weight
-                                  and r.get(CONTROL_SCALE) == control)
+                                  and all(r.get(a) == v for a, v in setting.items()))
                     label = sampler if len(sweep.variants) == 1 else f"{sampler} / {variant.name}"
-                    for axis, value in ((LORA_WEIGHT, weight), (CONTROL_SCALE, control)):
+                    for axis, value in setting.items():
                         if value is not None:
                             label += " / " + axis_label(axis, value)
                     ax.plot([p[0] for p in line], [p[1] for p in line], marker="o", label=label)

@@ -62,7 +62,10 @@ CONFIG_FILE = "config.json"
 IMAGE_FIELDS = ("model", "vae", "dtype", "prediction_type", "prompt", "negative_prompt", "seed",
                 "num_images", "sampler", "steps", "sampler_options", "cfg_scale", "guidance_rescale",
                 "guidance_interval", "clip_skip", "height", "width", "loras", "lora_mode",
-                "embeddings_dir") + generate.CONTROL_FIELDS + ("control_guess_mode",)
+                "embeddings_dir") + generate.CONTROL_FIELDS + ("control_guess_mode",) + (
+                # SD3 / Flux (a folder written before these existed lacks them: not compared)
+                "components", "embedded_guidance", "max_sequence_length", "slg_layers",
+                "slg_scale", "slg_start", "slg_stop")
 MAX_SEED = 2 ** 32  # seeds are uint32 on the device
 
 
@@ -187,8 +190,12 @@ def _resolve(path: str, number: int, fields: dict, config: Any, prompt_index: in
                               f"[0, {MAX_SEED})")
     if prompt.steps < 1:
         raise PromptFileError(f"{where}: field 'steps' must be >= 1, got {prompt.steps}")
-    if prompt.sampler not in samplers_lib.list_samplers():
-        raise PromptFileError(f"{where}: unknown sampler {prompt.sampler!r}; valid names: "
+    try:  # "NAME" or "NAME:option=value,..." (e.g. "flow_euler:shift=3.0"), as config.sampler
+        sampler_name = samplers_lib.parse_sampler(prompt.sampler)[0]
+    except ValueError as err:
+        raise PromptFileError(f"{where}: {err}") from None
+    if sampler_name not in samplers_lib.list_samplers():
+        raise PromptFileError(f"{where}: unknown sampler {sampler_name!r}; valid names: "
                               f"{', '.join(samplers_lib.list_samplers())}")
     return prompt
 
@@ -260,11 +267,13 @@ def host_jobs(batches: Iterable[Batch], process_index: int, num_processes: int) 
 # --- the run ----------------------------------------------------------------------------------------
 
 def spec_for(base: SamplingSpec, prompt: Prompt) -> SamplingSpec:
-    """The static settings of one prompt: the config's, with the prompt file's overrides."""
-    return dataclasses.replace(base, sampler=prompt.sampler, steps=prompt.steps, width=prompt.width,
+    """The static settings of one prompt: the config's, with the prompt file's overrides (a
+    sampler's own options over the config's)."""
+    name, inline = samplers_lib.parse_sampler(prompt.sampler)
+    return dataclasses.replace(base, sampler=name, steps=prompt.steps, width=prompt.width,
                                height=prompt.height,
-                               sampler_options=samplers_lib.options_for(prompt.sampler,
-                                                                        dict(base.sampler_options)),
+                               sampler_options=samplers_lib.options_for(
+                                   name, {**dict(base.sampler_options), **dict(inline)}),
                                guidance=prompt.cfg_scale != 1.0, progress=False,
                                guess_mode=base.guess_mode and bool(prompt.controls))
 

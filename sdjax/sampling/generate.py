@@ -321,9 +321,13 @@ def generation_parameters(config, spec: SamplingSpec, seed: int, model_name: str
                 "Seed": seed, "Size": f"{spec.width}x{spec.height}", "Model": model_name}
     if config.guidance_rescale:
         settings["Guidance rescale"] = config.guidance_rescale
+    if spec.guidance_interval:
+        start, end = spec.guidance_interval
+        settings["Guidance interval"] = f"{start:g}-{end:g}"
     if arch is not None and arch.family == "flux" and arch.transformer.guidance_embeds:
         settings["Distilled CFG Scale"] = getattr(config, "embedded_guidance", 3.5)
-    if spec.slg_layers:
+    # Skip-layer guidance acts with classifier-free guidance only: at scale 1 it did not run.
+    if spec.slg_layers and spec.guidance and float(config.cfg_scale) != 1.0:
         settings["SLG"] = (f"layers {','.join(map(str, spec.slg_layers))} scale "
                            f"{getattr(config, 'slg_scale', 2.8)} from {spec.slg_start} to {spec.slg_stop}")
     if spec.max_sequence_length:

@@ -85,6 +85,21 @@ def _prefixed(source: SafetensorsFile, keys: list[str], prefix: str) -> RenamedS
     return RenamedSource(source, {k[len(prefix):]: (k, None) for k in keys if k.startswith(prefix)})
 
 
+def _missing_parts(family: str, keys: list[str]) -> list[str]:
+    """The parts a file of `family` does not bundle, from its key names: its VAE, text encoders
+    (SD3 runs without T5, never without CLIP) and T5's tokenizer (no file holds one)."""
+    names = [name for _, name, _ in TEXT_PREFIXES[family]]
+    bundled = {name for prefix, name, _ in TEXT_PREFIXES[family]
+               if any(k.startswith(prefix) for k in keys)}
+    missing = [n for n in names
+               if n not in bundled and not (family == "sd3" and n == "text_encoder_3")]
+    if not any(k.startswith(VAE_PREFIXES) for k in keys):
+        missing.insert(0, "vae")
+    if names[-1] in bundled:
+        missing.append(names[-1].replace("text_encoder", "tokenizer"))
+    return missing
+
+
 def load_flow_single_file(path: str | os.PathLike, dtype, *,
                           components: Optional[str | os.PathLike] = None):
     """A `Pretrained` from an SD3 / Flux single file, completed from `components` if given."""
@@ -97,6 +112,11 @@ def load_flow_single_file(path: str | os.PathLike, dtype, *,
     source = SafetensorsFile(path)
     prefix, body = _transformer_keys(keys)
     transformer_source = RenamedSource(source, {k: (prefix + k, None) for k in body})
+    # Said before anything is read: a Flux transformer alone is gigabytes.
+    missing = _missing_parts(family, keys)
+    if missing and components is None:
+        raise WeightsError(f"{path}: the file holds no {short_list(missing)}: pass components= "
+                           f"(--components) a diffusers {family} folder to take them from")
     # What a file cannot say about its transformer (Flux's rotary split, SD3's sample_size) comes
     # from the components folder's config when there is one.
     stated = {}
@@ -151,16 +171,7 @@ def load_flow_single_file(path: str | os.PathLike, dtype, *,
                           CLIPTokenizer.default(pad_token=pad))
 
     names = [name for _, name, _ in TEXT_PREFIXES[family]]
-    # SD3 runs without T5 (its states are then zeros), never without the CLIP encoders.
-    missing = [n for n in names if n not in text and not (family == "sd3" and n == "text_encoder_3")]
-    if vae_config is None:
-        missing.insert(0, "vae")
     t5_tokenizer = names[-1].replace("text_encoder", "tokenizer")
-    if names[-1] in text:  # no single file holds T5's tokenizer
-        missing.append(t5_tokenizer)
-    if missing and components is None:
-        raise WeightsError(f"{path}: the file holds no {short_list(missing)}: pass components= "
-                           f"(--components) a diffusers {family} folder to take them from")
     if components is not None:
         if family == "sd3" and "text_encoder_3" not in text and (components / "text_encoder_3").is_dir():
             missing.append("text_encoder_3")  # the folder's T5, which the file may do without
