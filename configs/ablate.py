@@ -136,8 +136,8 @@ def get_config(arg=None):
         c.height = c.width = 32
         c.out_dir = "ablations/tiny"
     elif arg in ("tiny_sd3", "tiny_flux"):  # random-weight SD3 / Flux.1-dev, ~1 min on a CPU
-        # (random:PRESET's N(0, 0.02) weights hardly listen to their conditioning: these grids show
-        # that the pipeline runs, not what the settings do)
+        # (random weights: these grids show that the pipeline runs and that the settings act, not
+        # what they are good for; docs/flow.md's study uses a trained shapes-world SD3)
         c.model = f"random:{arg}"
         c.steps = (4,)
         c.max_sequence_length = 32

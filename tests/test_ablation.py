@@ -484,7 +484,8 @@ def _flow_config(family, out_dir, **overrides):
     return _override(config, overrides)
 
 
-# Lecun-normal weights: with the default N(0, 0.02) a tiny transformer is blind to its conditioning
+# Fan-in weights (random_pretrained's choice for the flow families): at N(0, 0.02) a tiny
+# transformer is blind to its conditioning
 # (guidance moves no pixel by 1/255), which would hide what these sweeps compare.
 @pytest.fixture(scope="module")
 def sd3_generator():

@@ -211,13 +211,17 @@ def random_pretrained(name: str, seed: int = 0, dtype=None, for_training: bool =
     runs want). `for_training`: the start of a training run instead: kernels N(0, 1/fan_in) (flax's
     lecun_normal, which keeps activations at unit scale in narrow models too) and, as the original
     latent-diffusion U-Net does, the last layer of every U-Net residual branch (resnet conv2,
-    transformer proj_out) and its conv_out zero, so each block starts as the identity."""
+    transformer proj_out) and its conv_out zero, so each block starts as the identity. The flow
+    families' transformers always take the fan-in init (their adaLN modulation would be ~0)."""
     import dataclasses
 
     import jax
     import numpy as np
 
     model = abstract_pretrained(name)
+    # Transformers with adaLN at N(0, 0.02) modulate by ~0: their outputs ignore the conditioning,
+    # so the flow families' random models always take the fan-in init.
+    for_training = for_training or model.transformer_config is not None
     rng = np.random.default_rng(seed)
     params = {}
     for part, part_shapes in model.params.items():
