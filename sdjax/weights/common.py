@@ -294,6 +294,40 @@ def regex_renamer(rules: Sequence[tuple[str, str]]) -> Callable[[str], Optional[
     return rename
 
 
+def inverse_key(path: str, rename: Callable[[str], Optional[str]], module_rules, what: str, *,
+                module_of: Optional[Callable[[list[str]], str]] = None) -> str:
+    """The reference state-dict key of an sdjax params path, the inverse of `rename` and checked
+    against it: modules joined by dots (or by `module_of`), then `module_rules` ((regex,
+    replacement) pairs) turn sdjax's module names into the reference's, and the leaf becomes
+    `bias` or `weight`."""
+    *modules, leaf = path.split("/")
+    module = ".".join(modules) if module_of is None else module_of(modules)
+    for pattern, replacement in module_rules:
+        module = pattern.sub(replacement, module)
+    key = f"{module}.{'bias' if leaf == 'bias' else 'weight'}"
+    if rename(key) != path:
+        raise ValueError(f"no {what} name for the params path {path} ({key} reads back as "
+                         f"{rename(key)})")
+    return key
+
+
+def read_model_config(folder: str | os.PathLike, class_name: str) -> dict:
+    """A diffusers model folder's config.json: a JSON object whose `_class_name`, when present, is
+    `class_name`; anything else is a WeightsError naming the file."""
+    path = pathlib.Path(folder) / "config.json"
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file (expected a diffusers {class_name} folder)")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WeightsError(f"{path}: unreadable JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{path}: not a JSON object")
+    if raw.get("_class_name", class_name) != class_name:
+        raise WeightsError(f"{path}: _class_name is {raw['_class_name']!r}, not {class_name!r}")
+    return raw
+
+
 def abstract_params(module, *args, **kwargs):
     """Shapes and dtypes of `module`'s params without allocating them."""
     variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))

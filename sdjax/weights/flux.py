@@ -9,7 +9,6 @@ carry the `model.diffusion_model.` prefix are handed over with it stripped by th
 """
 from __future__ import annotations
 
-import json
 import pathlib
 import re
 from typing import Callable, Iterable, Optional
@@ -19,7 +18,8 @@ from flax import traverse_util
 
 from sdjax.models.flux import MLP_RATIO, FluxConfig, FluxTransformer, example_inputs
 from sdjax.weights.common import (RenamedSource, TensorSource, WeightsError, abstract_params,
-                                  convert_state_dict, regex_renamer, short_list)
+                                  convert_state_dict, inverse_key, read_model_config,
+                                  regex_renamer, short_list)
 from sdjax.weights.unet import open_weights
 
 CLASS_NAME = "FluxTransformer2DModel"
@@ -59,15 +59,7 @@ def diffusers_key(path: str) -> str:
     """The diffusers state-dict key of an sdjax Flux params path, the inverse of `rename_key`
     (checked against it): `transformer_blocks_0/ff/proj/kernel` ->
     `transformer_blocks.0.ff.net.0.proj.weight`."""
-    *modules, leaf = path.split("/")
-    module = ".".join(modules)
-    for pattern, replacement in _DIFFUSERS_MODULES:
-        module = pattern.sub(replacement, module)
-    key = f"{module}.{'bias' if leaf == 'bias' else 'weight'}"
-    if rename_key(key) != path:
-        raise ValueError(f"no diffusers name for the Flux params path {path} ({key} reads back as "
-                         f"{rename_key(key)})")
-    return key
+    return inverse_key(path, rename_key, _DIFFUSERS_MODULES, "diffusers Flux")
 
 
 def flux_shapes(config: FluxConfig) -> dict:
@@ -86,16 +78,7 @@ def load_flux(folder, dtype=None) -> tuple[FluxConfig, dict]:
     `transformer/`): config.json and safetensors weights, single or sharded, plain or fp16."""
     folder = pathlib.Path(folder)
     config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise WeightsError(f"{config_path}: no such file (expected a diffusers {CLASS_NAME} folder)")
-    try:
-        raw = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise WeightsError(f"{config_path}: unreadable JSON ({err})") from None
-    if not isinstance(raw, dict):
-        raise WeightsError(f"{config_path}: not a JSON object")
-    if raw.get("_class_name", CLASS_NAME) != CLASS_NAME:
-        raise WeightsError(f"{config_path}: _class_name is {raw['_class_name']!r}, not {CLASS_NAME!r}")
+    raw = read_model_config(folder, CLASS_NAME)
     try:
         config = FluxConfig.from_diffusers(raw)
     except (TypeError, ValueError) as err:

@@ -12,9 +12,8 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from sdjax.models.mmdit import MMDiT, MMDiTConfig, example_inputs
-from sdjax.weights.clip import read_config_json
 from sdjax.weights.common import (RenamedSource, TensorSource, WeightsError, abstract_params,
-                                  convert_state_dict, short_list)
+                                  convert_state_dict, inverse_key, read_model_config, short_list)
 from sdjax.weights.unet import open_weights
 
 CLASS_NAME = "SD3Transformer2DModel"
@@ -58,16 +57,9 @@ def diffusers_key(path: str) -> str:
     """The diffusers state-dict key of an sdjax MMDiT params path, the inverse of `rename_key`
     (checked against it): `joint_blocks_0/attn/to_out/kernel` ->
     `transformer_blocks.0.attn.to_out.0.weight`."""
-    *modules, leaf = path.split("/")
-    module = ".".join(modules)
-    for pattern, replacement in _DIFFUSERS_MODULES:
-        module = pattern.sub(replacement, module)
-    key = "pos_embed.pos_embed" if path == "pos_embed/pos_embed" else \
-        f"{module}.{'bias' if leaf == 'bias' else 'weight'}"
-    if rename_key(key) != path:
-        raise ValueError(f"no diffusers name for the MMDiT params path {path} ({key} reads back as "
-                         f"{rename_key(key)})")
-    return key
+    if path == "pos_embed/pos_embed":  # a buffer in diffusers, named as it is here
+        return "pos_embed.pos_embed"
+    return inverse_key(path, rename_key, _DIFFUSERS_MODULES, "diffusers MMDiT")
 
 
 def mmdit_shapes(config: MMDiTConfig) -> dict:
@@ -87,12 +79,7 @@ def load_mmdit(folder: str | os.PathLike, dtype=None, *,
     safetensors weights, single or sharded, plain or the fp16 variant) -> (MMDiTConfig, params)."""
     folder = pathlib.Path(folder)
     config_path = folder / "config.json"
-    raw = read_config_json(folder)
-    if not isinstance(raw, dict):
-        raise WeightsError(f"{config_path}: not a JSON object")
-    if raw.get("_class_name", CLASS_NAME) != CLASS_NAME:
-        raise WeightsError(f"{config_path}: _class_name is {raw['_class_name']!r}, not "
-                           f"{CLASS_NAME!r}")
+    raw = read_model_config(folder, CLASS_NAME)
     try:
         config = MMDiTConfig.from_diffusers(raw, attention=attention)
     except (ValueError, TypeError) as err:

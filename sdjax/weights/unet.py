@@ -11,7 +11,8 @@ import jax.numpy as jnp
 
 from sdjax.models.unet import NUM_TIME_IDS, UNet, UNetConfig
 from sdjax.weights.common import (MergedSource, SafetensorsFile, TensorSource, WeightsError,
-                                  abstract_params, convert_state_dict, regex_renamer)
+                                  abstract_params, convert_state_dict, inverse_key,
+                                  read_model_config, regex_renamer)
 
 # diffusers name -> sdjax path, first full match wins. The targets keep dots for module nesting;
 # `rename_key` then turns list indices into `_i` suffixes and dots into slashes
@@ -58,16 +59,10 @@ def diffusers_key(path: str) -> str:
     """The diffusers state-dict key of an sdjax U-Net (or ControlNet) params path, the inverse of
     `rename_key` (checked against it): `down_blocks_0/attentions_0/proj_in/kernel` ->
     `down_blocks.0.attentions.0.proj_in.weight`."""
-    *modules, leaf = path.split("/")
-    module = ".".join(_LIST_MODULES.sub(r"\1.\2", m) if _LIST_MODULES.fullmatch(m) else m
-                      for m in modules)
-    for pattern, replacement in _DIFFUSERS_MODULES:
-        module = pattern.sub(replacement, module)
-    key = f"{module}.{'bias' if leaf == 'bias' else 'weight'}"
-    if rename_key(key) != path:
-        raise ValueError(f"no diffusers name for the params path {path} ({key} reads back as "
-                         f"{rename_key(key)})")
-    return key
+    def module_of(modules):
+        return ".".join(_LIST_MODULES.sub(r"\1.\2", m) if _LIST_MODULES.fullmatch(m) else m
+                        for m in modules)
+    return inverse_key(path, rename_key, _DIFFUSERS_MODULES, "diffusers", module_of=module_of)
 
 
 def example_inputs(config: UNetConfig, dtype=jnp.float32):
@@ -103,20 +98,11 @@ def load_unet_folder(path: str | os.PathLike, dtype=None) -> tuple[UNetConfig, d
     """A diffusers `UNet2DConditionModel` folder (`config.json` + safetensors weights, single or
     sharded, plain or the fp16 variant) -> (UNetConfig, params)."""
     folder = pathlib.Path(path)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise WeightsError(f"{config_path}: no such file (expected a diffusers U-Net folder)")
-    try:
-        raw = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise WeightsError(f"{config_path}: unreadable JSON ({err})") from None
-    if raw.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-        raise WeightsError(f"{config_path}: _class_name is {raw['_class_name']!r}, "
-                           f"not 'UNet2DConditionModel'")
+    raw = read_model_config(folder, "UNet2DConditionModel")
     try:
         config = UNetConfig.from_diffusers(raw)
     except ValueError as err:
-        raise WeightsError(f"{config_path}: {err}") from None
+        raise WeightsError(f"{folder / 'config.json'}: {err}") from None
     return config, unet_params(open_weights(folder), config, dtype=dtype)
 
 
