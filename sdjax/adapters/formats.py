@@ -4,17 +4,21 @@
 Read (`.safetensors` files, and diffusers LoRA folders):
 - kohya / WebUI: `lora_unet_*`, `lora_te_*` (SD 1.x/2.x), `lora_te1_*` / `lora_te2_*` (SDXL), each
   module's name flattened with underscores in diffusers or original-LDM spelling (adapters.names);
+  for SD3 / Flux `lora_unet_` (and `lora_transformer_`) name the transformer's modules, Flux's in
+  the original model's spelling too (`lora_unet_double_blocks_0_img_attn_qkv`: a fused module's
+  up factor split by output rows between the sdjax layers, its down shared);
   `lora_down.weight`, `lora_up.weight` and `alpha` per module, each module's own alpha honoured (a
   missing one means alpha = rank); LoCon (conv factors) also on layers sdjax holds as dense
   (SD 1.x `proj_in`); LyCORIS LoHa (`hada_*`), LoKr (`lokr_*`), LoCon's Tucker core (`lora_mid`)
   and full differences (`diff`, `diff_b`) as the WebUI applies them (adapters.lycoris).
 - diffusers / peft: `lora_A` / `lora_B` (and the older `lora.down`, `lora_linear_layer.down`,
-  `processor.to_q_lora.down` spellings) under `unet.`, `text_encoder.`, `text_encoder_2.` or no
-  prefix; alphas from the `lora_adapter_metadata` JSON peft's config leaves there (`r`,
+  `processor.to_q_lora.down` spellings) under `unet.`, `transformer.` (SD3 / Flux),
+  `text_encoder.`, `text_encoder_2.` or no prefix, or ComfyUI's `diffusion_model.` (the
+  denoiser); alphas from the `lora_adapter_metadata` JSON peft's config leaves there (`r`,
   `lora_alpha`, `rank_pattern`, `alpha_pattern`, `use_rslora`); without it alpha = rank, as diffusers.
 - sdjax's own file (metadata `format` = "sdjax-adapter"): sdjax paths and layouts, read bit-exact.
 Refused: pickles (with the command that converts them), DoRA (its magnitude rescales the merged
-weight by its norm, which no delta expresses). A key no layer takes is an error naming the file
+weight by its norm, which no delta expresses), LoRAs of a T5 encoder (Flux's `lora_te2_`). A key no layer takes is an error naming the file
 and key (strict=False: one warning, the rest loads); so is a file with no adapter keys at all, and
 (`network.check_targets`) an adapter made for another architecture.
 """
@@ -32,9 +36,10 @@ import safetensors.numpy
 from absl import logging
 
 from sdjax.adapters import lycoris
-from sdjax.adapters.names import LayerNames, layer_names
-from sdjax.adapters.network import (MODEL_NAMES, UNET, Adapter, AdapterError, DenseDelta, LowRank,
-                                    check_targets, fit_down, kernel_shapes)
+from sdjax.adapters.names import LayerNames, Part, layer_names
+from sdjax.adapters.network import (MODEL_NAMES, TRANSFORMER, UNET, Adapter, AdapterError,
+                                    DenseDelta, Factor, LowRank, check_targets, fit_down,
+                                    kernel_shapes)
 from sdjax.runs import write_atomically
 from sdjax.weights.common import SafetensorsFile, WeightsError, to_sdjax_layout
 from sdjax.weights.pretrained import Pretrained
@@ -49,10 +54,12 @@ FORMATS = ("kohya", "sdjax")
 # Metadata that describes a file's format rather than its adapter: never copied to another file.
 _FORMAT_METADATA = (FORMAT_KEY, VERSION_KEY, PEFT_METADATA_KEY)
 
-_KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"),
-                   ("lora_te2_", "text_encoder_2"), ("lora_te_", "text_encoder"))
-_MODEL_PREFIXES = (("unet.", "unet"), ("text_encoder_2.", "text_encoder_2"),
-                   ("text_encoder.", "text_encoder"))
+# `lora_unet_` and `diffusion_model.` name the denoiser: the U-Net, or the SD3 / Flux transformer.
+_KOHYA_PREFIXES = (("lora_unet_", UNET), ("lora_transformer_", TRANSFORMER),
+                   ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
+                   ("lora_te_", "text_encoder"))
+_MODEL_PREFIXES = (("unet.", UNET), ("transformer.", TRANSFORMER), ("diffusion_model.", UNET),
+                   ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"))
 # What follows a module's name in a key -> the part of the module it holds.
 _PARTS = {
     "lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid",
@@ -184,8 +191,10 @@ def _read_native(source: SafetensorsFile, metadata: Mapping[str, str]):
 def _read_reference(source: SafetensorsFile, metadata: Mapping[str, str], model: Pretrained):
     """kohya / WebUI / LyCORIS / diffusers / peft keys -> {model: {layer path: factor}} and the
     keys no layer takes, with why."""
-    names = layer_names(model.params, model.unet_config)
-    groups: dict[tuple[str, str], dict[str, _Key]] = {}
+    names = layer_names(model.params, model.unet_config, model.family,
+                        transformer_config=model.transformer_config)
+    # (model, the module's parts: one whole layer, or the layers a fused module splits into)
+    groups: dict[tuple[str, tuple[Part, ...]], dict[str, _Key]] = {}
     unplaced, recognised = [], 0
     for key in source:
         parsed = _parse_key(key)
@@ -201,14 +210,14 @@ def _read_reference(source: SafetensorsFile, metadata: Mapping[str, str], model:
         if parsed.part in _UNSUPPORTED:
             unplaced.append((key, f"{_UNSUPPORTED[parsed.part]}, which sdjax does not apply"))
             continue
-        target, path = _find_layer(names, parsed, model)
-        if path is None:
+        target, parts = _find_layer(names, parsed, model)
+        if parts is None:
             unplaced.append((key, target))
             continue
-        group = groups.setdefault((target, path), {})
+        group = groups.setdefault((target, parts), {})
         if parsed.part in group:
             raise AdapterError(f"{source.name}: {key} and {group[parsed.part].key} both give the "
-                               f"{parsed.part} of {target} layer {path}")
+                               f"{parsed.part} of {target} layer {_layers(parts)}")
         group[parsed.part] = parsed
     if not recognised:
         keys = list(source)
@@ -220,14 +229,61 @@ def _read_reference(source: SafetensorsFile, metadata: Mapping[str, str], model:
     configs = _peft_configs(source.name, metadata)
     kernels = {target: kernel_shapes(model.params, target) for target, _ in groups}
     modules: dict[str, dict] = {}
-    for (target, path), parts in sorted(groups.items()):
+    for (target, layers), keys in sorted(groups.items(),
+                                         key=lambda group: (group[0][0], _layers(group[0][1]))):
+        shape = _module_kernel_shape(kernels[target], layers)
         try:
-            factor = _factor(source, parts, kernels[target][path], configs)
+            split = _split(_factor(source, keys, shape, configs), layers, shape)
         except _Unplaced as why:
-            unplaced += [(p.key, str(why)) for p in parts.values()]
+            unplaced += [(k.key, str(why)) for k in keys.values()]
             continue
-        modules.setdefault(target, {})[path] = factor
+        for path, part in split:
+            if path in modules.get(target, {}):
+                raise AdapterError(f"{source.name}: {next(iter(keys.values())).key} adapts "
+                                   f"{target} layer {path}, which other keys of the file adapt "
+                                   f"too")
+            modules.setdefault(target, {})[path] = part
     return modules, unplaced
+
+
+def _layers(parts: tuple[Part, ...]) -> str:
+    return " + ".join(path for path, _ in parts)
+
+
+def _module_kernel_shape(kernels: Mapping[str, tuple[int, ...]], parts: tuple[Part, ...]
+                         ) -> tuple[int, ...]:
+    """The kernel shape of a file's module: its layer's, or for a fused module (dense layers
+    with one input) the parts' outputs side by side."""
+    shapes = [kernels[path] for path, _ in parts]
+    if len(parts) == 1:
+        return shapes[0]
+    return shapes[0][:-1] + (sum(shape[-1] for shape in shapes),)
+
+
+def _split(factor: Factor, parts: tuple[Part, ...], shape: tuple[int, ...]
+           ) -> list[tuple[str, Factor]]:
+    """A module's factor as its layers' factors: each part takes its rows of the module's output
+    (of the up factor, or of a dense delta and its bias); a low-rank down is shared. `shape`: the
+    module's kernel shape (`_module_kernel_shape`)."""
+    if len(parts) == 1 and parts[0][1] is None:
+        return [(parts[0][0], factor)]
+    if isinstance(factor, LowRank):
+        fits = factor.up.shape[-1] == shape[-1] and factor.down.shape[:-1] == shape[:-1]
+        got = f"down {factor.down.shape}, up {factor.up.shape}"
+    else:
+        fits = factor.delta.shape == shape
+        got = f"delta {factor.delta.shape}"
+    if not fits:
+        raise _Unplaced(f"the layers {_layers(parts)} make a kernel of {shape} (sdjax layout), "
+                        f"the module's factors are {got}")
+    # The parts' rows are a PyTorch weight's (output first); sdjax's up and delta hold it last.
+    take = lambda rows, array: np.ascontiguousarray(rows(array.T).T)
+    if isinstance(factor, LowRank):
+        return [(path, LowRank(factor.down, take(rows, factor.up), factor.alpha))
+                for path, rows in parts]
+    return [(path, DenseDelta(take(rows, factor.delta),
+                              None if factor.bias is None else rows(factor.bias)))
+            for path, rows in parts]
 
 
 def _parse_key(key: str) -> Optional[_Key]:
@@ -263,16 +319,27 @@ def _split_model(module: str) -> tuple[Optional[str], str]:
     return None, module
 
 
-def _find_layer(names: LayerNames, parsed: _Key, model: Pretrained) -> tuple[str, Optional[str]]:
-    """(model name, sdjax layer path) of a parsed key; (why not, None) when no layer has its name."""
-    if parsed.model is not None and parsed.model not in model.params:
-        return f"this model has no {parsed.model}", None
-    candidates = [parsed.model] if parsed.model else [m for m in MODEL_NAMES if m in model.params]
+def _find_layer(names: LayerNames, parsed: _Key, model: Pretrained
+                ) -> tuple[str, Optional[tuple[Part, ...]]]:
+    """(model name, the parts of the module a parsed key names: one whole layer, or the layers a
+    fused module splits into); (why not, None) when no layer has its name."""
+    wanted = parsed.model
+    if wanted == UNET and UNET not in model.params and TRANSFORMER in model.params:
+        wanted = TRANSFORMER  # `lora_unet_`, `diffusion_model.`: the denoiser, whatever it is
+    if wanted is not None and wanted not in model.params:
+        return f"this model has no {wanted}", None
+    if wanted is not None and wanted not in names.aliases:
+        return (f"{wanted} of this {model.family} model is a T5 encoder, which sdjax applies no "
+                f"adapter to"), None
+    candidates = [wanted] if wanted else [m for m in MODEL_NAMES if m in model.params]
     for candidate in candidates:
         path = names.find(candidate, parsed.module)
         if path is not None:
-            return candidate, path
-    return f"no layer of {parsed.model or 'this model'} is named {parsed.module}", None
+            return candidate, ((path, None),)
+        parts = names.parts(candidate, parsed.module)
+        if parts is not None:
+            return candidate, parts
+    return f"no layer of {wanted or 'this model'} is named {parsed.module}", None
 
 
 class _Unplaced(Exception):
@@ -407,7 +474,8 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter, model: Pretrained, *
 
     format "kohya": `lora_unet_*` / `lora_te_*` (`lora_te1_` / `lora_te2_` for SDXL) keys with
     `lora_down.weight`, `lora_up.weight` and a per-module `alpha`, in PyTorch layouts, as kohya's
-    sd-scripts writes them (the WebUI, ComfyUI and diffusers read them); low-rank factors only.
+    sd-scripts writes them (the WebUI, ComfyUI and diffusers read them); low-rank factors of the
+    U-Net families only (an SD3 / Flux transformer's LoRA: format "sdjax").
     format "sdjax": sdjax paths and layouts, any factor, read back bit-exact.
     The file's metadata is the adapter's, updated with `metadata` (strings, e.g. kohya's `ss_*`).
     An existing file is replaced only if it is an adapter file."""
@@ -453,6 +521,9 @@ def _native_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
 
 
 def _kohya_tensors(adapter: Adapter, model: Pretrained) -> dict[str, np.ndarray]:
+    if TRANSFORMER in adapter.modules:
+        raise AdapterError(f"{adapter.source or adapter.name}: sdjax writes no kohya file for "
+                           f"the {model.family} transformer; save it with format='sdjax'")
     names = layer_names(model.params, model.unet_config)
     prefixes = {"unet": "lora_unet_", "text_encoder_2": "lora_te2_",
                 "text_encoder": "lora_te_" if len(model.text_encoder_names) == 1 else "lora_te1_"}

@@ -6,17 +6,22 @@ Files name a layer in these ways, all accepted for every model:
 - the original LDM U-Net's names (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`), which SDXL
   LoRAs use;
 - transformers 5's text-encoder names, which drop `text_model.` (`encoder.layers.0.self_attn.q_proj`);
+- Flux's original (Black Forest Labs) names, which kohya's and ComfyUI's Flux LoRAs use
+  (`double_blocks.0.img_attn.qkv`, `single_blocks.0.linear1`, `final_layer.adaLN_modulation.1`):
+  a module that the original model fuses from several sdjax layers, or whose output rows it orders
+  otherwise, is a list of parts, each a layer and the rows of the module's output it takes;
 - any of those with dots flattened to underscores (kohya / WebUI keys after `lora_unet_`,
   `lora_te_`, `lora_te1_`, `lora_te2_`).
-The table is built from the model's own params and U-Net config, and each diffusers name is checked
+The table is built from the model's own params and config, and each diffusers name is checked
 against the checkpoint converter's renaming (weights.unet, and weights.mmdit / weights.flux for the
-SD3 and Flux transformers), so the two can never disagree.
+SD3 and Flux transformers; Flux's original names are the converter's own table), so the two can
+never disagree.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from flax import traverse_util
 
@@ -37,18 +42,29 @@ _LDM_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_
               "conv_in": "input_blocks.0.0", "conv_out": "out.2"}
 
 
+# One sdjax layer of a file's module: (its path, what it takes of the module's output rows, given
+# a PyTorch-layout (out, ...) array; None: all of them, in order).
+Part = tuple[str, Optional[Callable[[Any], Any]]]
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerNames:
     """For each model of a checkpoint ("unet" or "transformer", "text_encoder"[,
     "text_encoder_2"]): every name a file may use for a layer -> its sdjax path, and each path's
-    diffusers / transformers name."""
+    diffusers / transformers name; `fused`: the names of modules that are parts of sdjax layers
+    (Flux's original `qkv`, `linear1`, final modulation) -> their parts."""
     aliases: Mapping[str, Mapping[str, str]]
     reference: Mapping[str, Mapping[str, str]]
     original: Mapping[str, str] = dataclasses.field(default_factory=dict)  # U-Net path -> LDM name
+    fused: Mapping[str, Mapping[str, tuple[Part, ...]]] = dataclasses.field(default_factory=dict)
 
     def find(self, model: str, name: str):
         """The sdjax path `name` denotes in `model`, or None."""
         return self.aliases.get(model, {}).get(name)
+
+    def parts(self, model: str, name: str) -> Optional[tuple[Part, ...]]:
+        """The parts of the fused module `name` of `model`, or None."""
+        return self.fused.get(model, {}).get(name)
 
     def kohya_name(self, model: str, path: str, *, original: bool = False) -> str:
         """The flattened name kohya writes (without its `lora_unet_`-style prefix): the
@@ -57,13 +73,16 @@ class LayerNames:
         return (name or self.reference[model][path]).replace(".", "_")
 
 
-def layer_names(params: Mapping, unet_config: Optional[UNetConfig], family: str = "") -> LayerNames:
+def layer_names(params: Mapping, unet_config: Optional[UNetConfig], family: str = "", *,
+                transformer_config=None) -> LayerNames:
     """The name table of a model's adaptable layers (its dense and conv kernels). The flow
     families (`family` "sd3" or "flux") name their transformer's layers as diffusers'
-    `SD3Transformer2DModel` / `FluxTransformer2DModel` do; their T5 encoders have no names here."""
+    `SD3Transformer2DModel` / `FluxTransformer2DModel` do, and with its `transformer_config` Flux
+    also as the original model does; their T5 encoders have no names here."""
     aliases: dict[str, dict[str, str]] = {}
     reference: dict[str, dict[str, str]] = {}
     original: dict[str, str] = {}
+    fused: dict[str, dict[str, tuple[Part, ...]]] = {}
     models = ("unet", "text_encoder") + (("transformer",) if family in _TRANSFORMER_KEYS else ()) \
         + (() if family == "flux" else ("text_encoder_2",))  # Flux's second encoder is T5
     for model, tree in params.items():
@@ -91,8 +110,27 @@ def layer_names(params: Mapping, unet_config: Optional[UNetConfig], family: str 
                 if alias:
                     table[alias] = path
                     table[alias.replace(".", "_")] = path
+        if model == "transformer" and family == "flux" and transformer_config is not None:
+            for name, parts in _flux_original_modules(transformer_config).items():
+                if len(parts) == 1 and parts[0][1] is None:  # a plain rename
+                    table[name] = table[name.replace(".", "_")] = parts[0][0]
+                else:
+                    entry = fused.setdefault(model, {})
+                    entry[name] = entry[name.replace(".", "_")] = parts
         aliases[model], reference[model] = table, names
-    return LayerNames(aliases, reference, original)
+    return LayerNames(aliases, reference, original, fused)
+
+
+def _flux_original_modules(config) -> dict[str, tuple[Part, ...]]:
+    """Flux's original module names -> their parts, from the checkpoint converter's table (its
+    row transforms take a fused weight's rows, so they take a LoRA up factor's rows too)."""
+    modules: dict[str, list[Part]] = {}
+    for key, (original, rows) in flux_weights._original_mapping(config).items():
+        path = flux_weights.rename_key(key)
+        if key.endswith(".weight") and path.endswith("/kernel"):
+            modules.setdefault(original.removesuffix(".weight"), []).append(
+                (path.removesuffix("/kernel"), rows))
+    return {name: tuple(parts) for name, parts in modules.items()}
 
 
 def _dotted(path: str) -> str:

@@ -22,9 +22,12 @@ from flax import traverse_util
 
 from sdjax.models.layers import ADAPTER_COLLECTION, ADAPTERS_KEY
 
-# The models of a params dict that adapters may target, as `Pretrained.params` names them.
-UNET, TEXT_ENCODERS = "unet", ("text_encoder", "text_encoder_2")
-MODEL_NAMES = (UNET,) + TEXT_ENCODERS
+# The models of a params dict that adapters may target, as `Pretrained.params` names them: the
+# denoiser (a U-Net, or the SD3 / Flux transformer; an adapter's U-Net weight is either's) and the
+# CLIP text encoders (Flux's second encoder is a T5, which no adapter file targets).
+UNET, TRANSFORMER, TEXT_ENCODERS = "unet", "transformer", ("text_encoder", "text_encoder_2")
+DENOISERS = (UNET, TRANSFORMER)
+MODEL_NAMES = DENOISERS + TEXT_ENCODERS
 
 
 class AdapterError(ValueError):
@@ -87,13 +90,14 @@ class Adapter:
 
 @dataclasses.dataclass(frozen=True)
 class Weighted:
-    """An adapter with its weight for the U-Net and for the text encoder(s)."""
+    """An adapter with its weight for the denoiser (`unet`: the U-Net, or the SD3 / Flux
+    transformer) and for the text encoder(s)."""
     adapter: Adapter
     unet: float = 1.0
     text_encoder: float = 1.0
 
     def weight_for(self, model: str) -> float:
-        return self.unet if model == UNET else self.text_encoder
+        return self.unet if model in DENOISERS else self.text_encoder
 
 
 def fit_down(down: np.ndarray, kernel_shape: tuple[int, ...], rank: int) -> np.ndarray:
@@ -284,4 +288,4 @@ def merge(params: Mapping, adapters: Sequence[Weighted], *,
 
 __all__ = ["Adapter", "AdapterError", "DenseDelta", "LowRank", "Weighted", "check_targets",
            "fit_down", "kernel_shapes", "merge", "runtime_scales", "runtime_variables", "with_runtime_adapters",
-           "ADAPTER_COLLECTION", "ADAPTERS_KEY", "MODEL_NAMES"]
+           "ADAPTER_COLLECTION", "ADAPTERS_KEY", "DENOISERS", "MODEL_NAMES", "TRANSFORMER"]
