@@ -158,6 +158,24 @@ def get_config(arg=None):
             c.variants = ("cfg",)
             c.embedded_guidances = (1.0, 3.5, 7.0)
             c.grid.x, c.grid.y = "sampler", "embedded_guidance"
+    elif arg == "flow_study":
+        # The guidance study of docs/flow.md: the shapes-world SD3 (configs/train_flow_shapes.py;
+        # pass its export with --model) judged on the shapes world's held-out prompts: CFG scale x
+        # skip-layer guidance (blocks 2 and 3 of 6, the first half of the steps) x samplers.
+        from sdjax import DEFAULT_MODEL  # a path; importing sdjax loads no jax
+
+        c.clip_model = DEFAULT_MODEL + "/clip"
+        c.height = c.width = 32
+        c.max_sequence_length = 1  # no T5: one zero token (flow_study.MAX_SEQUENCE_LENGTH)
+        c.samplers = ("flow_euler", "flow_dpmpp_2m")
+        c.steps = (20,)
+        c.cfg_scales = (1.0, 2.0, 4.0, 7.0)
+        c.variants = ("cfg", "slg=2:3@0.0:0.5", "rescale=0.7")
+        c.num_prompts = 16
+        c.num_seeds = 4
+        c.microbatch = 64
+        c.grid.x, c.grid.y = "cfg_scale", "variant"
+        c.out_dir = "ablations/flow_study"
     elif arg in ("default_steps", "default_guidance"):
         # The embedded shapes-world model at its native 32 px, judged on its held-out prompts,
         # CLIP score from the shapes CLIP shipped beside it.

@@ -87,10 +87,10 @@ def test_guidance_settings_change_the_image_as_in_diffusers(flow):
         plain, _ = _draw_both(flow, cfg=3.0, pipe_kwargs=dict(guidance_scale=3.0))
     else:
         ours, reference = _draw_both(
-            flow, cfg=2.0, request_fields=dict(embedded_guidance=4.0, negative_prompt="blurry"),
-            pipe_kwargs=dict(guidance_scale=4.0, true_cfg_scale=2.0, negative_prompt="blurry"))
-        plain, _ = _draw_both(flow, cfg=1.0, request_fields=dict(embedded_guidance=4.0),
-                              pipe_kwargs=dict(guidance_scale=4.0))
+            flow, cfg=2.0, request_fields=dict(embedded_guidance=2.0, negative_prompt="blurry"),
+            pipe_kwargs=dict(guidance_scale=2.0, true_cfg_scale=2.0, negative_prompt="blurry"))
+        plain, _ = _draw_both(flow, cfg=1.0, request_fields=dict(embedded_guidance=2.0),
+                              pipe_kwargs=dict(guidance_scale=2.0))
     error = _relative(ours, reference)
     print(f"{family}: relative difference {error:.2e}")
     assert error <= 1e-5

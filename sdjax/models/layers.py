@@ -357,8 +357,12 @@ def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool 
                        freq_shift: float = 0.0, max_period: float = 10000.0) -> jax.Array:
     """Sinusoidal embedding of (possibly fractional) timesteps, (B,) -> (B, dim), as in DDPM."""
     half = dim // 2
-    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
-    args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    exponent = -math.log(max_period) * np.arange(half, dtype=np.float32) / (half - freq_shift)
+    # The frequencies are constants: correctly rounded on the host, as the references' float32 exp
+    # nearly always is. XLA's exp differs in the last bit for some of them, which timesteps in the
+    # thousands (Flux's t and guidance, times 1000) turn into visible angle errors.
+    frequencies = np.exp(exponent.astype(np.float32).astype(np.float64)).astype(np.float32)
+    args = timesteps.astype(jnp.float32)[:, None] * jnp.asarray(frequencies)[None, :]
     emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
     if flip_sin_to_cos:
         emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
