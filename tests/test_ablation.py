@@ -525,6 +525,7 @@ def _png_text(out_dir, record):
     return images_lib.read_parameters(os.path.join(out_dir, record["files"][0]))
 
 
+@pytest.mark.slow  # flow sweeps compile several programs
 def test_sd3_sweep_compiles_one_program_per_static_setting_and_resumes(sd3_sweep, sd3_generator):
     config, result = sd3_sweep
     # Plain CFG, and SLG on block 1 in the window (0, 1) whatever its scale: two programs.
@@ -537,6 +538,7 @@ def test_sd3_sweep_compiles_one_program_per_static_setting_and_resumes(sd3_sweep
     assert again["rows"] == result["rows"]
 
 
+@pytest.mark.slow  # flow sweeps compile several programs
 def test_sd3_skip_layer_guidance_changes_the_images_only_with_cfg(sd3_sweep):
     config, _ = sd3_sweep
     images = _flow_images(config.out_dir, ("variant", "cfg_scale"))
@@ -549,6 +551,7 @@ def test_sd3_skip_layer_guidance_changes_the_images_only_with_cfg(sd3_sweep):
         assert np.abs(images[(variant, 1.0)] - images[(plain, 1.0)]).max() <= 1
 
 
+@pytest.mark.slow  # flow sweeps compile several programs
 def test_sd3_pngs_record_skip_layer_guidance_where_it_ran(sd3_sweep):
     config, _ = sd3_sweep
     texts = {(r["variant"], r["cfg_scale"]): _png_text(config.out_dir, r)
@@ -574,6 +577,7 @@ def test_flux_distilled_guidance_axis_runs_in_the_samplers_programs(flux_sweep):
         (s, g) for s in FLUX_SAMPLERS for g in DISTILLED]
 
 
+@pytest.mark.slow  # flow sweeps compile several programs
 def test_flux_distilled_guidance_and_shift_change_the_images_and_are_in_the_pngs(flux_sweep):
     config, _ = flux_sweep
     images = _flow_images(config.out_dir, ("sampler", "embedded_guidance"))
@@ -590,6 +594,7 @@ def test_flux_distilled_guidance_and_shift_change_the_images_and_are_in_the_pngs
     assert "SLG" not in text
 
 
+@pytest.mark.slow  # flow sweeps compile several programs
 def test_flux_grid_tells_samplers_apart_by_their_options(flux_sweep):
     config, result = flux_sweep
     (entry,) = result["grids"]                      # one (steps, variant, cfg_scale, prompt)

@@ -51,6 +51,7 @@ def _error_line(result, program: str = "generate.py") -> str:
 
 # --- experiments.generate -------------------------------------------------------------------------
 
+@pytest.mark.slow  # compiles sampling programs
 def test_sd35_generate_writes_skip_layer_guidance_and_sampler_options_into_the_pngs(tmp_path):
     result = _generate("configs/sd35.py:tiny", tmp_path, "--prompt=a red circle", "--num_images=2",
                        "--seed=3", "--config.sampler=flow_euler:shift=2.0",
@@ -120,6 +121,7 @@ def sampled(tmp_path_factory):
     return root, fresh, again
 
 
+@pytest.mark.slow  # compiles sampling programs
 def test_sample_draws_every_prompt_with_its_flow_parameters(sampled):
     root, fresh, _ = sampled
     assert _counts(fresh)[:2] == (TOTAL, 0)
@@ -133,6 +135,7 @@ def test_sample_draws_every_prompt_with_its_flow_parameters(sampled):
     assert "Sampler options: shift=2.0" in text
 
 
+@pytest.mark.slow  # compiles sampling programs
 def test_sample_run_again_draws_nothing_and_an_interrupted_one_redraws_the_same_pixels(sampled,
                                                                                        tmp_path):
     root, _, again = sampled
@@ -190,6 +193,7 @@ def test_prompt_file_samplers_take_their_options_over_the_configs(tmp_path):
 
 # --- exported programs ----------------------------------------------------------------------------
 
+@pytest.mark.slow  # compiles sampling programs
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_exported_cache_serves_flow_programs_without_tracing(tmp_path, family):
     model = random_pretrained(f"tiny_{family}")

@@ -82,6 +82,7 @@ def test_sd35_file_with_its_text_encoders_loads_the_folders_params(built, tmp_pa
     assert [type(t).__name__ for t in model.tokenizers] == ["CLIPTokenizer"] * 2 + ["T5Tokenizer"]
 
 
+@pytest.mark.slow  # compiles sampling programs
 def test_transformer_only_files_take_the_rest_from_components(built, tmp_path):
     for family in ("sd3", "flux"):
         parts, folder, reference = built[family]
@@ -106,6 +107,7 @@ def test_components_of_another_family_are_refused(built, tmp_path):
         load_pretrained(path, components=built["sd3"][1])
 
 
+@pytest.mark.slow  # compiles sampling programs
 def test_float8_transformer_file_loads_upcast_and_draws(built, tmp_path):
     import ml_dtypes
 
@@ -124,6 +126,7 @@ def test_float8_transformer_file_loads_upcast_and_draws(built, tmp_path):
     assert np.isfinite(Generator(model)(Request(prompt="a cat"), SPEC)["images"]).all()
 
 
+@pytest.mark.slow  # compiles sampling programs
 def test_native_save_and_load_keep_params_and_images(built, tmp_path):
     for family in ("sd3", "flux"):
         _, _, reference = built[family]
@@ -136,6 +139,7 @@ def test_native_save_and_load_keep_params_and_images(built, tmp_path):
                                       Generator(reference)(request, SPEC)["images"])
 
 
+@pytest.mark.slow  # compiles sampling programs
 def test_sd3_without_t5_matches_diffusers_without_it(built, tmp_path):
     """SD3 folders saved without T5 (text_encoder_3: null) condition on zeros in its place."""
     parts, folder, _ = built["sd3"]

@@ -338,6 +338,7 @@ def _assert_diffusers_lora_reproduces_sdjax(family, folder, model, params, lora_
         assert relative(base_hidden[index], hidden[index]) > 1e-3
 
 
+@pytest.mark.slow  # compiles both frameworks' LoRA paths
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_exported_lora_loads_in_diffusers_and_gives_sdjax_runtime_lora_outputs(families, family,
                                                                              tmp_path):
