@@ -566,6 +566,7 @@ def test_sd3_pngs_record_skip_layer_guidance_where_it_ran(sd3_sweep):
     assert "Distilled CFG Scale" not in texts[(slg, 4.0)]
 
 
+@pytest.mark.slow  # flow sweeps compile several programs
 def test_flux_distilled_guidance_axis_runs_in_the_samplers_programs(flux_sweep):
     _, result = flux_sweep
     # One program per sampler (its static shift) for every distilled guidance scale.

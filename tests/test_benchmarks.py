@@ -54,6 +54,7 @@ def test_txt2img_prints_generator_and_pipeline_rows(tmp_path):
     assert _number(reference[1]) > 0 and _number(reference[4]) > 0
 
 
+@pytest.mark.slow  # the tiny benchmark still takes 25-40 s
 def test_compile_time_prints_each_launch_and_the_cache_hits(tmp_path):
     stdout = _run("compile_time", "--steps=1,3", "--cache_steps=3", tmp_path=tmp_path)
     assert len(_rows(stdout, "1 steps, no persistent cache")) == 1
@@ -75,6 +76,7 @@ def test_compile_time_prints_each_launch_and_the_cache_hits(tmp_path):
         assert not flax_rows and "diffusers 0.39 (Flax): not run (no venv" in stdout
 
 
+@pytest.mark.slow  # the tiny benchmark still takes 25-40 s
 def test_train_step_prints_both_sides_throughput_and_memory(tmp_path):
     stdout = _run("train_step", "--repeats=2", f"--workdir={tmp_path}", tmp_path=tmp_path)
     assert "trained text_encoder+unet, EMA on" in stdout, stdout
@@ -90,6 +92,7 @@ def test_train_step_prints_both_sides_throughput_and_memory(tmp_path):
                                                   rel=0.02)
 
 
+@pytest.mark.slow  # the tiny benchmark still takes 25-40 s
 def test_load_memory_prints_load_and_sampling_rows(tmp_path):
     stdout = _run("load_memory", f"--workdir={tmp_path}", tmp_path=tmp_path)
     rows = _rows(stdout, "")
@@ -182,6 +185,7 @@ def test_lora_train_prints_lora_steps_of_both_sides_and_their_memory(tmp_path, f
         assert saved == pytest.approx(full - lora, abs=1)
 
 
+@pytest.mark.slow  # the tiny benchmark still takes 25-40 s
 def test_controlnet_step_agrees_with_diffusers_and_the_sweep_traces_once(tmp_path):
     stdout = _run("controlnet", "--sizes=8", "--repeats=1", "--matmul=128",
                   f"--workdir={tmp_path}", tmp_path=tmp_path)

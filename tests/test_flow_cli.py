@@ -69,6 +69,7 @@ def test_sd35_generate_writes_skip_layer_guidance_and_sampler_options_into_the_p
     assert (config["slg_layers"], config["sampler"]) == ([1], "flow_euler:shift=2.0")
 
 
+@pytest.mark.slow  # compiles sampling programs
 def test_sd35_without_guidance_records_no_skip_layer_guidance(tmp_path):
     # CFG 1 runs no guidance, and skip-layer guidance acts only with it (as in diffusers).
     result = _generate("configs/sd35.py:tiny", tmp_path, "--prompt=a red circle", "--cfg_scale=1",
@@ -78,6 +79,7 @@ def test_sd35_without_guidance_records_no_skip_layer_guidance(tmp_path):
     assert "CFG scale: 1.0" in text and "SLG" not in text
 
 
+@pytest.mark.slow  # compiles sampling programs
 def test_flux_dev_generate_writes_the_distilled_guidance_into_the_pngs(tmp_path):
     result = _generate("configs/flux_dev.py:tiny", tmp_path, "--prompt=a red circle",
                        "--embedded_guidance=5")
@@ -246,12 +248,16 @@ def flux_file(tmp_path_factory):
      "flow_dpmpp_2m, flow_dpmpp_2m_sde, flow_euler, flow_euler_a, flow_heun, flow_unipc"),
     ("configs/sd35.py:tiny", ["--config.slg_layers=(99,)"],
      "slg_layers [99] are not joint blocks of this transformer (0..1)"),
-    ("configs/flux_dev.py:tiny", ["--config.slg_layers=(1,)"],
-     "slg_layers (skip-layer guidance) needs an SD3 model, this one is flux"),
-    ("configs/sd15.py", ["--model=random:tiny", "--config.sampler=flow_euler"],
-     "sampler 'flow_euler' does not fit this sd1 model (noise-prediction); its samplers are: ddim"),
-    ("configs/sd35.py:tiny", ["--config.sampler=flow_euler:karras=true"],
-     "sampler 'flow_euler' has no option(s) ['karras']; valid: ['shift']"),
+    # (each case is a process of its own: the rest run with the slow tests)
+    pytest.param("configs/flux_dev.py:tiny", ["--config.slg_layers=(1,)"],
+                 "slg_layers (skip-layer guidance) needs an SD3 model, this one is flux",
+                 marks=pytest.mark.slow),
+    pytest.param("configs/sd15.py", ["--model=random:tiny", "--config.sampler=flow_euler"],
+                 "sampler 'flow_euler' does not fit this sd1 model (noise-prediction); its "
+                 "samplers are: ddim", marks=pytest.mark.slow),
+    pytest.param("configs/sd35.py:tiny", ["--config.sampler=flow_euler:karras=true"],
+                 "sampler 'flow_euler' has no option(s) ['karras']; valid: ['shift']",
+                 marks=pytest.mark.slow),
 ])
 def test_bad_flow_input_is_one_line_naming_the_fix(tmp_path, config, args, message):
     line = _error_line(_generate(config, tmp_path, "--prompt=x", *args))

@@ -314,6 +314,7 @@ def test_kohya_flux_lora_merges_into_the_original_layout_as_each_modules_delta(k
     assert changed == sum(prefix == "lora_unet_" for prefix, _ in factors)
 
 
+@pytest.mark.slow  # compiles both modes
 def test_kohya_flux_lora_with_original_names_matches_diffusers_conversion(kohya_flux, tmp_path):
     """The file's fused qkv split row-wise, the final modulation's halves swapped, img_in ...
     guidance_in, and lora_te1_ CLIP layers, each module's alpha honoured, against diffusers'

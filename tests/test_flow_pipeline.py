@@ -73,6 +73,7 @@ def test_whole_pipeline_matches_diffusers(flow):
     assert np.std(reference) > 0.01  # an image, not a constant
 
 
+@pytest.mark.slow  # two more pipeline runs per family
 def test_guidance_settings_change_the_image_as_in_diffusers(flow):
     """SD3: skip-layer guidance on block 1 over half the steps. Flux: true CFG with a negative
     prompt (diffusers' true_cfg_scale) at another embedded guidance."""

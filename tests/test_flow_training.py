@@ -161,7 +161,8 @@ def test_loss_is_diffusers_rectified_flow_loss_on_the_same_draws(families, setup
     np.testing.assert_allclose(ours, theirs, rtol=2e-5)
 
 
-@pytest.mark.parametrize("family", [pytest.param("sd3", marks=pytest.mark.slow), "flux"])
+@pytest.mark.slow  # compiles a train step per family
+@pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_steps_on_one_batch_lower_its_loss(families, setups, family):
     """STEPS train steps (the loop's compiled step) on one batch, each with KEY (the same noise,
     timesteps and dropout): every step lowers the loss."""

@@ -91,7 +91,9 @@ def relative_error(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a) - b)) / np.max(np.abs(b)))
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
+# Flux.1-dev (guidance embedding) in the default run, schnell with the slow tests.
+@pytest.fixture(scope="module", params=[
+    pytest.param(name, marks=() if name == "dev" else pytest.mark.slow) for name in sorted(CONFIGS)])
 def case(request, tmp_path_factory):
     ref = build_reference(CONFIGS[request.param])
     folder = tmp_path_factory.mktemp(request.param)

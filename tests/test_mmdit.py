@@ -103,7 +103,10 @@ def built(name: str, tmp_path_factory) -> Built:
     return _BUILT[name]
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
+# The SD3.5-medium-like variant (qk-norm and a dual-attention block) in the default run; the others
+# with the slow tests.
+@pytest.fixture(scope="module", params=[
+    pytest.param(name, marks=() if name == "sd35_medium" else pytest.mark.slow) for name in VARIANTS])
 def variant(request, tmp_path_factory):
     return built(request.param, tmp_path_factory)
 

@@ -479,6 +479,7 @@ def test_nan_latents_raise_naming_the_seeds(sd1):
     assert not out["finite"].any()
 
 
+@pytest.mark.slow  # compiles two more programs
 def test_half_precision_runs_and_stays_near_float32():
     """float16 (VAE upcast to float32 where the config asks, as SDXL's does) and bfloat16 compute
     give finite images close to float32's."""

@@ -319,6 +319,7 @@ def test_bad_files_are_one_line_errors_naming_file_and_key(fault, message, saved
     assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow  # 8 simulated devices in a subprocess
 def test_params_split_over_fsdp_give_the_unsharded_output():
     result = json_result(run_python("-c", _FSDP_CHECK, devices=8, timeout=300))
     assert "shared/embedding" in result["split"] and len(result["split"]) >= 5, result

@@ -308,6 +308,7 @@ def test_the_exported_file_loads_in_diffusers_and_gives_sdjaxs_text_encoder_outp
 
 # --- SDXL: both text encoders ---------------------------------------------------------------------
 
+@pytest.mark.slow  # SDXL compiles two encoders' steps
 def test_sdxl_learns_rows_for_both_text_encoders_and_exports_clip_l_and_clip_g(tiny_sd, tmp_path):
     import torch
 
