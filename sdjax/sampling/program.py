@@ -17,14 +17,12 @@ from jax import lax
 from sdjax.diffusion import samplers as samplers_lib
 from sdjax.diffusion.guidance import classifier_free_guidance, skip_layer_term
 from sdjax.models.controlnet import ControlNet
-from sdjax.models.flux import FluxTransformer
 from sdjax.models.layers import model_variables
-from sdjax.models.mmdit import MMDiT
 from sdjax.models.unet import UNet
 from sdjax.models.vae import AutoencoderKL, scale_latents, unscale_latents
 from sdjax.sampling.spec import SamplingSpec
 from sdjax.text.conditioning import encode_text
-from sdjax.weights.architecture import Architecture
+from sdjax.weights.architecture import Architecture, transformer_velocity
 
 # Streams of randomness derived from one image's key (fold_in), kept apart so that, e.g., turning on
 # a stochastic sampler never changes the initial noise.
@@ -248,25 +246,11 @@ def _generate_microbatch(arch: Architecture, spec: SamplingSpec, params: dict, b
 
 
 def transformer_fn(arch: Architecture, params: dict):
-    """The flow families' denoiser as `fn(x, t, conditioning, skip_layers=()) -> velocity` on NHWC
-    latents, t = sigma * num_train_timesteps (per image or one value). SD3's MMDiT takes t as it
-    is, Flux t / 1000 (it multiplies by 1000 inside) and the embedded guidance (conditioning
-    "guidance", Flux-dev). Training calls it too."""
+    """`transformer_velocity` as the guidance wrapper calls a denoiser:
+    `fn(x, t, conditioning, skip_layers=(), step=None) -> velocity`."""
     def fn(x, t, conditioning, skip_layers=(), step=None):
         del step  # scheduled inputs are the guidance's business here
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
-        context = conditioning["context"].astype(arch.dtype)
-        pooled = conditioning["pooled"].astype(arch.dtype)
-        if arch.family == "sd3":
-            out = MMDiT(arch.transformer, dtype=arch.dtype).apply(
-                model_variables(params, "transformer"), x.astype(arch.dtype), t, context, pooled,
-                skip_layers=tuple(skip_layers))
-        else:
-            out = FluxTransformer(arch.transformer, dtype=arch.dtype).apply(
-                model_variables(params, "transformer"), x.astype(arch.dtype),
-                t / arch.schedule.num_train_timesteps, context, pooled,
-                conditioning.get("guidance"))
-        return out.astype(jnp.float32)
+        return transformer_velocity(arch, params, x, t, conditioning, skip_layers=skip_layers)
     return fn
 
 

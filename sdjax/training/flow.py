@@ -26,14 +26,11 @@ import numpy as np
 from sdjax.diffusion.schedules import (DENSITY_SCHEMES, compute_density_for_timestep_sampling,
                                        compute_loss_weighting_for_sd3, flow_add_noise,
                                        flow_training_levels)
-from sdjax.models.flux import FluxTransformer
-from sdjax.models.layers import model_variables
-from sdjax.models.mmdit import MMDiT
 from sdjax.text.conditioning import encode_text
 from sdjax.text.t5_tokenizer import T5Tokenizer
 from sdjax.training import objectives
 from sdjax.training.step import training_latents
-from sdjax.weights.architecture import Architecture
+from sdjax.weights.architecture import Architecture, transformer_velocity
 
 # T5 tokens per caption when the config gives none: the `--max_sequence_length` defaults of
 # diffusers' train_dreambooth_sd3.py and train_dreambooth_flux.py.
@@ -128,21 +125,11 @@ class FlowTask:
     def transformer(self, params: dict, x: jax.Array, timesteps: jax.Array, cond: dict
                     ) -> jax.Array:
         """The velocity the transformer predicts at x (NHWC) and timesteps = sigma * T, called as
-        the sampling program calls it (`sampling.program.transformer_fn`), with `remat`."""
-        arch = self.arch
-        x, context = x.astype(arch.dtype), cond["context"].astype(arch.dtype)
-        pooled = cond["pooled"].astype(arch.dtype)
-        variables = model_variables(params, "transformer")
-        if arch.family == "sd3":
-            out = MMDiT(arch.transformer, dtype=arch.dtype, remat=self.remat).apply(
-                variables, x, timesteps, context, pooled)
-        else:
-            guidance = (jnp.full((x.shape[0],), self.guidance, jnp.float32)
-                        if arch.transformer.guidance_embeds else None)
-            out = FluxTransformer(arch.transformer, dtype=arch.dtype, remat=self.remat).apply(
-                variables, x, timesteps / arch.schedule.num_train_timesteps, context, pooled,
-                guidance)
-        return out.astype(jnp.float32)
+        sampling calls it (`weights.architecture.transformer_velocity`), with `remat` and, for
+        Flux-dev, the training guidance."""
+        if self.arch.family == "flux" and self.arch.transformer.guidance_embeds:
+            cond = {**cond, "guidance": jnp.full((x.shape[0],), self.guidance, jnp.float32)}
+        return transformer_velocity(self.arch, params, x, timesteps, cond, remat=self.remat)
 
 
 def flow_task(arch: Architecture, tokenize: Callable[[list[str]], dict], settings: dict,

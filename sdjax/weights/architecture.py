@@ -9,9 +9,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+import jax
 import jax.numpy as jnp
 
 from sdjax.diffusion.schedules import FlowSchedule, NoiseSchedule, schedule_from_diffusers
+from sdjax.models.flux import FluxTransformer
+from sdjax.models.layers import model_variables
+from sdjax.models.mmdit import MMDiT
 from sdjax.models.unet import UNetConfig
 from sdjax.models.vae import VAEConfig
 
@@ -54,3 +58,23 @@ class Architecture:
     @property
     def latent_factor(self) -> int:
         return 2 ** (len(self.vae.block_out_channels) - 1)
+
+
+def transformer_velocity(arch: Architecture, params: dict, x: jax.Array, t, conditioning: dict, *,
+                         skip_layers: tuple[int, ...] = (), remat: bool = False) -> jax.Array:
+    """The flow families' velocity at NHWC latents x and t = sigma * num_train_timesteps (per image
+    or one value), as sampling and training both call the transformer: SD3's MMDiT takes t as it
+    is, Flux t / num_train_timesteps (it multiplies by 1000 inside) and the embedded guidance
+    (conditioning "guidance", Flux-dev)."""
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+    context = conditioning["context"].astype(arch.dtype)
+    pooled = conditioning["pooled"].astype(arch.dtype)
+    variables = model_variables(params, "transformer")
+    if arch.family == "sd3":
+        out = MMDiT(arch.transformer, dtype=arch.dtype, remat=remat).apply(
+            variables, x.astype(arch.dtype), t, context, pooled, skip_layers=tuple(skip_layers))
+    else:
+        out = FluxTransformer(arch.transformer, dtype=arch.dtype, remat=remat).apply(
+            variables, x.astype(arch.dtype), t / arch.schedule.num_train_timesteps, context,
+            pooled, conditioning.get("guidance"))
+    return out.astype(jnp.float32)
