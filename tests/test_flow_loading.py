@@ -107,6 +107,12 @@ def test_components_of_another_family_are_refused(built, tmp_path):
         load_pretrained(path, components=built["sd3"][1])
 
 
+def test_components_are_refused_for_a_whole_checkpoint(built):
+    _, folder, _ = built["sd3"]
+    with pytest.raises(WeightsError, match="components= completes SD3 / Flux single files"):
+        load_pretrained(folder, components=folder)
+
+
 @pytest.mark.slow  # compiles sampling programs
 def test_float8_transformer_file_loads_upcast_and_draws(built, tmp_path):
     import ml_dtypes

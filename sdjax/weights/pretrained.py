@@ -110,9 +110,13 @@ def load_pretrained(path: str | os.PathLike, vae: Optional[str | os.PathLike] = 
 
         if flow_single_file.is_flow_file(path):
             model = flow_single_file.load_flow_single_file(path, dtype, components=components)
+            components = None
         else:
             model = _load_single_file(path, dtype, prediction_type=prediction_type,
                                       extract_ema=extract_ema)
+    if components is not None:  # a whole checkpoint: taking parts from elsewhere would be silent
+        raise WeightsError(f"{path}: components= completes SD3 / Flux single files; this is a "
+                           f"whole {model.family} checkpoint (for another VAE, pass vae=)")
     if prediction_type is not None:
         model.scheduler_config = {**model.scheduler_config, "prediction_type": prediction_type}
     if vae is not None:
