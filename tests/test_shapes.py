@@ -173,11 +173,11 @@ def test_on_a_colour_background_is_part_of_the_grammar():
         parse_caption("a red circle on a circle background")
 
 
-def test_caption_variants_leave_out_attributes_and_parse_back_consistently(train):
+def test_written_prompts_leave_out_attributes_and_parse_back_consistently(train):
     rng = np.random.default_rng(0)
     texts = set()
     for e in train[:600]:
-        text = shapes.caption_variant(e.scene, rng)
+        text = shapes.written_prompt(e.scene, rng)
         texts.add(text)
         scene = parse_caption(text)
         assert scene.background in (None, e.scene.background)
@@ -192,15 +192,57 @@ def test_caption_variants_leave_out_attributes_and_parse_back_consistently(train
     assert any(caption(parse_caption(t)) == t for t in texts)  # some keep the full form
 
 
-def test_caption_variant_folder_keeps_the_images(tmp_path):
-    from sdjax.data.shapes_dataset import write_shapes_folder
+def test_phrasings_cover_the_grammar_and_phrase_parses_back(train):
+    assert len(shapes.PHRASINGS) == len(set(shapes.PHRASINGS)) == 24
+    assert len({p.name for p in shapes.PHRASINGS}) == 24
+    scenes = {n: next(e.scene for e in train if len(e.scene.objects) == n) for n in (1, 2)}
+    for phrasing in shapes.PHRASINGS:
+        scene = scenes[phrasing.objects]
+        text = shapes.phrase(scene, phrasing)
+        back = parse_caption(text)
+        assert back.background == (scene.background if phrasing.background else None)
+        assert (" on a " in text) == (phrasing.background == "on"), text
+        for got, true in zip(back.objects, scene.objects):
+            assert got.size == (true.size if phrasing.size else None)
+            assert got.position == (true.position if phrasing.position else None)
+            assert (got.colour, got.shape) == (true.colour, true.shape)
+    with pytest.raises(ValueError, match="2 objects"):
+        shapes.phrase(scenes[2], shapes.PHRASINGS[0])
 
-    full = write_shapes_folder(tmp_path / "full", 40, seed=3)
-    varied = write_shapes_folder(tmp_path / "varied", 40, seed=3, caption_variants=True)
-    for i in range(40):
-        assert (full / f"{i:06d}.png").read_bytes() == (varied / f"{i:06d}.png").read_bytes()
-        a = parse_caption((full / f"{i:06d}.txt").read_text())
-        b = parse_caption((varied / f"{i:06d}.txt").read_text())
-        assert [(o.colour, o.shape) for o in a.objects] == [(o.colour, o.shape) for o in b.objects]
-    assert any((full / f"{i:06d}.txt").read_text() != (varied / f"{i:06d}.txt").read_text()
-               for i in range(40))
+
+def test_prompt_sets_are_disjoint_and_fixed():
+    for phrasing in shapes.PHRASINGS:
+        report = shapes.phrased_prompts(phrasing, 12, of_set="report")
+        selection = shapes.phrased_prompts(phrasing, 6, of_set="selection")
+        assert len(set(report)) == 12 and len(set(selection)) == 6
+        assert not set(report) & set(selection)
+        assert all(shapes.prompt_set(p) == "report" for p in report)
+        assert report == shapes.phrased_prompts(phrasing, 12, of_set="report")
+        for p in report + selection:
+            assert len(parse_caption(p).objects) == phrasing.objects
+    # "a COLOUR SHAPE" has 32 prompts in all: asking for more than a set holds is an error
+    with pytest.raises(ValueError, match="fewer than 30"):
+        shapes.phrased_prompts(shapes.Phrasing(1, False, False, None), 30, of_set="report")
+    with pytest.raises(ValueError, match="unknown prompt set"):
+        shapes.phrased_prompts(shapes.PHRASINGS[0], 1, of_set="train")
+
+
+def test_prompt_phrasing_rewrites_a_full_caption_and_may_end_in_a_full_stop():
+    rng = np.random.default_rng(1)
+    full = "a large red circle on the left and a small blue square on the right, white background"
+    texts = [shapes.prompt_phrasing(full, rng, full_stop=0.3) for _ in range(300)]
+    assert any(t.endswith(".") for t in texts) and any(t == full for t in texts)
+    assert len(set(texts)) > 20
+    for t in texts:
+        assert parse_caption(t).objects[0].colour == "red"
+    assert parse_caption("A red circle on a blue background.") == parse_caption(
+        "a red circle on a blue background")
+
+
+def test_world_examples_hold_the_held_out_pairs_too():
+    stream = shapes.world_examples(0)
+    scenes = [next(stream).scene for _ in range(300)]
+    assert any(shapes.is_held_out(s) for s in scenes)
+    assert any(not shapes.is_held_out(s) for s in scenes)
+    share = np.mean([len(s.objects) == 2 for s in scenes])
+    assert 0.3 < share < 0.5

@@ -4,9 +4,9 @@ A scene is one or two flat-coloured shapes on a flat background. Captions and th
 (`sdjax.evaluation.judge`) are both derived from the same `Scene` dataclass.
 
 Caption grammar (generated captions always use the full form; `parse_caption` also accepts
-the optional parts left out, which then constrain nothing):
+the optional parts left out, which then constrain nothing, and a closing full stop):
 
-    caption    := object [" and " object] [", " COLOUR " background" | " on a " COLOUR " background"]
+    caption    := object [" and " object] [", " COLOUR " background" | " on a " COLOUR " background"] ["."]
     object     := ("a" | "an") [SIZE] COLOUR SHAPE [POSITION]
     SIZE       := small | large
     COLOUR     := red | green | blue | yellow | purple | cyan | white | black
@@ -17,6 +17,11 @@ e.g. "a small red circle on the left, blue background",
      "a large green square at the top and a small yellow cross at the bottom, black background".
 Two-object scenes always place their objects as a left/right or top/bottom pair, with
 different colours, so each object is a separate colour region the judge can find.
+
+Phrasings: `PHRASINGS` names the 24 ways the grammar writes a scene (one or two objects; size,
+position and background each named or left out; the background's two forms); `phrase` writes a
+scene in one, `written_prompt` in a random one, and `phrased_prompts` draws the evaluation's
+prompts of each, from two disjoint sets (`prompt_set`: "selection" and "report").
 
 Composition split: a few (colour, shape) pairs never occur in `train_examples`; every scene
 containing one of them is held out (`is_held_out`) and reachable through `heldout_prompts` /
@@ -30,6 +35,7 @@ Extension vocabulary: `EXTRA_SHAPES` (a heart) are words the base world never dr
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import re
 from typing import Iterator, Optional, Sequence, Union
@@ -168,20 +174,93 @@ def caption(scene: Scene) -> str:
     return text
 
 
-def caption_variant(scene: Scene, rng: np.random.Generator, *, drop_size: float = 0.3,
-                    drop_position: float = 0.3, drop_background: float = 0.2) -> str:
-    """A caption of `scene` as people write prompts: each object's size and position, and the
-    background, left out with the given probabilities (the prompt then constrains them less), and
-    the background as ", blue background" or " on a blue background". Parses back
-    (`parse_caption`) to `scene` with the omitted attributes None."""
-    objects = tuple(dataclasses.replace(
-        o, size=None if rng.random() < drop_size else o.size,
-        position=None if rng.random() < drop_position else o.position) for o in scene.objects)
+BACKGROUND_FORMS: tuple[Optional[str], ...] = (None, "comma", "on")
+
+
+@dataclasses.dataclass(frozen=True)
+class Phrasing:
+    """How a prompt is written: which attributes it names (each object's size and position, the
+    background, as ", blue background" or " on a blue background") and how many objects it has.
+    Every prompt of the README's grammar has one of the 24 `PHRASINGS`."""
+    objects: int
+    size: bool
+    position: bool
+    background: Optional[str]  # one of BACKGROUND_FORMS
+
+    @property
+    def name(self) -> str:
+        background = {None: "no background", "comma": "', COLOUR background'",
+                      "on": "'on a COLOUR background'"}[self.background]
+        return " | ".join((f"{self.objects} object{'s' if self.objects > 1 else ''}",
+                           "size" if self.size else "no size",
+                           "position" if self.position else "no position", background))
+
+
+PHRASINGS: tuple[Phrasing, ...] = tuple(
+    Phrasing(n, size, position, background) for n in (1, 2) for size in (True, False)
+    for position in (True, False) for background in BACKGROUND_FORMS)
+
+
+def phrase(scene: Scene, phrasing: Phrasing) -> str:
+    """`scene` (complete) written in `phrasing`; parses back to `scene` less what it leaves out."""
+    if len(scene.objects) != phrasing.objects:
+        raise ValueError(f"{phrasing.name}: the scene has {len(scene.objects)} objects")
+    objects = tuple(dataclasses.replace(o, size=o.size if phrasing.size else None,
+                                        position=o.position if phrasing.position else None)
+                    for o in scene.objects)
     text = caption(Scene(objects, None))
-    if rng.random() >= drop_background:
-        text += (f", {scene.background} background" if rng.random() < 0.5
-                 else f" on a {scene.background} background")
+    if phrasing.background == "comma":
+        text += f", {scene.background} background"
+    elif phrasing.background == "on":
+        text += f" on a {scene.background} background"
     return text
+
+
+def written_prompt(scene: Scene, rng: np.random.Generator, *, full_share: float = 0.2) -> str:
+    """`scene` (complete) as people write prompts: in a random phrasing (`PHRASINGS` of its
+    object count, uniform), or as its full caption with probability `full_share`."""
+    if rng.random() < full_share:
+        return caption(scene)
+    choices = [p for p in PHRASINGS if p.objects == len(scene.objects)]
+    return phrase(scene, choices[rng.integers(len(choices))])
+
+
+def prompt_phrasing(text: str, rng: np.random.Generator, *, full_share: float = 0.2,
+                    full_stop: float = 0.05) -> str:
+    """A full caption rewritten by `written_prompt`, ending in a full stop with probability
+    `full_stop`: the default model's caption transform (`data.caption_transform`), so every
+    image is seen in every phrasing over the epochs, from the first step of its diffusion
+    training."""
+    text = written_prompt(parse_caption(text), rng, full_share=full_share)
+    return text + "." if rng.random() < full_stop else text
+
+
+# The default model's evaluation draws its prompts from two disjoint sets: "selection" prompts
+# choose the model and its settings (the ablation studies, the CFG default), "report" prompts give
+# the figures it ships with. A prompt's set is a hash of its text, so no prompt is ever in both.
+PROMPT_SETS = ("selection", "report")
+
+
+def prompt_set(prompt: str) -> str:
+    """Which of `PROMPT_SETS` `prompt` belongs to (a fixed hash of its text)."""
+    return PROMPT_SETS[hashlib.sha256(prompt.encode()).digest()[0] % 2]
+
+
+def phrased_prompts(phrasing: Phrasing, count: int, *, of_set: str, seed: int = 0) -> list[str]:
+    """`count` different prompts of `phrasing` in the prompt set `of_set`, from scenes drawn
+    uniformly over the whole world (held-out pairs too) by a seeded stream: the same list every
+    time. Raises ValueError if the phrasing has fewer prompts than that in the set."""
+    if of_set not in PROMPT_SETS:
+        raise ValueError(f"unknown prompt set {of_set!r}; expected one of {PROMPT_SETS}")
+    rng = np.random.default_rng([seed, PHRASINGS.index(phrasing)])
+    chosen: dict[str, None] = {}
+    for _ in range(200 * count):
+        text = phrase(random_scene(rng, 1.0 if phrasing.objects == 2 else 0.0), phrasing)
+        if prompt_set(text) == of_set:
+            chosen[text] = None
+            if len(chosen) == count:
+                return list(chosen)
+    raise ValueError(f"{phrasing.name}: fewer than {count} {of_set} prompts")
 
 
 _PHRASE_POSITION = {tuple(v.split()): k for k, v in _POSITION_PHRASE.items()}
@@ -195,6 +274,8 @@ def parse_caption(text: str) -> Scene:
     Raises ValueError naming unknown words, or describing what is malformed.
     """
     words = re.findall(r"[a-z]+|[^a-z\s]", text.lower())
+    if words[-1:] == ["."]:  # a prompt written as a sentence
+        words = words[:-1]
     unknown = [w for w in words if w not in _KNOWN_WORDS and w != ","]
     if unknown:
         raise ValueError(f"unknown words in caption {text!r}: {', '.join(map(repr, unknown))}")
@@ -402,6 +483,19 @@ def heldout_examples(seed: int, image_size: int = 32, *, antialias: bool = True,
     return _examples(seed, True, image_size, antialias, two_object_prob)
 
 
+def world_examples(seed: int, image_size: int = 32, *, antialias: bool = True,
+                   two_object_prob: float = 0.4) -> Iterator[Example]:
+    """An endless, seed-determined stream of every kind of scene, held-out pairs included: the
+    embedded default model's diffusion training data (a model people use should know every
+    (colour, shape); the composition split stays a measure of the CLIP stage)."""
+    rng = np.random.default_rng(seed)
+    while True:
+        scene = random_scene(rng, two_object_prob)
+        offsets = rng.uniform(-JITTER, JITTER, size=(len(scene.objects), 2))
+        image = render(scene, image_size, antialias=antialias, offsets=[tuple(o) for o in offsets])
+        yield Example(image, caption(scene), scene)
+
+
 def _single_object_captions(pairs) -> Iterator[str]:
     """The full caption of every single-object scene of each (colour, shape) of `pairs`, in order."""
     for colour, shape in pairs:
@@ -463,7 +557,7 @@ def lora_examples(seed: int, image_size: int = 32, *, concept_share: float = 0.5
     scene: as one object or a pair's, on every background), the rest ordinary training scenes,
     which keep the rest of the model as it was (kohya's regularisation images). Never a held-out
     base scene (`is_held_out`) nor a single-object scene of `extra_heldout_prompts`. Captions are
-    the full form, or with probability `variant_share` as people write them (`caption_variant`);
+    the full form, or with probability `variant_share` as people write them (`written_prompt`);
     an example's `scene` is the whole truth either way."""
     rng = np.random.default_rng(seed)
     held_out = set(extra_heldout_prompts())
@@ -477,5 +571,6 @@ def lora_examples(seed: int, image_size: int = 32, *, concept_share: float = 0.5
                 continue
         offsets = rng.uniform(-JITTER, JITTER, size=(len(scene.objects), 2))
         image = render(scene, image_size, antialias=antialias, offsets=[tuple(o) for o in offsets])
-        text = caption_variant(scene, rng) if rng.random() < variant_share else caption(scene)
+        text = (written_prompt(scene, rng, full_share=0.0) if rng.random() < variant_share
+                else caption(scene))
         yield Example(image, text, scene)

@@ -23,13 +23,11 @@ MANIFEST = "shapes.json"
 
 def write_shapes_folder(folder: str | os.PathLike, num_examples: int, *, seed: int = 0,
                         image_size: int = 32, held_out: bool = False,
-                        two_object_prob: float = 0.3, caption_variants: bool = False,
+                        two_object_prob: float = 0.3,
                         examples: Optional[Callable[[int, int], Iterator[shapes.Example]]] = None
                         ) -> pathlib.Path:
     """Write `num_examples` examples of `train_examples(seed)` (or `heldout_examples`) into
-    `folder` as 000000.png + 000000.txt, ...; returns the folder. `caption_variants`: captions
-    as `shapes.caption_variant` writes them (attributes left out, other phrasings) instead of the
-    full form; the images are the same. `examples`: another stream, `examples(seed, image_size)`
+    `folder` as 000000.png + 000000.txt, ...; returns the folder. `examples`: another stream, `examples(seed, image_size)`
     (e.g. `shapes.lora_examples`), written with its own captions.
 
     Written beside its final place and renamed into it, so an interrupted write never passes for
@@ -37,13 +35,11 @@ def write_shapes_folder(folder: str | os.PathLike, num_examples: int, *, seed: i
     if num_examples < 1:
         raise ValueError(f"num_examples must be >= 1, got {num_examples}")
     folder = pathlib.Path(folder).absolute()
-    settings = {"num_examples": int(num_examples), "seed": int(seed), "image_size": int(image_size),
-                "held_out": bool(held_out), "two_object_prob": float(two_object_prob)}
-    if caption_variants:  # only when set, so folders written before the option stay valid
-        settings["caption_variants"] = True
-    if examples is not None:
+    settings = {"num_examples": int(num_examples), "seed": int(seed), "image_size": int(image_size)}
+    if examples is not None:  # the stream decides what it holds
         settings["examples"] = f"{examples.__module__}:{examples.__qualname__}"
-    variant_rng = np.random.default_rng([seed, 1])
+    else:
+        settings.update(held_out=bool(held_out), two_object_prob=float(two_object_prob))
     manifest = folder / MANIFEST
     if manifest.is_file() and json.loads(manifest.read_text()) == settings:
         return folder
@@ -61,9 +57,7 @@ def write_shapes_folder(folder: str | os.PathLike, num_examples: int, *, seed: i
         example = next(stream)
         name = f"{i:0{width}d}"
         Image.fromarray(example.image).save(staging / f"{name}.png", compress_level=1)
-        text = (shapes.caption_variant(example.scene, variant_rng) if caption_variants
-                else example.caption)
-        (staging / f"{name}.txt").write_text(text + "\n", encoding="utf-8")
+        (staging / f"{name}.txt").write_text(example.caption + "\n", encoding="utf-8")
     (staging / MANIFEST).write_text(json.dumps(settings, indent=2, sort_keys=True))
     if folder.exists():
         shutil.rmtree(folder)
