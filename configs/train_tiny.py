@@ -33,6 +33,9 @@ def get_config(arg=None):
     # ControlNet runs: each image's conditioning image, the file of the same relative name here
     # (or the manifest's "conditioning_image", relative to the manifest)
     c.data.conditioning_dir = ""
+    # "module:function" rewriting each caption as it is read, f(caption, rng) -> caption, with a
+    # fresh rng per epoch and example (e.g. sdjax.data.shapes:prompt_phrasing)
+    c.data.caption_transform = ""
     c.data.resolution = 32
     c.data.batch_size = 4        # global batch, over all hosts and devices
     c.data.use_latents = False   # read precomputed unscaled VAE latents (<image>.npy) instead

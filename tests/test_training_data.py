@@ -334,3 +334,29 @@ def test_prefetcher_is_bounded_propagates_errors_and_closes():
     assert list(done) == [1]
     with pytest.raises(StopIteration):
         next(done)
+
+
+def test_config_caption_transform_rewrites_captions_per_epoch(tmp_path):
+    from configs import train_tiny
+    from sdjax.data import shapes
+    from sdjax.data.shapes_dataset import write_shapes_folder
+    from sdjax.training import loop
+
+    folder = write_shapes_folder(tmp_path / "world", 8, seed=2, examples=shapes.world_examples)
+    config = train_tiny.get_config("ldm")
+    config.data.folder, config.data.batch_size, config.data.shuffle = str(folder), 8, False
+    config.data.caption_transform = "sdjax.data.shapes:prompt_phrasing"
+    full = sorted((folder / f"{i:06d}.txt").read_text().strip() for i in range(8))
+    batches = take(iter(loop.make_dataset(config, None)), 2)
+    captions = [c for b in batches for c in b["captions"]]
+    # each caption is still its image's scene, written another way in some epoch
+    assert sorted(captions[:8]) != full or sorted(captions[8:]) != full
+    assert captions[:8] != captions[8:]
+    truths = [shapes.parse_caption(t) for t in full]
+    for text in captions:
+        scene = shapes.parse_caption(text)
+        assert any([(o.colour, o.shape) for o in scene.objects]
+                   == [(o.colour, o.shape) for o in t.objects] for t in truths), text
+    config.data.caption_transform = "sdjax.data.shapes:no_such_function"
+    with pytest.raises(ValueError, match="no_such_function"):
+        loop.make_dataset(config, None)

@@ -357,6 +357,8 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer,
                   shuffle=d.shuffle, process_index=jax.process_index(),
                   process_count=jax.process_count(), prefetch=d.prefetch,
                   num_workers=d.num_workers, tokenizer=tokenizer)
+    if d.get("caption_transform"):
+        kwargs["caption_transform"] = import_function(d.caption_transform)
     folder, manifest = d.folder, d.manifest
     if d.conditioning_dir and not config.controlnet.use:
         raise ValueError("data.conditioning_dir is set, but conditioning images are read for a "
