@@ -1,14 +1,13 @@
 """Rebuild the embedded default model (sdjax/assets/default_model) from scratch, with sdjax's own
 training loop: shapes-world data -> CLIP (configs/shapes_clip.py) -> VAE (configs/shapes_vae.py)
 -> latent diffusion (configs/shapes_ldm.py: U-Net trained, VAE frozen, the CLIP text tower
-fine-tuned at its own lr, caption dropout) -> a short fine-tune on captions written as prompts are
-(configs/shapes_ldm_captions.py) -> export + evaluation.
+fine-tuned at its own lr, caption dropout, every caption rewritten in a random phrasing as it is
+read) -> export + evaluation (sdjax/evaluation/default_model.py).
 
     python -m experiments.build_default_model --workdir=/tmp/sdjax_default_model
 
 Every stage checkpoints into --workdir and resumes there, so the same command continues an
-interrupted build. Stage lengths can be overridden (--clip_steps, --vae_steps, --ldm_steps,
---captions_steps).
+interrupted build. Stage lengths can be overridden (--clip_steps, --vae_steps, --ldm_steps).
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ def main(argv):
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from configs import shapes, shapes_clip, shapes_ldm, shapes_ldm_captions, shapes_vae
+    from configs import shapes, shapes_clip, shapes_ldm, shapes_vae
     from sdjax.evaluation import default_model_build
 
     def steps(value):
@@ -32,11 +31,11 @@ def main(argv):
         clip=shapes_clip.get_config(steps(FLAGS.clip_steps)),
         vae=shapes_vae.get_config(steps(FLAGS.vae_steps)),
         ldm=shapes_ldm.get_config(steps(FLAGS.ldm_steps)),
-        captions=shapes_ldm_captions.get_config(steps(FLAGS.captions_steps)),
         generation=shapes.get_config())
     record = default_model_build.build(FLAGS.workdir, FLAGS.out, configs,
                                        num_examples=FLAGS.num_examples,
-                                       num_eval_prompts=FLAGS.num_eval_prompts,
+                                       prompts_per_phrasing=FLAGS.eval_prompts_per_phrasing,
+                                       eval_seeds=FLAGS.eval_seeds,
                                        progress=FLAGS.progress)
     print(default_model_build.format_build(record))
 
@@ -51,9 +50,9 @@ if __name__ == "__main__":
     flags.DEFINE_integer("clip_steps", None, "CLIP steps (default: configs/shapes_clip.py)")
     flags.DEFINE_integer("vae_steps", None, "VAE steps (default: configs/shapes_vae.py)")
     flags.DEFINE_integer("ldm_steps", None, "LDM steps (default: configs/shapes_ldm.py)")
-    flags.DEFINE_integer("captions_steps", None,
-                         "caption-variety fine-tune steps (default: configs/shapes_ldm_captions.py)")
-    flags.DEFINE_integer("num_eval_prompts", 0, "held-out prompts to evaluate (0 = all 280)")
+    flags.DEFINE_integer("eval_prompts_per_phrasing", 12,
+                         "report prompts per phrasing the finished model is evaluated on")
+    flags.DEFINE_integer("eval_seeds", 4, "seeds per evaluation prompt")
     flags.DEFINE_bool("progress", False, "progress bars")
     FLAGS = flags.FLAGS
     app.run(main)

@@ -11,7 +11,8 @@ import pytest
 
 from sdjax import DEFAULT_MODEL
 
-REQUIRED_FIGURES = ("heldout_accuracy", "clip_zero_shot_accuracy", "vae_psnr_db")
+REQUIRED_FIGURES = ("single_object_worst_phrasing_accuracy", "two_object_accuracy",
+                    "small_shape_accuracy", "clip_zero_shot_accuracy", "vae_psnr_db")
 
 
 def _folder_bytes(path) -> int:
@@ -69,11 +70,15 @@ def test_recorded_evaluation_and_build_log():
     results = json.loads((pathlib.Path(DEFAULT_MODEL) / "evaluation.json").read_text())
     for key in REQUIRED_FIGURES:
         assert isinstance(results[key], float), key
-    assert 0.0 <= results["heldout_accuracy"] <= 1.0
-    assert results["heldout_prompts"] == 280
+    # the shipped figures: every phrasing, on the report prompts
+    assert results["prompt_set"] == "report"
+    assert len(results["phrasings"]) == 24
+    images = results["prompts_per_phrasing"] * results["seeds"]
+    assert all(r["images"] == images and 0.0 <= r["accuracy"] <= 1.0
+               for r in results["phrasings"].values())
     assert results["settings"]["size"] == "32x32"
     build = json.loads((pathlib.Path(DEFAULT_MODEL) / "build.json").read_text())
-    for stage in ("clip", "vae", "ldm", "captions"):
+    for stage in ("clip", "vae", "ldm"):
         assert build["stages"][stage]["seconds"] > 0 and build["stages"][stage]["steps"] > 0
     assert os.path.isfile(os.path.join(DEFAULT_MODEL, "logs", "ldm_metrics.jsonl"))
 
@@ -86,17 +91,15 @@ TOY = {
              "clip.patch_size": 8, "data.batch_size": 8, "checkpoint.async_save": False},
     "vae": {"preset": "tiny", "data.batch_size": 8, "checkpoint.async_save": False},
     "ldm": {"data.batch_size": 8, "checkpoint.async_save": False},
-    "captions": {"data.batch_size": 8, "checkpoint.async_save": False},
 }
 
 
 def toy_configs():
     """The build's own configs, one step per stage, at TOY sizes."""
-    from configs import shapes, shapes_clip, shapes_ldm, shapes_ldm_captions, shapes_vae
+    from configs import shapes, shapes_clip, shapes_ldm, shapes_vae
     from sdjax.evaluation.default_model_build import BuildConfigs
 
-    stages = {"clip": shapes_clip, "vae": shapes_vae, "ldm": shapes_ldm,
-              "captions": shapes_ldm_captions}
+    stages = {"clip": shapes_clip, "vae": shapes_vae, "ldm": shapes_ldm}
     configs = {}
     for name, module in stages.items():
         configs[name] = module.get_config("1")
@@ -109,8 +112,12 @@ def toy_build(tmp_path_factory):
     from sdjax.evaluation.default_model_build import build
 
     root = tmp_path_factory.mktemp("build")
+    # A LoRA folder that another build put in the model folder survives the rebuild.
+    (root / "model" / "loras").mkdir(parents=True)
+    (root / "model" / "loras" / "heart.safetensors").write_bytes(b"lora")
+    (root / "model" / "sdjax.json").write_text("{}")
     record = build(str(root / "work"), str(root / "model"), toy_configs(), num_examples=16,
-                   num_eval_prompts=2, num_eval_images=8, progress=False)
+                   prompts_per_phrasing=1, eval_seeds=1, num_eval_images=8, progress=False)
     return root, record
 
 
@@ -118,14 +125,21 @@ def toy_build(tmp_path_factory):
 def test_toy_build_trains_each_stage_once_and_writes_the_folder(toy_build):
     root, record = toy_build
     model_dir = root / "model"
-    for stage in ("clip", "vae", "ldm", "captions"):
+    for stage in ("clip", "vae", "ldm"):
         assert record["stages"][stage]["steps"] == 1
         assert np.isfinite(record["stages"][stage]["metrics"]["loss"])
     for name in ("sdjax.json", "evaluation.json", "build.json", "clip/sdjax_clip.json",
-                 "logs/ldm_metrics.jsonl", "logs/captions_metrics.jsonl", "heldout_samples.png"):
+                 "logs/ldm_metrics.jsonl", "samples.png", "README.md"):
         assert (model_dir / name).is_file(), name
     results = json.loads((model_dir / "evaluation.json").read_text())
-    assert set(REQUIRED_FIGURES) <= set(results) and results["heldout_prompts"] == 2
+    assert set(REQUIRED_FIGURES) <= set(results)
+    assert len(results["phrasings"]) == 24
+    assert all(r["images"] == 1 for r in results["phrasings"].values())
+    assert (model_dir / "loras" / "heart.safetensors").read_bytes() == b"lora"
+    assert record["kept_from_previous_model"] == ["loras"]
+    # the diffusion stage read its captions through the phrasing transform
+    config = json.loads((root / "work" / "ldm" / "config.json").read_text())
+    assert config["data"]["caption_transform"] == "sdjax.data.shapes:prompt_phrasing"
 
 
 @pytest.mark.slow  # trains every stage for a step: ~95 s of CPU
