@@ -459,12 +459,13 @@ def random_scene(rng: np.random.Generator, two_object_prob: float = 0.3) -> Scen
     return Scene((obj,), names[cols[1]])
 
 
-def _examples(seed: int, held_out: bool, image_size: int, antialias: bool,
+def _examples(seed: int, held_out: Optional[bool], image_size: int, antialias: bool,
               two_object_prob: float) -> Iterator[Example]:
+    """Examples of random scenes: only held-out ones, only the others, or (None) all."""
     rng = np.random.default_rng(seed)
     while True:
         scene = random_scene(rng, two_object_prob)
-        if is_held_out(scene) != held_out:
+        if held_out is not None and is_held_out(scene) != held_out:
             continue
         offsets = rng.uniform(-JITTER, JITTER, size=(len(scene.objects), 2))
         image = render(scene, image_size, antialias=antialias, offsets=[tuple(o) for o in offsets])
@@ -488,12 +489,7 @@ def world_examples(seed: int, image_size: int = 32, *, antialias: bool = True,
     """An endless, seed-determined stream of every kind of scene, held-out pairs included: the
     embedded default model's diffusion training data (a model people use should know every
     (colour, shape); the composition split stays a measure of the CLIP stage)."""
-    rng = np.random.default_rng(seed)
-    while True:
-        scene = random_scene(rng, two_object_prob)
-        offsets = rng.uniform(-JITTER, JITTER, size=(len(scene.objects), 2))
-        image = render(scene, image_size, antialias=antialias, offsets=[tuple(o) for o in offsets])
-        yield Example(image, caption(scene), scene)
+    return _examples(seed, None, image_size, antialias, two_object_prob)
 
 
 def _single_object_captions(pairs) -> Iterator[str]:
