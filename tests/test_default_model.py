@@ -78,7 +78,7 @@ def test_recorded_evaluation_and_build_log():
                for r in results["phrasings"].values())
     assert results["settings"]["size"] == "32x32"
     build = json.loads((pathlib.Path(DEFAULT_MODEL) / "build.json").read_text())
-    for stage in ("clip", "vae", "ldm"):
+    for stage in ("clip", "vae", "ldm", "ldm_positions"):
         assert build["stages"][stage]["seconds"] > 0 and build["stages"][stage]["steps"] > 0
     assert os.path.isfile(os.path.join(DEFAULT_MODEL, "logs", "ldm_metrics.jsonl"))
 
@@ -91,15 +91,17 @@ TOY = {
              "clip.patch_size": 8, "data.batch_size": 8, "checkpoint.async_save": False},
     "vae": {"preset": "tiny", "data.batch_size": 8, "checkpoint.async_save": False},
     "ldm": {"data.batch_size": 8, "checkpoint.async_save": False},
+    "ldm_positions": {"data.batch_size": 8, "checkpoint.async_save": False},
 }
 
 
 def toy_configs():
     """The build's own configs, one step per stage, at TOY sizes."""
-    from configs import shapes, shapes_clip, shapes_ldm, shapes_vae
+    from configs import shapes, shapes_clip, shapes_ldm, shapes_ldm_positions, shapes_vae
     from sdjax.evaluation.default_model_build import BuildConfigs
 
-    stages = {"clip": shapes_clip, "vae": shapes_vae, "ldm": shapes_ldm}
+    stages = {"clip": shapes_clip, "vae": shapes_vae, "ldm": shapes_ldm,
+              "ldm_positions": shapes_ldm_positions}
     configs = {}
     for name, module in stages.items():
         configs[name] = module.get_config("1")
@@ -125,7 +127,7 @@ def toy_build(tmp_path_factory):
 def test_toy_build_trains_each_stage_once_and_writes_the_folder(toy_build):
     root, record = toy_build
     model_dir = root / "model"
-    for stage in ("clip", "vae", "ldm"):
+    for stage in ("clip", "vae", "ldm", "ldm_positions"):
         assert record["stages"][stage]["steps"] == 1
         assert np.isfinite(record["stages"][stage]["metrics"]["loss"])
     for name in ("sdjax.json", "evaluation.json", "build.json", "clip/sdjax_clip.json",
@@ -140,6 +142,11 @@ def test_toy_build_trains_each_stage_once_and_writes_the_folder(toy_build):
     # the diffusion stage read its captions through the phrasing transform
     config = json.loads((root / "work" / "ldm" / "config.json").read_text())
     assert config["data"]["caption_transform"] == "sdjax.data.shapes:prompt_phrasing"
+    # the last stage continues the diffusion stage's export, naming positions more often
+    config = json.loads((root / "work" / "ldm_positions" / "config.json").read_text())
+    assert config["data"]["caption_transform"] == "sdjax.data.shapes:position_phrasing"
+    assert pathlib.Path(config["init_from"]) == root / "work" / "ldm" / "export"
+    assert (model_dir / "logs" / "ldm_positions_metrics.jsonl").is_file()
 
 
 @pytest.mark.slow  # trains every stage for a step: ~95 s of CPU

@@ -216,23 +216,37 @@ def phrase(scene: Scene, phrasing: Phrasing) -> str:
     return text
 
 
-def written_prompt(scene: Scene, rng: np.random.Generator, *, full_share: float = 0.2) -> str:
+def written_prompt(scene: Scene, rng: np.random.Generator, *, full_share: float = 0.2,
+                   position_share: Optional[float] = None) -> str:
     """`scene` (complete) as people write prompts: in a random phrasing (`PHRASINGS` of its
-    object count, uniform), or as its full caption with probability `full_share`."""
+    object count, uniform), or as its full caption with probability `full_share`. With
+    `position_share` the phrasing names the positions with that probability (its other
+    choices still uniform)."""
     if rng.random() < full_share:
         return caption(scene)
     choices = [p for p in PHRASINGS if p.objects == len(scene.objects)]
+    if position_share is not None:
+        named = bool(rng.random() < position_share)
+        choices = [p for p in choices if p.position == named]
     return phrase(scene, choices[rng.integers(len(choices))])
 
 
 def prompt_phrasing(text: str, rng: np.random.Generator, *, full_share: float = 0.2,
-                    full_stop: float = 0.05) -> str:
+                    full_stop: float = 0.05, position_share: Optional[float] = None) -> str:
     """A full caption rewritten by `written_prompt`, ending in a full stop with probability
     `full_stop`: the default model's caption transform (`data.caption_transform`), so every
     image is seen in every phrasing over the epochs, from the first step of its diffusion
     training."""
-    text = written_prompt(parse_caption(text), rng, full_share=full_share)
+    text = written_prompt(parse_caption(text), rng, full_share=full_share,
+                          position_share=position_share)
     return text + "." if rng.random() < full_stop else text
+
+
+def position_phrasing(text: str, rng: np.random.Generator) -> str:
+    """`prompt_phrasing` with the positions named in 4 of 5 captions (the full fifth and 3 of 4
+    phrasings; 3 of 5 there): the caption transform of the default model's last stage, which
+    teaches the position words once the phrasings are learnt (configs/shapes_ldm_positions.py)."""
+    return prompt_phrasing(text, rng, position_share=0.75)
 
 
 # The default model's evaluation draws its prompts from two disjoint sets: "selection" prompts

@@ -1,7 +1,7 @@
 """The embedded default model's build (experiments/build_default_model.py): shapes-world data ->
 CLIP -> VAE -> latent diffusion (U-Net trained, VAE frozen, the CLIP text tower as text encoder,
-fine-tuned at its own lr, every caption rewritten in a random phrasing as it is read) -> the
-shipped folder, evaluated.
+fine-tuned at its own lr, every caption rewritten in a random phrasing as it is read) -> the same
+continued on captions that name positions more often -> the shipped folder, evaluated.
 
 Every stage is an ordinary run of sdjax's training loop on its own config, checkpointing into its
 own folder under the workdir and resuming there, so building again continues an interrupted build.
@@ -33,7 +33,7 @@ from sdjax.training import loop
 from sdjax.weights.clip import text_encoder_from_clip
 from sdjax.weights.pretrained import load_pretrained, save_pretrained
 
-STAGES = ("clip", "vae", "ldm")
+STAGES = ("clip", "vae", "ldm", "ldm_positions")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,7 @@ class BuildConfigs:
     clip: ml_collections.ConfigDict        # configs/shapes_clip.py
     vae: ml_collections.ConfigDict         # configs/shapes_vae.py
     ldm: ml_collections.ConfigDict         # configs/shapes_ldm.py
+    ldm_positions: ml_collections.ConfigDict  # configs/shapes_ldm_positions.py
     generation: ml_collections.ConfigDict  # configs/shapes.py
 
 
@@ -185,6 +186,11 @@ def build(workdir: str, out: str, configs: BuildConfigs, *, num_examples: int = 
     result, stage = run_stage(configure(configs.ldm, ldm_data, workdir / "ldm_init"),
                               workdir / "ldm", progress)
     record["stages"]["ldm"] = dataclasses.asdict(stage)
+    ldm_export = pathlib.Path(result["export"])
+    del result
+    result, stage = run_stage(configure(configs.ldm_positions, ldm_data, ldm_export),
+                              workdir / "ldm_positions", progress)
+    record["stages"]["ldm_positions"] = dataclasses.asdict(stage)
     final_export = pathlib.Path(result["export"])
     del result
 
@@ -251,7 +257,8 @@ from scratch with sdjax's own training loop by
 
     python -m experiments.build_default_model
 
-(configs/shapes_clip.py, configs/shapes_vae.py, configs/shapes_ldm.py; generation defaults in
+(configs/shapes_clip.py, configs/shapes_vae.py, configs/shapes_ldm.py,
+configs/shapes_ldm_positions.py; generation defaults in
 configs/shapes.py). `python -m experiments.generate --prompt "..."` uses it when no --model is
 given; `python -m experiments.evaluate_default_model` re-measures the figures below.
 
