@@ -66,6 +66,20 @@ def test_draws_a_heldout_prompt_quickly_on_cpu(shipped):
     assert seconds < 10, f"one 32 px image took {seconds:.1f} s after compiling"
 
 
+def test_readme_draw_prompt_is_drawn_right(shipped):
+    """The README's first command draws a prompt every new user sees: the shipped model draws it
+    right (judged attribute by attribute) at the default seed and the three after it."""
+    import re
+
+    from sdjax.evaluation.default_model import generate_and_judge
+
+    config, model = shipped
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    prompt = re.search(r'experiments\.generate --prompt="([^"]+)"', readme).group(1)
+    result, _, verdicts = generate_and_judge(model, [prompt] * 4, config, seed=config.seed)
+    assert result["accuracy"] == 1.0, (prompt, verdicts)
+
+
 def test_recorded_evaluation_and_build_log():
     results = json.loads((pathlib.Path(DEFAULT_MODEL) / "evaluation.json").read_text())
     for key in REQUIRED_FIGURES:
