@@ -244,16 +244,17 @@ def test_position_phrasing_names_positions_more_often_than_prompt_phrasing():
 
     def named_share(transform, seed):
         rng = np.random.default_rng(seed)
-        texts = [transform(full, rng) for _ in range(2000)]
-        for t in texts:  # still the same scene, in some phrasing
-            back = parse_caption(t)
+        scenes = [parse_caption(transform(full, rng)) for _ in range(2000)]
+        for back in scenes:  # still the same scene, in some phrasing
             assert [(o.colour, o.shape) for o in back.objects] == [("red", "circle"),
                                                                    ("blue", "square")]
-        return np.mean([parse_caption(t).objects[0].position == "top" for t in texts])
+        return np.mean([back.objects[0].position == "top" for back in scenes])
 
     # the full fifth names them, and half (3 of 4) of the phrasings: 0.6 (0.8) expected
     assert 0.56 < named_share(shapes.prompt_phrasing, 2) < 0.64
     assert 0.76 < named_share(shapes.position_phrasing, 2) < 0.84
+    with pytest.raises(ValueError, match="position_share"):
+        shapes.prompt_phrasing(full, np.random.default_rng(0), position_share=1.5)
 
 
 def test_world_examples_hold_the_held_out_pairs_too():

@@ -222,6 +222,9 @@ def written_prompt(scene: Scene, rng: np.random.Generator, *, full_share: float 
     object count, uniform), or as its full caption with probability `full_share`. With
     `position_share` the phrasing names the positions with that probability (its other
     choices still uniform)."""
+    for name, share in (("full_share", full_share), ("position_share", position_share)):
+        if share is not None and not 0.0 <= share <= 1.0:
+            raise ValueError(f"{name} must be a probability in [0, 1], got {share}")
     if rng.random() < full_share:
         return caption(scene)
     choices = [p for p in PHRASINGS if p.objects == len(scene.objects)]
