@@ -75,7 +75,9 @@ def test_readme_draw_prompt_is_drawn_right(shipped):
 
     config, model = shipped
     readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-    prompt = re.search(r'experiments\.generate --prompt="([^"]+)"', readme).group(1)
+    command = re.search(r'experiments\.generate --prompt="([^"]+)"', readme)
+    assert command, "README.md has no `experiments.generate --prompt=\"...\"` command"
+    prompt = command.group(1)
     result, _, verdicts = generate_and_judge(model, [prompt] * 4, config, seed=config.seed)
     assert result["accuracy"] == 1.0, (prompt, verdicts)
 
