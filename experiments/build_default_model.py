@@ -26,14 +26,17 @@ def main(argv):
     from configs import shapes, shapes_clip, shapes_ldm, shapes_ldm_positions, shapes_vae
     from sdjax.evaluation import default_model_build
 
-    def steps(value):
-        return str(value) if value else None
+    def steps(flag):
+        value = FLAGS[flag].value
+        if value is not None and value <= 0:
+            raise app.UsageError(f"--{flag} must be a positive number of steps, got {value}")
+        return str(value) if value is not None else None
 
     configs = default_model_build.BuildConfigs(
-        clip=shapes_clip.get_config(steps(FLAGS.clip_steps)),
-        vae=shapes_vae.get_config(steps(FLAGS.vae_steps)),
-        ldm=shapes_ldm.get_config(steps(FLAGS.ldm_steps)),
-        ldm_positions=shapes_ldm_positions.get_config(steps(FLAGS.ldm_positions_steps)),
+        clip=shapes_clip.get_config(steps("clip_steps")),
+        vae=shapes_vae.get_config(steps("vae_steps")),
+        ldm=shapes_ldm.get_config(steps("ldm_steps")),
+        ldm_positions=shapes_ldm_positions.get_config(steps("ldm_positions_steps")),
         generation=shapes.get_config())
     record = default_model_build.build(FLAGS.workdir, FLAGS.out, configs,
                                        num_examples=FLAGS.num_examples,

@@ -99,6 +99,20 @@ def test_recorded_evaluation_and_build_log():
     assert os.path.isfile(os.path.join(DEFAULT_MODEL, "logs", "ldm_metrics.jsonl"))
 
 
+def test_build_command_rejects_a_stage_length_that_is_not_positive(tmp_path):
+    import subprocess
+    import sys
+
+    workdir = tmp_path / "work"
+    run = subprocess.run([sys.executable, "-m", "experiments.build_default_model",
+                          "--ldm_positions_steps=0", f"--workdir={workdir}",
+                          f"--out={tmp_path / 'model'}"],
+                         cwd=pathlib.Path(__file__).parent.parent, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "--ldm_positions_steps must be a positive number of steps, got 0" in run.stderr
+    assert not workdir.exists()
+
+
 # --- the build pipeline at toy size ----------------------------------------------------------------
 
 TOY = {
